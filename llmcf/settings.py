@@ -1,0 +1,130 @@
+"""Every setting of every process, read from the environment in one place.
+
+`SETTINGS` is the catalogue (name, default, meaning); `Settings.from_env()` turns it into typed values. The README's
+settings table and `llmcf config` are both printed from the catalogue, so a setting documented anywhere exists here.
+Secrets are never printed: `Settings.describe()` masks them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: its default (None = unset) and what it means."""
+
+    env: str
+    default: str | None
+    help: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("LLMCF_HOME", "./.llmcf", "Directory for embedded state: SQLite file, Qdrant Edge shard, broker address, caches."),
+    Setting("DATABASE_URL", None, "SQLAlchemy URL of the database; unset = SQLite file `$LLMCF_HOME/llmcf.db`. "
+            "PostgreSQL: `postgresql+psycopg://user:pass@host:5432/db`.", secret=True),
+    Setting("KAFKA_BOOTSTRAP_SERVERS", None, "Kafka bootstrap servers; unset = the embedded Tansu broker started by "
+            "`llmcf infra up` (address recorded under `$LLMCF_HOME`)."),
+    Setting("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "Kafka `security.protocol` (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL)."),
+    Setting("KAFKA_SASL_MECHANISM", None, "Kafka `sasl.mechanism` (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) when SASL is used."),
+    Setting("KAFKA_SASL_USERNAME", None, "Kafka SASL user name."),
+    Setting("KAFKA_SASL_PASSWORD", None, "Kafka SASL password.", secret=True),
+    Setting("LLMCF_BROKER_PORT", "19092", "Port of the embedded broker on 127.0.0.1 (`llmcf infra up`)."),
+    Setting("LLMCF_TOPIC_PREFIX", "", "Prefix of every topic name, e.g. `llmcf.` on a shared cluster."),
+    Setting("LLMCF_TOPIC_PARTITIONS", "4", "Partitions of the items, interactions, cot-requests and cot-results topics."),
+    Setting("LLMCF_TOPIC_REPLICATION", "1", "Replication factor of topics created by `llmcf infra up` (3 in production)."),
+    Setting("QDRANT_URL", None, "Qdrant server URL (e.g. `http://qdrant:6333`); unset = the embedded Qdrant Edge shard "
+            "under `$LLMCF_HOME/qdrant`."),
+    Setting("QDRANT_API_KEY", None, "Qdrant server API key.", secret=True),
+    Setting("LLMCF_QDRANT_COLLECTION", "cot_examples", "Collection (server) or shard directory (embedded) of in-context examples."),
+    Setting("LLMCF_LOG_LEVEL", "INFO", "Log level of every process (DEBUG, INFO, WARNING, ERROR)."),
+)
+
+_BY_ENV = {s.env: s for s in SETTINGS}
+
+
+def _value(environ: Mapping[str, str], env: str) -> str | None:
+    raw = environ.get(env)
+    if raw is None or raw == "":
+        return _BY_ENV[env].default
+    return raw
+
+
+def _integer(environ: Mapping[str, str], env: str, minimum: int) -> int:
+    raw = _value(environ, env)
+    try:
+        value = int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SettingsError(f"{env}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{env}={value} must be at least {minimum}")
+    return value
+
+
+class SettingsError(ValueError):
+    """A setting has a value the processes cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed view of `SETTINGS`; build it with `from_env()`."""
+
+    home: Path
+    database_url: str
+    kafka_bootstrap_servers: str | None
+    kafka_security_protocol: str
+    kafka_sasl_mechanism: str | None
+    kafka_sasl_username: str | None
+    kafka_sasl_password: str | None
+    broker_port: int
+    topic_prefix: str
+    topic_partitions: int
+    topic_replication: int
+    qdrant_url: str | None
+    qdrant_api_key: str | None
+    qdrant_collection: str
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        home = Path(_value(env, "LLMCF_HOME") or ".llmcf").expanduser().resolve()
+        database_url = _value(env, "DATABASE_URL") or f"sqlite:///{home / 'llmcf.db'}"
+        log_level = (_value(env, "LLMCF_LOG_LEVEL") or "INFO").upper()
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise SettingsError(f"LLMCF_LOG_LEVEL={log_level!r} is not a log level")
+        return cls(
+            home=home,
+            database_url=database_url,
+            kafka_bootstrap_servers=_value(env, "KAFKA_BOOTSTRAP_SERVERS"),
+            kafka_security_protocol=_value(env, "KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT",
+            kafka_sasl_mechanism=_value(env, "KAFKA_SASL_MECHANISM"),
+            kafka_sasl_username=_value(env, "KAFKA_SASL_USERNAME"),
+            kafka_sasl_password=_value(env, "KAFKA_SASL_PASSWORD"),
+            broker_port=_integer(env, "LLMCF_BROKER_PORT", 1),
+            topic_prefix=_value(env, "LLMCF_TOPIC_PREFIX") or "",
+            topic_partitions=_integer(env, "LLMCF_TOPIC_PARTITIONS", 1),
+            topic_replication=_integer(env, "LLMCF_TOPIC_REPLICATION", 1),
+            qdrant_url=_value(env, "QDRANT_URL"),
+            qdrant_api_key=_value(env, "QDRANT_API_KEY"),
+            qdrant_collection=_value(env, "LLMCF_QDRANT_COLLECTION") or "cot_examples",
+            log_level=log_level,
+        )
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, value) pairs safe to print: secrets masked, passwords removed from URLs."""
+        from sqlalchemy.engine import make_url
+
+        shown = []
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "database_url":
+                value = make_url(value).render_as_string(hide_password=True)
+            elif field.name in {"kafka_sasl_password", "qdrant_api_key"} and value:
+                value = "***"
+            shown.append((field.name, "" if value is None else str(value)))
+        return shown

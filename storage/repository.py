@@ -1,0 +1,534 @@
+"""The storage API every stage uses: batch upserts from events, and the reads the stages need. No SQL elsewhere.
+
+Contracts, for every method:
+- One call is one transaction. If it raises, nothing of that call was written; retrying the same batch is safe.
+- Writes are idempotent upserts keyed by a deterministic id and versioned by event time: a row is replaced only by a
+  strictly higher `version`, so the same event twice gives one row and an older event never overwrites a newer one,
+  whatever order Kafka delivers them in. At equal versions the row first stored wins.
+- Each batch is one `INSERT ... ON CONFLICT (key) DO UPDATE ... WHERE <stored>.version < excluded.version` statement,
+  executed for all rows at once (executemany); keys repeated inside a batch are collapsed first (highest version kept),
+  because PostgreSQL refuses a statement that touches one row twice. Rows go in key order, so two concurrent batches
+  lock shared rows in the same order and cannot deadlock each other.
+- Two tables merge instead of replacing: `users` (see `upsert_interactions`) and `cot_samples`, whose request and
+  result halves are versioned separately (see `upsert_cot_samples` and `complete_cot_samples`).
+- All values travel as bound parameters. Timestamps must be timezone-aware and come back as UTC.
+- A database that goes away mid-call (a PostgreSQL restart) makes that call raise `sqlalchemy.exc.OperationalError`
+  with nothing written; pooled connections are checked before use, so the caller's retry reconnects.
+- The schema comes from `migrations.upgrade(url)`; the repository never creates tables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from sqlalchemy import Engine, Table, and_, case, create_engine, event, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.sql.expression import ColumnElement
+
+from llmcf.events import CotRequest, CotResult, InteractionEvent, ItemEvent, epoch_ms
+from storage.models import MODEL_STATUSES, TABLES, CotSample, Interaction, Item, ModelVersion, User
+
+if TYPE_CHECKING:
+    from llmcf.settings import Settings
+
+ModelStatus = Literal["candidate", "serving", "retired", "rejected"]
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# SQLite (before 3.32) allows 999 bound parameters per statement; IN lists are sent in chunks below that.
+_IN_LIST_CHUNK = 500
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def normalize_database_url(url: str | URL) -> URL:
+    """Parse a database URL and pin PostgreSQL to the psycopg 3 driver (`postgres://` and `postgresql://` included)."""
+    parsed = make_url(url)
+    if parsed.drivername in {"postgres", "postgresql"}:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in {"postgresql", "sqlite"}:
+        raise ValueError(
+            f"unsupported database {parsed.render_as_string(hide_password=True)}: use PostgreSQL or SQLite"
+        )
+    return parsed
+
+
+def make_engine(url: str | URL) -> Engine:
+    """An engine tuned for the pipeline: pre-ping on PostgreSQL (a restarted server costs one retry, not a crash),
+    WAL and a busy timeout on SQLite (readers never block the writer; writers wait instead of failing). The SQLite
+    file's directory is created if missing."""
+    parsed = normalize_database_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(
+            parsed, pool_size=5, max_overflow=5, pool_pre_ping=True, pool_recycle=1800, pool_timeout=30
+        )
+    if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed)
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps the file consistent
+        cursor.close()
+
+    return engine
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """An `items` row as read back (the `Stored*` classes mirror their tables column for column)."""
+
+    item_id: str
+    title: str
+    text: str
+    tags: list[str]
+    created_at: datetime
+    updated_at: datetime | None
+    version: int
+    stored_at: datetime
+
+
+@dataclass(frozen=True)
+class StoredUser:
+    user_id: str
+    first_seen_at: datetime
+    last_seen_at: datetime
+    interactions: int
+    version: int
+
+
+@dataclass(frozen=True)
+class StoredInteraction:
+    interaction_id: str
+    user_id: str
+    item_id: str
+    kind: str
+    label: int
+    value: float | None
+    ts: datetime
+    version: int
+    stored_at: datetime
+
+
+@dataclass(frozen=True)
+class StoredCotSample:
+    sample_id: str
+    user_id: str
+    item_id: str
+    label: int
+    ts: datetime
+    history: list[dict[str, Any]] | None
+    reason: str | None
+    status: str
+    cot_text: str | None
+    backend: str | None
+    model: str | None
+    stored_at: datetime
+    generated_at: datetime | None
+    cot_stored_at: datetime | None
+    version: int
+
+
+@dataclass(frozen=True)
+class ModelVersionRecord:
+    """A trained ranker artifact; `checksum` is the artifact's sha256 in hex."""
+
+    version_id: str
+    kind: str
+    artifact_path: str
+    checksum: str
+    created_at: datetime
+    metrics: dict[str, Any] = field(default_factory=dict)
+    parent_version: str | None = None
+    status: ModelStatus = "candidate"
+    notes: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _SHA256_HEX.fullmatch(self.checksum):
+            raise ValueError(f"checksum must be a lowercase sha256 hex digest, got {self.checksum!r}")
+        if self.status not in MODEL_STATUSES:
+            raise ValueError(f"status must be one of {MODEL_STATUSES}, got {self.status!r}")
+
+
+class ModelVersionConflict(ValueError):
+    """A version id was recorded again with a different artifact: ids must name one artifact forever."""
+
+
+def _latest_per_key(rows: Iterable[dict[str, Any]], key: str, version: str = "version") -> list[dict[str, Any]]:
+    """Collapse rows sharing a key to the one with the highest version (the first one on ties), in key order."""
+    kept: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        current = kept.get(row[key])
+        if current is None or row[version] > current[version]:
+            kept[row[key]] = row
+    return [kept[k] for k in sorted(kept)]
+
+
+def _chunks(values: Sequence[str], size: int = _IN_LIST_CHUNK) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Repository:
+    """Batch upserts and reads over one engine. Thread-safe (the engine pools connections); `close()` releases them."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        dialect = engine.dialect.name
+        self._insert: Callable[[Table], Any] = postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+    @classmethod
+    def from_url(cls, url: str | URL) -> "Repository":
+        return cls(make_engine(url))
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "Repository":
+        return cls.from_url(settings.database_url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Repository({self.engine.url.render_as_string(hide_password=True)})"
+
+    # ---- writes -------------------------------------------------------------------------------------------------
+
+    def upsert_items(self, items: Sequence[ItemEvent]) -> int:
+        """Store items; a row is replaced only by a later `updated_at` (or `created_at`). Returns distinct items."""
+        stored_at = _now()
+        rows = _latest_per_key(
+            (
+                {
+                    "item_id": item.item_id,
+                    "title": item.title,
+                    "text": item.text,
+                    "tags": list(item.tags),
+                    "created_at": item.created_at,
+                    "updated_at": item.updated_at,
+                    "version": item.version,
+                    "stored_at": stored_at,
+                }
+                for item in items
+            ),
+            key="item_id",
+        )
+        if rows:
+            with self.engine.begin() as conn:
+                self._upsert_newer(conn, Item.__table__, "item_id", rows)
+        return len(rows)
+
+    def upsert_interactions(self, interactions: Sequence[InteractionEvent]) -> int:
+        """Store interactions and merge them into `users`, in one transaction. Returns distinct interactions.
+
+        Users keep the earliest first_seen_at and latest last_seen_at ever seen; their `interactions` count is
+        recounted from the interactions table for the users in the batch, so re-deliveries never inflate it.
+        """
+        stored_at = _now()
+        rows = _latest_per_key(
+            (
+                {
+                    "interaction_id": event.interaction_id,
+                    "user_id": event.user_id,
+                    "item_id": event.item_id,
+                    "kind": event.kind,
+                    "label": event.label,
+                    "value": event.value,
+                    "ts": event.ts,
+                    "version": event.version,
+                    "stored_at": stored_at,
+                }
+                for event in interactions
+            ),
+            key="interaction_id",
+        )
+        if not rows:
+            return 0
+        users: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            user = users.setdefault(
+                row["user_id"],
+                {"user_id": row["user_id"], "first_seen_at": row["ts"], "last_seen_at": row["ts"],
+                 "interactions": 0, "version": row["version"]},
+            )
+            user["first_seen_at"] = min(user["first_seen_at"], row["ts"])
+            user["last_seen_at"] = max(user["last_seen_at"], row["ts"])
+            user["version"] = max(user["version"], row["version"])
+        user_rows = [users[k] for k in sorted(users)]
+        with self.engine.begin() as conn:
+            self._upsert_newer(conn, Interaction.__table__, "interaction_id", rows)
+            self._merge_users(conn, user_rows)
+        return len(rows)
+
+    def upsert_cot_samples(self, requests: Sequence[CotRequest]) -> int:
+        """Store CoT requests as samples (status 'pending' when new). Returns distinct samples.
+
+        Only the request's own fields (user, item, label, ts, history, reason) are written, and only by a later
+        `requested_at` than the one stored; status and CoT fields are never touched, so a sample that is already
+        'generated' stays generated whatever order requests and results arrive in.
+        """
+        stored_at = _now()
+        rows = _latest_per_key(
+            (
+                {
+                    "sample_id": request.request_id,
+                    "user_id": request.user_id,
+                    "item_id": request.item_id,
+                    "label": request.label,
+                    "ts": request.ts,
+                    "history": [{"item_id": h.item_id, "label": h.label} for h in request.history],
+                    "reason": request.reason,
+                    "status": "pending",
+                    "stored_at": stored_at,
+                    "version": epoch_ms(request.requested_at),
+                }
+                for request in requests
+            ),
+            key="sample_id",
+        )
+        if rows:
+            table = CotSample.__table__
+            stmt = self._insert(table)
+            request_fields = ("user_id", "item_id", "label", "ts", "history", "reason", "stored_at", "version")
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["sample_id"],
+                set_={name: stmt.excluded[name] for name in request_fields},
+                where=table.c.version < stmt.excluded.version,
+            )
+            with self.engine.begin() as conn:
+                conn.execute(stmt, rows)
+        return len(rows)
+
+    def complete_cot_samples(self, results: Sequence[CotResult]) -> int:
+        """Fill samples' CoT from generator results and mark them 'generated'. Returns distinct samples.
+
+        A result for a sample whose request is not stored yet creates the row (history and reason NULL, version 0)
+        for the request to complete later. A stored CoT is replaced only by a later `generated_at`, so a re-delivered
+        result changes nothing, `cot_stored_at` included.
+        """
+        stored_at = _now()
+        rows = _latest_per_key(
+            (
+                {
+                    "sample_id": result.request_id,
+                    "user_id": result.user_id,
+                    "item_id": result.item_id,
+                    "label": result.label,
+                    "ts": result.ts,
+                    "history": None,
+                    "reason": None,
+                    "status": "generated",
+                    "cot_text": result.cot_text,
+                    "backend": result.backend,
+                    "model": result.model,
+                    "stored_at": stored_at,
+                    "generated_at": result.generated_at,
+                    "cot_stored_at": stored_at,
+                    "version": 0,
+                }
+                for result in results
+            ),
+            key="sample_id",
+            version="generated_at",
+        )
+        if rows:
+            table = CotSample.__table__
+            stmt = self._insert(table)
+            cot_fields = ("status", "cot_text", "backend", "model", "generated_at", "cot_stored_at")
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["sample_id"],
+                set_={name: stmt.excluded[name] for name in cot_fields},
+                where=or_(table.c.generated_at.is_(None), table.c.generated_at < stmt.excluded.generated_at),
+            )
+            with self.engine.begin() as conn:
+                conn.execute(stmt, rows)
+        return len(rows)
+
+    def record_model_version(self, version: ModelVersionRecord) -> None:
+        """Register a trained artifact. Recording the same version again is a no-op (a retried trainer step);
+        recording its id with a different checksum raises `ModelVersionConflict` and writes nothing."""
+        table = ModelVersion.__table__
+        row = {
+            "version_id": version.version_id,
+            "created_at": version.created_at,
+            "kind": version.kind,
+            "parent_version": version.parent_version,
+            "metrics": version.metrics,
+            "artifact_path": version.artifact_path,
+            "checksum": version.checksum,
+            "status": version.status,
+            "notes": version.notes,
+        }
+        with self.engine.begin() as conn:
+            conn.execute(self._insert(table).on_conflict_do_nothing(index_elements=["version_id"]), [row])
+            stored = conn.execute(
+                select(table.c.checksum).where(table.c.version_id == version.version_id)
+            ).scalar_one()
+            if stored != version.checksum:
+                raise ModelVersionConflict(
+                    f"model version {version.version_id!r} is already recorded with checksum {stored}, "
+                    f"not {version.checksum}"
+                )
+
+    def set_model_status(self, version_id: str, status: ModelStatus, notes: str | None = None) -> None:
+        """Move a version to `status` (and replace its notes when given). Promoting one to 'serving' retires the
+        version of the same kind that was serving, in the same transaction: at most one serves per kind."""
+        if status not in MODEL_STATUSES:
+            raise ValueError(f"status must be one of {MODEL_STATUSES}, got {status!r}")
+        table = ModelVersion.__table__
+        with self.engine.begin() as conn:
+            kind = conn.execute(select(table.c.kind).where(table.c.version_id == version_id)).scalar_one_or_none()
+            if kind is None:
+                raise KeyError(f"no model version {version_id!r}")
+            if status == "serving":
+                conn.execute(
+                    update(table)
+                    .where(table.c.kind == kind, table.c.status == "serving", table.c.version_id != version_id)
+                    .values(status="retired")
+                )
+            values: dict[str, Any] = {"status": status}
+            if notes is not None:
+                values["notes"] = notes
+            conn.execute(update(table).where(table.c.version_id == version_id).values(**values))
+
+    # ---- reads --------------------------------------------------------------------------------------------------
+
+    def latest_model_version(self, kind: str, status: ModelStatus = "serving") -> ModelVersionRecord | None:
+        """The most recently created version of `kind` in `status`, or None."""
+        table = ModelVersion.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(table)
+                .where(table.c.kind == kind, table.c.status == status)
+                .order_by(table.c.created_at.desc(), table.c.version_id.desc())
+                .limit(1)
+            ).mappings().first()
+        return None if row is None else ModelVersionRecord(**row)
+
+    def get_items(self, item_ids: Iterable[str]) -> dict[str, StoredItem]:
+        """The stored items among `item_ids`, by id (missing ids are simply absent)."""
+        return {row.item_id: row for row in self._get_by_ids(Item.__table__, "item_id", item_ids, StoredItem)}
+
+    def get_users(self, user_ids: Iterable[str]) -> dict[str, StoredUser]:
+        return {row.user_id: row for row in self._get_by_ids(User.__table__, "user_id", user_ids, StoredUser)}
+
+    def get_cot_samples(self, sample_ids: Iterable[str]) -> dict[str, StoredCotSample]:
+        return {
+            row.sample_id: row
+            for row in self._get_by_ids(CotSample.__table__, "sample_id", sample_ids, StoredCotSample)
+        }
+
+    def user_history(
+        self, user_id: str, limit: int = 20, before: datetime | None = None
+    ) -> list[StoredInteraction]:
+        """The user's `limit` latest interactions strictly before `before` (all, when None), oldest first."""
+        table = Interaction.__table__
+        query = select(table).where(table.c.user_id == user_id)
+        if before is not None:
+            query = query.where(table.c.ts < before)
+        query = query.order_by(table.c.ts.desc(), table.c.interaction_id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            rows = [StoredInteraction(**row) for row in conn.execute(query).mappings()]
+        rows.reverse()
+        return rows
+
+    def iter_interactions(
+        self, start: datetime | None = None, end: datetime | None = None, batch_size: int = 5_000
+    ) -> Iterator[StoredInteraction]:
+        """Every interaction with start <= ts < end, ordered by (ts, interaction_id), read `batch_size` rows per
+        query (keyset pagination: no transaction or cursor stays open between batches, so a long training read
+        never holds back writers). Rows written behind the read position during iteration are not seen."""
+        table = Interaction.__table__
+        position: tuple[datetime, str] | None = None
+        while True:
+            query = select(table)
+            if start is not None:
+                query = query.where(table.c.ts >= start)
+            if end is not None:
+                query = query.where(table.c.ts < end)
+            if position is not None:
+                last_ts, last_id = position
+                query = query.where(
+                    or_(table.c.ts > last_ts, and_(table.c.ts == last_ts, table.c.interaction_id > last_id))
+                )
+            query = query.order_by(table.c.ts, table.c.interaction_id).limit(batch_size)
+            with self.engine.connect() as conn:
+                batch = [StoredInteraction(**row) for row in conn.execute(query).mappings()]
+            yield from batch
+            if len(batch) < batch_size:
+                return
+            position = (batch[-1].ts, batch[-1].interaction_id)
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table, by table name."""
+        with self.engine.connect() as conn:
+            return {
+                table.name: conn.execute(select(func.count()).select_from(table)).scalar_one() for table in TABLES
+            }
+
+    # ---- statements ---------------------------------------------------------------------------------------------
+
+    def _upsert_newer(self, conn: Connection, table: Table, key: str, rows: list[dict[str, Any]]) -> None:
+        """Insert rows; replace a stored row only where the incoming version is strictly higher."""
+        stmt = self._insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[key],
+            set_={column.name: stmt.excluded[column.name] for column in table.columns if column.name != key},
+            where=table.c.version < stmt.excluded.version,
+        )
+        conn.execute(stmt, rows)
+
+    def _merge_users(self, conn: Connection, user_rows: list[dict[str, Any]]) -> None:
+        table = User.__table__
+        stmt = self._insert(table)
+        incoming = stmt.excluded
+
+        def earliest(stored: ColumnElement[Any], new: ColumnElement[Any]) -> ColumnElement[Any]:
+            return case((new < stored, new), else_=stored)
+
+        def latest(stored: ColumnElement[Any], new: ColumnElement[Any]) -> ColumnElement[Any]:
+            return case((new > stored, new), else_=stored)
+
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["user_id"],
+            set_={
+                "first_seen_at": earliest(table.c.first_seen_at, incoming.first_seen_at),
+                "last_seen_at": latest(table.c.last_seen_at, incoming.last_seen_at),
+                "version": latest(table.c.version, incoming.version),
+            },
+        )
+        conn.execute(stmt, user_rows)
+        # Recount rather than increment: the count is then right however often an interaction is delivered.
+        interactions = Interaction.__table__
+        recount = (
+            select(func.count())
+            .where(interactions.c.user_id == table.c.user_id)
+            .scalar_subquery()
+        )
+        user_ids = [row["user_id"] for row in user_rows]
+        for chunk in _chunks(user_ids):
+            conn.execute(update(table).where(table.c.user_id.in_(chunk)).values(interactions=recount))
+
+    def _get_by_ids(self, table: Table, key: str, ids: Iterable[str], build: Callable[..., Any]) -> list[Any]:
+        wanted = sorted(set(ids))
+        found = []
+        with self.engine.connect() as conn:
+            for chunk in _chunks(wanted):
+                rows = conn.execute(select(table).where(table.c[key].in_(chunk))).mappings()
+                found.extend(build(**row) for row in rows)
+        return found
