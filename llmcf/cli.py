@@ -131,10 +131,93 @@ def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+WORKER_METRICS_PORT = 9101
+
+
+def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.app import WorkerOptions, run_worker
+
+    options = WorkerOptions(
+        batch_size=args.batch_size,
+        batch_within_s=args.batch_within,
+        web_port=args.web_port,
+        item_wait_s=args.item_wait,
+    )
+    if args.metrics_port is not None:
+        metrics_port = args.metrics_port
+    else:
+        metrics_port = settings.metrics_port if settings.metrics_port is not None else WORKER_METRICS_PORT
+    return run_worker(settings, options, metrics_port)
+
+
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from llmcf.demo import run_demo
 
     return run_demo(settings, dataset=args.dataset, limit=args.limit)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from generators.service import GenerateOptions, run_generator
+
+    return run_generator(
+        settings,
+        GenerateOptions(
+            backend=args.backend or settings.generator_backend,
+            model=args.model or settings.generator_model,
+            device=args.device or settings.generator_device,
+            openai_base_url=args.openai_base_url or settings.openai_base_url,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            max_attempts=args.max_attempts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            metrics_port=args.metrics_port if args.metrics_port is not None else settings.metrics_port,
+        ),
+    )
+
+
+def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from ranker.train import TrainOptions, train
+
+    options = TrainOptions(
+        dataset=None if args.source == "database" else args.dataset,
+        backbone=args.backbone,
+        ict=not args.no_ict,
+        max_train_samples=args.max_train_samples or None,
+        max_eval_samples=args.max_eval_samples or None,
+        max_epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        reconstruction_weight=args.rec_weight,
+        pool_rate=args.pool_rate,
+        cot_backend=args.cot_backend,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    result = train(options, settings, log=lambda line: print(line, flush=True))
+    print(json.dumps({"version_id": result.version_id, "kind": result.kind, "artifact": str(result.onnx_path),
+                      "checksum": result.checksum, "metrics": result.metrics}, indent=2, default=str))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +278,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("topic", choices=["items", "interactions", "cot-requests", "cot-results", "dead-letters"])
     p.add_argument("--max", type=_positive_int, help="stop after N records")
     p.set_defaults(func=_cmd_tail)
+
+    p = sub.add_parser(
+        "generate",
+        help="run a member of the CoT generator pool (consumes cot-requests, publishes cot-results); one per GPU",
+        description="Joins the generator consumer group on cot-requests, generates chains of thought in micro-batches "
+        "with the chosen backend, embeds them and publishes cot-results; offsets are committed only after the results "
+        "are delivered. Stops cleanly on SIGTERM / Ctrl-C (in-flight work is finished and committed). Defaults come "
+        "from LLMCF_GENERATOR_* and LLMCF_OPENAI_* (`llmcf config --catalogue`).",
+    )
+    p.add_argument("--backend", choices=["transformers", "openai", "template"],
+                   help="transformers (local model), openai (OpenAI-compatible server) or template (a deterministic "
+                   "rationale, NOT an LLM; for load tests); default LLMCF_GENERATOR_BACKEND")
+    p.add_argument("--model", help="transformers: model directory or .gguf; openai: served model name "
+                   "(default LLMCF_GENERATOR_MODEL)")
+    p.add_argument("--device", help="cpu, cuda:N or auto (default LLMCF_GENERATOR_DEVICE); also used by the embedder")
+    p.add_argument("--openai-base-url", help="openai backend: server URL (default LLMCF_OPENAI_BASE_URL)")
+    p.add_argument("--max-batch", type=_positive_int, default=16, help="requests per batch (default 16)")
+    p.add_argument("--max-wait-ms", type=_non_negative_int, default=200,
+                   help="longest wait for a batch to fill after its first request (default 200)")
+    p.add_argument("--max-attempts", type=_positive_int, default=3,
+                   help="attempts per request before it goes to dead-letters (default 3)")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="tokens per chain of thought (default: the backend's)")
+    p.add_argument("--temperature", type=_non_negative_float, help="sampling temperature, 0 = greedy (default 0.6)")
+    p.add_argument("--metrics-port", type=_non_negative_int,
+                   help="port of /metrics; 0 = none (default LLMCF_METRICS_PORT, else 9102)")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "worker",
+        help="run the stream worker: items, interactions and cot-results into storage, CoT requests out",
+        description="Consumes `items`, `interactions` and `cot-results` in batches (Faust), persists them to "
+        "DATABASE_URL and the vector index, keeps user histories, and publishes CoT requests. Stops on SIGTERM/SIGINT "
+        "after finishing the batch in hand.",
+    )
+    p.add_argument("--metrics-port", type=int,
+                   help=f"port of /metrics (default: LLMCF_METRICS_PORT, else {WORKER_METRICS_PORT}; 0 = none)")
+    p.add_argument("--batch-size", type=_positive_int, default=2000, help="records per batch at most (default 2000)")
+    p.add_argument("--batch-within", type=_positive_float, default=0.2,
+                   help="seconds to wait for a batch to fill (default 0.2)")
+    p.add_argument("--web-port", type=_positive_int, help="port of Faust's web server (default: no web server)")
+    p.add_argument("--item-wait", type=_positive_float, default=60.0,
+                   help="seconds an interaction waits for its item to reach the catalogue before its sample is "
+                   "dead-lettered (default 60)")
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser(
+        "train",
+        help="train a ranker (DeepFM/DIN, +ICT by default), export it to ONNX and register it in model_versions",
+        description="Time-ordered split (80/10/10), a CoT pool (offline: a uniform 1/10 of the training rows with "
+        "CoTs from --cot-backend, `template` by default, which is NOT an LLM), in-context examples retrieved through "
+        "the serving retriever, early stopping on validation AUC, ONNX export with a parity check (<= 1e-5), and a "
+        "model_versions row. Artifacts go to $LLMCF_HOME/models/<version_id>/. Defaults keep ml-1m to minutes on 2 "
+        "cores: the latest 100,000 training rows and at most 20,000 validation and test rows (0 = no cap).",
+    )
+    p.add_argument("--source", choices=["dataset", "database"], default="dataset",
+                   help="dataset: MovieLens straight from its package; database: interactions and CoT samples in DATABASE_URL")
+    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-1m")
+    p.add_argument("--backbone", choices=["deepfm", "din"], default="deepfm")
+    p.add_argument("--no-ict", action="store_true", help="the backbone alone, without the ICT module")
+    p.add_argument("--max-train-samples", type=int, default=100_000, help="latest N training rows (default 100000; 0 = all)")
+    p.add_argument("--max-eval-samples", type=int, default=20_000,
+                   help="uniform sample of N validation and N test rows (default 20000; 0 = all)")
+    p.add_argument("--epochs", type=_positive_int, default=20, help="at most N epochs (early stopping, patience 2)")
+    p.add_argument("--batch-size", type=_positive_int, default=512)
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--rec-weight", type=float, default=1.0, help="lambda of the reconstruction loss (default 1.0)")
+    p.add_argument("--pool-rate", type=_positive_float, default=0.1, help="share of training rows in the CoT pool (offline)")
+    p.add_argument("--cot-backend", choices=["template", "transformers", "openai"], default="template",
+                   help="CoT backend for the offline pool (default template: deterministic, not an LLM)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job end to end on the embedded defaults")
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-100k")

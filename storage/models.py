@@ -19,6 +19,7 @@ from sqlalchemy import (
     Dialect,
     Float,
     Index,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -163,6 +164,23 @@ class CotSample(Base):
     generated_at: Mapped[datetime | None]
     cot_stored_at: Mapped[datetime | None]
     version: Mapped[int] = mapped_column(BigInteger)
+    cot_embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """The CoT's sentence embedding as little-endian float32 bytes (filled with the CoT)."""
+
+
+class ItemEmbedding(Base):
+    """An item's text embedding ("title; text; tags"), computed once per item by the stream worker.
+
+    `embedding` is little-endian float32 bytes of `dimension` components, from the sentence encoder named by `model`.
+    """
+
+    __tablename__ = "item_embeddings"
+
+    item_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    model: Mapped[str] = mapped_column(String(256))
+    dimension: Mapped[int] = mapped_column(SmallInteger)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    stored_at: Mapped[datetime]
 
 
 class ModelVersion(Base):
@@ -185,4 +203,11 @@ class ModelVersion(Base):
     notes: Mapped[str | None] = mapped_column(Text)
 
 
-TABLES = (Item.__table__, User.__table__, Interaction.__table__, CotSample.__table__, ModelVersion.__table__)
+TABLES = (
+    Item.__table__,
+    User.__table__,
+    Interaction.__table__,
+    CotSample.__table__,
+    ModelVersion.__table__,
+    ItemEmbedding.__table__,
+)

@@ -20,19 +20,20 @@ Contracts, for every method:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+import numpy as np
 from sqlalchemy import Engine, Table, and_, case, create_engine, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.sql.expression import ColumnElement
 
 from llmcf.events import CotRequest, CotResult, InteractionEvent, ItemEvent, epoch_ms
-from storage.models import MODEL_STATUSES, TABLES, CotSample, Interaction, Item, ModelVersion, User
+from storage.models import MODEL_STATUSES, TABLES, CotSample, Interaction, Item, ItemEmbedding, ModelVersion, User
 
 if TYPE_CHECKING:
     from llmcf.settings import Settings
@@ -133,6 +134,21 @@ class StoredCotSample:
     generated_at: datetime | None
     cot_stored_at: datetime | None
     version: int
+    cot_embedding: bytes | None = None
+
+    def cot_vector(self) -> np.ndarray | None:
+        """The CoT embedding as a float32 array, or None while the CoT is pending."""
+        return None if self.cot_embedding is None else vector_from_bytes(self.cot_embedding)
+
+
+def vector_to_bytes(vector: np.ndarray | Sequence[float]) -> bytes:
+    """Little-endian float32 bytes: the storage form of every embedding, the same on every machine."""
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def vector_from_bytes(data: bytes) -> np.ndarray:
+    """The float32 array stored by `vector_to_bytes` (native byte order, writable)."""
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -340,6 +356,7 @@ class Repository:
                     "generated_at": result.generated_at,
                     "cot_stored_at": stored_at,
                     "version": 0,
+                    "cot_embedding": vector_to_bytes(result.cot_embedding),
                 }
                 for result in results
             ),
@@ -349,7 +366,7 @@ class Repository:
         if rows:
             table = CotSample.__table__
             stmt = self._insert(table)
-            cot_fields = ("status", "cot_text", "backend", "model", "generated_at", "cot_stored_at")
+            cot_fields = ("status", "cot_text", "cot_embedding", "backend", "model", "generated_at", "cot_stored_at")
             stmt = stmt.on_conflict_do_update(
                 index_elements=["sample_id"],
                 set_={name: stmt.excluded[name] for name in cot_fields},
@@ -358,6 +375,41 @@ class Repository:
             with self.engine.begin() as conn:
                 conn.execute(stmt, rows)
         return len(rows)
+
+    def upsert_item_embeddings(self, embeddings: Mapping[str, np.ndarray], model: str) -> int:
+        """Store item embeddings (one row per item, float32 bytes) made by the encoder `model`. Returns rows written.
+
+        An item's embedding is written once: a stored one is kept (the worker embeds each item once; re-delivered
+        items change nothing), so every sample ever indexed was built from the same item vector.
+        """
+        stored_at = _now()
+        rows = [
+            {
+                "item_id": item_id,
+                "model": model,
+                "dimension": int(np.asarray(embeddings[item_id]).shape[0]),
+                "embedding": vector_to_bytes(embeddings[item_id]),
+                "stored_at": stored_at,
+            }
+            for item_id in sorted(embeddings)
+        ]
+        if rows:
+            stmt = self._insert(ItemEmbedding.__table__).on_conflict_do_nothing(index_elements=["item_id"])
+            with self.engine.begin() as conn:
+                conn.execute(stmt, rows)
+        return len(rows)
+
+    def get_item_embeddings(self, item_ids: Iterable[str]) -> dict[str, np.ndarray]:
+        """The stored embeddings among `item_ids` as float32 arrays, by id (missing ids are simply absent)."""
+        table = ItemEmbedding.__table__
+        found: dict[str, np.ndarray] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(sorted(set(item_ids))):
+                for item_id, data in conn.execute(
+                    select(table.c.item_id, table.c.embedding).where(table.c.item_id.in_(chunk))
+                ):
+                    found[item_id] = vector_from_bytes(data)
+        return found
 
     def record_model_version(self, version: ModelVersionRecord) -> None:
         """Register a trained artifact. Recording the same version again is a no-op (a retried trainer step);
@@ -432,6 +484,30 @@ class Repository:
             row.sample_id: row
             for row in self._get_by_ids(CotSample.__table__, "sample_id", sample_ids, StoredCotSample)
         }
+
+    def iter_cot_samples(
+        self, start: datetime | None = None, end: datetime | None = None, batch_size: int = 5_000
+    ) -> Iterator[StoredCotSample]:
+        """Every CoT sample (pending and generated) with start <= ts < end, ordered by (ts, sample_id), read
+        `batch_size` rows per query with keyset pagination, like `iter_interactions` (the ranker's training pool)."""
+        table = CotSample.__table__
+        position: tuple[datetime, str] | None = None
+        while True:
+            query = select(table)
+            if start is not None:
+                query = query.where(table.c.ts >= start)
+            if end is not None:
+                query = query.where(table.c.ts < end)
+            if position is not None:
+                last_ts, last_id = position
+                query = query.where(or_(table.c.ts > last_ts, and_(table.c.ts == last_ts, table.c.sample_id > last_id)))
+            query = query.order_by(table.c.ts, table.c.sample_id).limit(batch_size)
+            with self.engine.connect() as conn:
+                batch = [StoredCotSample(**row) for row in conn.execute(query).mappings()]
+            yield from batch
+            if len(batch) < batch_size:
+                return
+            position = (batch[-1].ts, batch[-1].sample_id)
 
     def user_history(
         self, user_id: str, limit: int = 20, before: datetime | None = None

@@ -17,6 +17,7 @@ Contracts every backend keeps:
   process; `flush()` additionally writes segments so the log can be truncated and the next open is fast.
 - Dimension: every vector must have `dim` components; anything else raises `ValueError` naming expected and got.
 - Payload: the payload keeps JSON values; the field `key` is reserved (the index stores the sample key there).
+  `set_payload` merges fields into existing points without resending their vectors; keys without a point are ignored.
 - Lifecycle: use as a context manager or call `close()` (idempotent); any call after `close()` raises `VectorIndexClosed`.
 """
 
@@ -52,11 +53,16 @@ class Point:
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: the sample key, its cosine similarity to the query and its payload (without `key`)."""
+    """One search result: the sample key, its cosine similarity to the query and its payload (without `key`).
+
+    `vector` is the stored vector (float32, as the engine keeps it: normalised for cosine) when the search asked for
+    `with_vectors`, else None: callers that re-rank hits by a similarity of their own need it.
+    """
 
     key: str
     score: float
     payload: dict[str, Any]
+    vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -184,11 +190,20 @@ class VectorIndex(ABC):
         payloads = [{**p.payload, KEY_FIELD: key} for key, p in latest.items()]
         self._upsert(ids, vectors, payloads)
 
-    def search(self, vectors: np.ndarray | Sequence[Sequence[float]], k: int, filter: FilterArg = None) -> list[list[Hit]]:
+    def search(
+        self,
+        vectors: np.ndarray | Sequence[Sequence[float]],
+        k: int,
+        filter: FilterArg = None,
+        with_vectors: bool = False,
+        payload_fields: Sequence[str] | None = None,
+    ) -> list[list[Hit]]:
         """Top-k nearest samples for each of B query vectors, best first: B lists of at most k hits.
 
         `filter` is one `Filter` for every query, or a sequence of B filters (or None) matched to the queries by position:
-        the no-leak condition depends on each query's own user and time.
+        the no-leak condition depends on each query's own user and time. `with_vectors` fills each hit's `vector` with
+        the stored (normalised) vector. `payload_fields` limits the returned payload to those fields (None = all):
+        converting large payload values (an embedding) costs more than the search itself.
         """
         self._check_open()
         if k < 1:
@@ -202,7 +217,31 @@ class VectorIndex(ABC):
                 raise ValueError(f"got {len(filters)} filters for {len(queries)} query vectors")
         if len(queries) == 0:
             return []
-        return self._search(queries, k, filters)
+        fields = None if payload_fields is None else [*payload_fields, KEY_FIELD]
+        return self._search(queries, k, filters, with_vectors, fields)
+
+    def get_payloads(self, keys: Sequence[str], payload_fields: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The payloads (without `key`) of the points with these keys, by key; unknown keys are absent.
+        `payload_fields` limits each payload to those fields (None = all)."""
+        self._check_open()
+        if not keys:
+            return {}
+        fields = None if payload_fields is None else [*payload_fields, KEY_FIELD]
+        found = {}
+        for payload in self._get_payloads([point_id(key) for key in keys], fields):
+            hit = hit_from_stored(0.0, payload)
+            found[hit.key] = hit.payload
+        return found
+
+    def set_payload(self, updates: Mapping[str, Mapping[str, Any]]) -> None:
+        """Merge payload fields into existing points, by key (vectors and other fields unchanged); keys without a
+        point are ignored. Visible and durable on return, like `upsert`. Used to fill a pending sample's CoT."""
+        self._check_open()
+        for key, fields in updates.items():
+            if KEY_FIELD in fields:
+                raise ValueError(f"payload field {KEY_FIELD!r} is reserved for the point key ({key!r})")
+        if updates:
+            self._set_payload({point_id(key): dict(fields) for key, fields in updates.items()})
 
     def delete(self, keys: Sequence[str]) -> None:
         """Remove the points of these keys; unknown keys are ignored."""
@@ -243,7 +282,22 @@ class VectorIndex(ABC):
     def _upsert(self, ids: list[str], vectors: np.ndarray, payloads: list[dict[str, Any]]) -> None: ...
 
     @abstractmethod
-    def _search(self, queries: np.ndarray, k: int, filters: list[Filter | None]) -> list[list[Hit]]: ...
+    def _search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        filters: list[Filter | None],
+        with_vectors: bool = False,
+        payload_fields: list[str] | None = None,
+    ) -> list[list[Hit]]: ...
+
+    @abstractmethod
+    def _get_payloads(self, ids: list[str], payload_fields: list[str] | None) -> list[dict[str, Any]]:
+        """The stored payloads (with `key`) of the points among `ids` that exist, in any order."""
+
+    @abstractmethod
+    def _set_payload(self, payloads: dict[str, dict[str, Any]]) -> None:
+        """Merge each payload into the point of that id; ids without a point must be ignored."""
 
     @abstractmethod
     def _delete(self, ids: list[str]) -> None: ...
@@ -282,10 +336,11 @@ class VectorIndex(ABC):
         return matrix
 
 
-def hit_from_stored(score: float, stored_payload: Mapping[str, Any] | None) -> Hit:
+def hit_from_stored(score: float, stored_payload: Mapping[str, Any] | None, vector: Sequence[float] | None = None) -> Hit:
     """A `Hit` from an engine's scored point: the key comes out of the payload it travelled in."""
     payload = dict(stored_payload or {})
-    return Hit(key=payload.pop(KEY_FIELD), score=score, payload=payload)
+    stored_vector = None if vector is None else np.asarray(vector, dtype=np.float32)
+    return Hit(key=payload.pop(KEY_FIELD), score=score, payload=payload, vector=stored_vector)
 
 
 def _shape(row: np.ndarray) -> str:

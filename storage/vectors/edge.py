@@ -96,13 +96,38 @@ class EdgeIndex(VectorIndex):
         points = [EdgePoint(id=i, vector=v, payload=p) for i, v, p in zip(ids, vectors.tolist(), payloads, strict=True)]
         self._shard.update(UpdateOperation.upsert_points(points))
 
-    def _search(self, queries: np.ndarray, k: int, filters: list[Filter | None]) -> list[list[Hit]]:
+    def _search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        filters: list[Filter | None],
+        with_vectors: bool = False,
+        payload_fields: list[str] | None = None,
+    ) -> list[list[Hit]]:
+        with_payload: bool | list[str] = True if payload_fields is None else payload_fields
         requests = [
-            QueryRequest(limit=k, query=Query.Nearest(q), filter=_edge_filter(f), with_payload=True)
+            QueryRequest(
+                limit=k, query=Query.Nearest(q), filter=_edge_filter(f), with_payload=with_payload,
+                with_vector=with_vectors,
+            )
             for q, f in zip(queries.tolist(), filters, strict=True)
         ]
         results = self._shard.query_batch(QueryBatchRequest(requests))
-        return [[hit_from_stored(p.score, p.payload) for p in points] for points in results]
+        return [
+            [hit_from_stored(p.score, p.payload, p.vector if with_vectors else None) for p in points] for points in results
+        ]
+
+    def _get_payloads(self, ids: list[str], payload_fields: list[str] | None) -> list[dict[str, Any]]:
+        with_payload: bool | list[str] = True if payload_fields is None else payload_fields
+        return [dict(record.payload or {}) for record in self._shard.retrieve(ids, with_payload, False)]
+
+    def _set_payload(self, payloads: dict[str, dict[str, Any]]) -> None:
+        # The engine fails a payload update naming a missing point, so look the points up first (one call), then
+        # send one update per point: each point gets its own payload.
+        present = {str(p.id) for p in self._shard.retrieve(list(payloads), False, False)}
+        for point, payload in payloads.items():
+            if point in present:
+                self._shard.update(UpdateOperation.set_payload([point], payload))
 
     def _delete(self, ids: list[str]) -> None:
         self._shard.update(UpdateOperation.delete_points(ids))

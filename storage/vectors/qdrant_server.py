@@ -100,13 +100,42 @@ class QdrantServerIndex(VectorIndex):
             wait=True,
         )
 
-    def _search(self, queries: np.ndarray, k: int, filters: list[Filter | None]) -> list[list[Hit]]:
+    def _search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        filters: list[Filter | None],
+        with_vectors: bool = False,
+        payload_fields: list[str] | None = None,
+    ) -> list[list[Hit]]:
+        with_payload: bool | list[str] = True if payload_fields is None else payload_fields
         requests = [
-            models.QueryRequest(query=q, limit=k, filter=_qdrant_filter(f), with_payload=True)
+            models.QueryRequest(
+                query=q, limit=k, filter=_qdrant_filter(f), with_payload=with_payload, with_vector=with_vectors
+            )
             for q, f in zip(queries.tolist(), filters, strict=True)
         ]
         responses = self.client.query_batch_points(self.collection, requests=requests)
-        return [[hit_from_stored(p.score, p.payload) for p in response.points] for response in responses]
+        return [
+            [hit_from_stored(p.score, p.payload, p.vector if with_vectors else None) for p in response.points]
+            for response in responses
+        ]
+
+    def _set_payload(self, payloads: dict[str, dict[str, Any]]) -> None:
+        # One request for the whole batch; the server refuses updates naming missing points, so keep only those present.
+        present = {str(p.id) for p in self.client.retrieve(self.collection, list(payloads), with_payload=False)}
+        operations = [
+            models.SetPayloadOperation(set_payload=models.SetPayload(payload=payload, points=[point]))
+            for point, payload in payloads.items()
+            if point in present
+        ]
+        if operations:
+            self.client.batch_update_points(self.collection, operations, wait=True)
+
+    def _get_payloads(self, ids: list[str], payload_fields: list[str] | None) -> list[dict[str, Any]]:
+        with_payload: bool | list[str] = True if payload_fields is None else payload_fields
+        records = self.client.retrieve(self.collection, ids=ids, with_payload=with_payload, with_vectors=False)
+        return [dict(record.payload or {}) for record in records]
 
     def _delete(self, ids: list[str]) -> None:
         self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)

@@ -13,7 +13,8 @@ import migrations
 from storage.models import Base
 from storage.repository import make_engine
 
-EXPECTED_TABLES = {"items", "users", "interactions", "cot_samples", "model_versions"}
+EXPECTED_TABLES = {"items", "users", "interactions", "cot_samples", "model_versions", "item_embeddings"}
+HEAD = "0002"
 
 
 def _tables(url: str) -> set[str]:
@@ -29,7 +30,7 @@ def test_upgrade_downgrade_upgrade_round_trip(database_url: str) -> None:
     assert _tables(database_url) == set()
 
     migrations.upgrade(database_url)
-    assert migrations.current(database_url) == "0001"
+    assert migrations.current(database_url) == HEAD
     assert _tables(database_url) == EXPECTED_TABLES
 
     migrations.downgrade(database_url, "base")
@@ -37,14 +38,14 @@ def test_upgrade_downgrade_upgrade_round_trip(database_url: str) -> None:
     assert _tables(database_url) == set()
 
     migrations.upgrade(database_url, "head")
-    assert migrations.current(database_url) == "0001"
+    assert migrations.current(database_url) == HEAD
     assert _tables(database_url) == EXPECTED_TABLES
 
 
 def test_upgrade_twice_is_a_no_op(database_url: str) -> None:
     migrations.upgrade(database_url)
     migrations.upgrade(database_url)
-    assert migrations.current(database_url) == "0001"
+    assert migrations.current(database_url) == HEAD
 
 
 def test_migrated_schema_matches_models(database_url: str) -> None:
@@ -73,7 +74,7 @@ def test_sqlite_parent_directory_is_created(tmp_path: Path) -> None:
     database = tmp_path / "not" / "yet" / "there.db"
     migrations.upgrade(f"sqlite:///{database}")
     assert database.is_file()
-    assert migrations.current(f"sqlite:///{database}") == "0001"
+    assert migrations.current(f"sqlite:///{database}") == HEAD
 
 
 def test_cli_db_commands(tmp_path: Path, capsys) -> None:
@@ -81,7 +82,7 @@ def test_cli_db_commands(tmp_path: Path, capsys) -> None:
 
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     assert main(["db", "upgrade", "--database-url", url]) == 0
-    assert "database revision: 0001" in capsys.readouterr().out
+    assert f"database revision: {HEAD}" in capsys.readouterr().out
     assert main(["db", "downgrade", "base", "--database-url", url]) == 0
     assert "database revision: empty" in capsys.readouterr().out
     assert main(["db", "current", "--database-url", url]) == 0

@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pytest
 
 import migrations
@@ -248,6 +249,25 @@ def test_redelivered_result_changes_nothing_and_a_later_one_replaces(repo: Repos
     assert repo.get_cot_samples(["r1"])["r1"].cot_text == "regenerated"
 
 
+def test_generated_sample_keeps_its_cot_embedding_as_float32(repo: Repository) -> None:
+    repo.upsert_cot_samples([cot_request("r1", T0)])
+    repo.complete_cot_samples([cot_result("r1", "because", T0 + timedelta(seconds=5))])
+    sample = repo.get_cot_samples(["r1"])["r1"]
+    assert sample.cot_vector().dtype == np.float32
+    np.testing.assert_allclose(sample.cot_vector(), [0.1, 0.2], rtol=1e-6)
+    assert repo.get_cot_samples(["r1"])["r1"].cot_stored_at == sample.cot_stored_at
+
+
+def test_item_embeddings_are_written_once_and_read_back_by_id(repo: Repository) -> None:
+    first = np.array([0.25, -0.5, 1.0], dtype=np.float32)
+    assert repo.upsert_item_embeddings({"a": first, "b": np.zeros(3, dtype=np.float32)}, model="m") == 2
+    repo.upsert_item_embeddings({"a": np.ones(3, dtype=np.float32)}, model="m")  # re-delivered item: kept as first
+    found = repo.get_item_embeddings(["a", "b", "unknown"])
+    assert set(found) == {"a", "b"}
+    assert found["a"].dtype == np.float32
+    np.testing.assert_array_equal(found["a"], first)
+
+
 def test_newer_request_replaces_request_fields_only(repo: Repository) -> None:
     repo.upsert_cot_samples([cot_request("r1", T0, history=("i0",))])
     repo.upsert_cot_samples([cot_request("r1", T0 + timedelta(seconds=1), history=("i0", "i1")), cot_request("r2", T0)])
@@ -318,12 +338,14 @@ def test_model_status_and_checksum_are_validated(repo: Repository) -> None:
 
 
 def test_counts_cover_every_table(repo: Repository) -> None:
-    assert repo.counts() == {"items": 0, "users": 0, "interactions": 0, "cot_samples": 0, "model_versions": 0}
+    tables = ("items", "users", "interactions", "cot_samples", "model_versions", "item_embeddings")
+    assert repo.counts() == dict.fromkeys(tables, 0)
     repo.upsert_items([item("a", "A", T0)])
+    repo.upsert_item_embeddings({"a": np.ones(4, dtype=np.float32)}, model="m")
     repo.upsert_interactions([interaction("u1", "a", T0)])
     repo.upsert_cot_samples([cot_request("r1", T0)])
     repo.record_model_version(model("v1", T0))
-    assert repo.counts() == {"items": 1, "users": 1, "interactions": 1, "cot_samples": 1, "model_versions": 1}
+    assert repo.counts() == dict.fromkeys(tables, 1)
 
 
 @pytest.mark.parametrize(

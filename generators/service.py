@@ -1,0 +1,117 @@
+"""`llmcf generate`: one member of the generator pool as a process, with its backend, embedder, `/metrics` and signals.
+
+Startup checks what an operator can get wrong (device, OpenAI endpoint and model name) before any model loads, and logs
+which backend, model and device run (never the API key). SIGTERM or Ctrl-C stops the pool cleanly (in-flight batch
+finished, flushed and committed); a second Ctrl-C ends the process at once, which loses nothing either: what was not
+committed is consumed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from types import FrameType
+
+from llmcf.errors import UserFacingError
+from llmcf.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS_PORT = 9102
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The `llmcf generate` flags, after defaults from the settings were applied."""
+
+    backend: str
+    model: str | None
+    device: str
+    openai_base_url: str | None
+    max_batch: int = 16
+    max_wait_ms: int = 200
+    max_attempts: int = 3
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    metrics_port: int | None = None
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> the first GPU when CUDA is available, else "cpu"; "cpu" / "cuda:N" are checked against this machine."""
+    import torch
+
+    from generators.backends.transformers_backend import resolve_device as checked_device
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return str(checked_device(device))
+
+
+def run_generator(settings: Settings, options: GenerateOptions) -> int:
+    """Run the pool until a signal stops it; 0 after a clean stop. Raises `UserFacingError` for operator mistakes and
+    when the pool fails (nothing unfinished is committed then)."""
+    from generators.backends import create_backend
+    from generators.pool import GeneratorPool, PoolConfig, PoolFailure, group_id
+    from llmcf.embeddings import TextEmbedder
+    from llmcf.kafka import ensure_topics, resolve_bootstrap
+    from llmcf.metrics import serve_metrics
+
+    device = resolve_device(options.device)
+    # Unset decoding flags are left out, so each backend applies its own defaults.
+    backend_options: dict[str, object] = {
+        name: value for name, value in (("max_new_tokens", options.max_new_tokens), ("temperature", options.temperature))
+        if value is not None
+    }
+    if options.backend == "openai":
+        if not options.openai_base_url:
+            raise UserFacingError("the openai backend needs a server: set LLMCF_OPENAI_BASE_URL or --openai-base-url")
+        if not options.model:
+            raise UserFacingError("the openai backend needs the served model name: set LLMCF_GENERATOR_MODEL or --model")
+        backend_options |= {"base_url": options.openai_base_url, "model": options.model, "concurrency": options.max_batch}
+    elif options.backend == "transformers":
+        backend_options |= {"model": options.model, "device": device, "max_batch": options.max_batch}
+    elif options.model:
+        log.warning("--model / LLMCF_GENERATOR_MODEL (%s) is ignored by the template backend", options.model)
+    config = PoolConfig(max_batch=options.max_batch, max_wait_ms=options.max_wait_ms, max_attempts=options.max_attempts)
+    bootstrap = resolve_bootstrap(settings)
+    ensure_topics(settings, bootstrap)
+
+    log.info("loading the %s backend%s", options.backend,
+             f" on {device}" if options.backend == "transformers" else "")
+    backend = create_backend(options.backend, **backend_options)
+    try:
+        embedder = TextEmbedder.load(device)
+        described = {
+            "template": "a deterministic rationale built from the request's data, NOT a language model",
+            "transformers": f"a local causal LM on {device}",
+            "openai": f"an OpenAI-compatible server at {options.openai_base_url}",
+        }[backend.name]
+        log.info("generator: backend=%s (%s), model=%s, embedder=%s on %s, group=%s, max batch %d, max wait %d ms, "
+                 "max attempts %d, max new tokens %s, temperature %g", backend.name, described, backend.model,
+                 embedder.model_name, device, group_id(settings), config.max_batch, config.max_wait_ms,
+                 config.max_attempts, backend.options.max_new_tokens, backend.options.temperature)
+        pool = GeneratorPool(settings, bootstrap, backend, embedder, config)
+        metrics_port = DEFAULT_METRICS_PORT if options.metrics_port is None else options.metrics_port
+        try:
+            serve_metrics(metrics_port)
+        except OSError as exc:
+            raise UserFacingError(f"cannot serve /metrics on port {metrics_port} ({exc.strerror}): choose another with "
+                                  "--metrics-port or LLMCF_METRICS_PORT (0 = none)") from None
+
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("%s: finishing the in-flight batch, then stopping (Ctrl-C again to stop at once)",
+                     signal.Signals(signum).name)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            pool.stop()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            pool.run()
+        except PoolFailure as exc:
+            raise UserFacingError(f"{exc}; uncommitted requests will be consumed again on restart") from exc
+    finally:
+        backend.close()
+    return 0

@@ -1,0 +1,355 @@
+"""The ranker's feature pipeline, shared by training and serving so both feed the model the same numbers.
+
+It owns the vocabularies (user ids, item ids, tags; index 0 = unknown, so a cold-start user or item is scored with the
+learned "unknown" row instead of failing), the item text embeddings (384-d MiniLM, looked up by item id), and the
+encoding of a sample (one user, one target item, the user's history) and of retrieved in-context examples into the
+named arrays the model and its ONNX graph take (`SAMPLE_INPUTS`, `EXAMPLE_INPUTS`).
+
+Conventions:
+- History: the user's last `history_length` (20) interactions, oldest first, padded at the end; `history_mask` is 1 for a
+  real entry. `history_text` is `llmcf.samples.history_vector` of the history items' text embeddings (their normalised
+  mean), the same h the vector index holds, so retrieval and features agree.
+- An item unknown to the vocabulary gets index 0; its text embedding is the one the caller provides (a new item's text,
+  embedded with `TextEmbedder`), else zeros; its tags are looked up in the tag vocabulary (unknown tags are dropped).
+- Examples come from the vector index: their history and target text embeddings are the two halves of the stored sample
+  vector, so a freshly indexed example about a brand-new item still carries its item's text.
+
+The space is saved beside the ONNX model as `features.json` (vocabularies, sizes) and `features.npz` (embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from llmcf.embeddings import EMBEDDING_DIMENSION
+from llmcf.samples import history_vector
+
+if TYPE_CHECKING:
+    from ranker.retrieval import ExampleRecord
+
+HISTORY_LENGTH = 20
+MAX_TAGS = 6
+EXAMPLES = 4
+UNKNOWN = 0
+FEATURES_JSON = "features.json"
+FEATURES_NPZ = "features.npz"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: its name, numpy dtype, and shape after the batch axis (symbolic names are documented sizes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[str | int, ...]
+
+
+SAMPLE_INPUTS: tuple[InputSpec, ...] = (
+    InputSpec("user", "int64", ()),
+    InputSpec("item", "int64", ()),
+    InputSpec("item_tags", "int64", (MAX_TAGS,)),
+    InputSpec("item_text", "float32", (EMBEDDING_DIMENSION,)),
+    InputSpec("history", "int64", (HISTORY_LENGTH,)),
+    InputSpec("history_mask", "float32", (HISTORY_LENGTH,)),
+    InputSpec("history_text", "float32", (EMBEDDING_DIMENSION,)),
+)
+"""The current sample's inputs, every variant's graph takes them."""
+
+EXAMPLE_INPUTS: tuple[InputSpec, ...] = (
+    InputSpec("ex_user", "int64", (EXAMPLES,)),
+    InputSpec("ex_item", "int64", (EXAMPLES,)),
+    InputSpec("ex_item_tags", "int64", (EXAMPLES, MAX_TAGS)),
+    InputSpec("ex_item_text", "float32", (EXAMPLES, EMBEDDING_DIMENSION)),
+    InputSpec("ex_history", "int64", (EXAMPLES, HISTORY_LENGTH)),
+    InputSpec("ex_history_mask", "float32", (EXAMPLES, HISTORY_LENGTH)),
+    InputSpec("ex_history_text", "float32", (EXAMPLES, EMBEDDING_DIMENSION)),
+    InputSpec("ex_cot", "float32", (EXAMPLES, EMBEDDING_DIMENSION)),
+    InputSpec("ex_label", "int64", (EXAMPLES,)),
+    InputSpec("ex_cot_ready", "float32", (EXAMPLES,)),
+    InputSpec("ex_present", "float32", (EXAMPLES,)),
+)
+"""The K in-context examples' inputs, only +ICT graphs take them. `ex_present` 0 = no example in that slot (masked out
+of attention); `ex_cot_ready` 0 = the example's CoT is still pending (the learned placeholder is used)."""
+
+
+def input_specs(with_examples: bool) -> tuple[InputSpec, ...]:
+    return SAMPLE_INPUTS + (EXAMPLE_INPUTS if with_examples else ())
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """What serving knows about an item the vocabulary lacks: its text embedding and tags (either may be empty)."""
+
+    text_vector: np.ndarray | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass
+class ExamplePool:
+    """Encoded examples, one row each (P rows), ready to be gathered into (B, K) example inputs by `gather_examples`."""
+
+    user: np.ndarray  # (P,) int64
+    item: np.ndarray  # (P,) int64
+    item_tags: np.ndarray  # (P, T) int64
+    item_text: np.ndarray  # (P, 384) float32
+    history: np.ndarray  # (P, L) int64
+    history_mask: np.ndarray  # (P, L) float32
+    history_text: np.ndarray  # (P, 384) float32
+    cot: np.ndarray  # (P, 384) float32, zeros where pending
+    label: np.ndarray  # (P,) int64
+    cot_ready: np.ndarray  # (P,) float32
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+class FeatureSpace:
+    """Vocabularies and item embeddings; `encode_*` turn ids into model inputs. Build with `build`, persist with
+    `save`/`load`."""
+
+    def __init__(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        tags: Sequence[str],
+        item_text: np.ndarray,
+        item_tags: np.ndarray,
+        history_length: int = HISTORY_LENGTH,
+    ) -> None:
+        if item_text.shape != (len(item_ids) + 1, EMBEDDING_DIMENSION):
+            raise ValueError(f"item_text must be ({len(item_ids) + 1}, {EMBEDDING_DIMENSION}), got {item_text.shape}")
+        if item_tags.shape != (len(item_ids) + 1, MAX_TAGS):
+            raise ValueError(f"item_tags must be ({len(item_ids) + 1}, {MAX_TAGS}), got {item_tags.shape}")
+        self.user_ids = list(user_ids)
+        self.item_ids = list(item_ids)
+        self.tags = list(tags)
+        self.item_text = np.ascontiguousarray(item_text, dtype=np.float32)
+        self.item_tags = np.ascontiguousarray(item_tags, dtype=np.int64)
+        self.history_length = history_length
+        self._user_index = {u: i + 1 for i, u in enumerate(self.user_ids)}
+        self._item_index = {it: i + 1 for i, it in enumerate(self.item_ids)}
+        self._tag_index = {t: i + 1 for i, t in enumerate(self.tags)}
+
+    @classmethod
+    def build(
+        cls,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        item_vectors: np.ndarray,
+        item_tags: Sequence[Sequence[str]],
+        history_length: int = HISTORY_LENGTH,
+    ) -> FeatureSpace:
+        """A space over these users and items; `item_vectors[i]` / `item_tags[i]` belong to `item_ids[i]`. Tags are
+        ordered by frequency (ties by name) so the vocabulary does not depend on input order."""
+        counts: dict[str, int] = {}
+        for item in item_tags:
+            for tag in item:
+                counts[tag] = counts.get(tag, 0) + 1
+        tags = sorted(counts, key=lambda t: (-counts[t], t))
+        tag_index = {t: i + 1 for i, t in enumerate(tags)}
+        text = np.zeros((len(item_ids) + 1, EMBEDDING_DIMENSION), dtype=np.float32)
+        text[1:] = item_vectors
+        tag_rows = np.zeros((len(item_ids) + 1, MAX_TAGS), dtype=np.int64)
+        for row, item in enumerate(item_tags, start=1):
+            tag_rows[row] = _tag_row(item, tag_index)
+        return cls(user_ids, item_ids, tags, text, tag_rows, history_length)
+
+    # ---- sizes and lookups ----------------------------------------------------------------------------------------
+
+    @property
+    def n_users(self) -> int:
+        """Rows of the user table, the unknown row 0 included."""
+        return len(self.user_ids) + 1
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) + 1
+
+    @property
+    def n_tags(self) -> int:
+        return len(self.tags) + 1
+
+    def user_index(self, user_ids: Sequence[str]) -> np.ndarray:
+        return np.fromiter((self._user_index.get(u, UNKNOWN) for u in user_ids), dtype=np.int64, count=len(user_ids))
+
+    def item_index(self, item_ids: Sequence[str]) -> np.ndarray:
+        return np.fromiter((self._item_index.get(i, UNKNOWN) for i in item_ids), dtype=np.int64, count=len(item_ids))
+
+    def item_vector(self, item_id: str, new_items: Mapping[str, NewItem] | None = None) -> np.ndarray:
+        """The item's text embedding: the vocabulary's, else the one provided for a new item, else zeros."""
+        index = self._item_index.get(item_id, UNKNOWN)
+        if index != UNKNOWN:
+            return self.item_text[index]
+        new = (new_items or {}).get(item_id)
+        if new is not None and new.text_vector is not None:
+            return np.asarray(new.text_vector, dtype=np.float32)
+        return self.item_text[UNKNOWN]
+
+    def history_indices(self, histories: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, L) item indices (last L items, oldest first, padded at the end) and their (B, L) mask."""
+        length = self.history_length
+        index = np.zeros((len(histories), length), dtype=np.int64)
+        mask = np.zeros((len(histories), length), dtype=np.float32)
+        for row, history in enumerate(histories):
+            recent = list(history)[-length:]
+            index[row, : len(recent)] = self.item_index(recent)
+            mask[row, : len(recent)] = 1.0
+        return index, mask
+
+    # ---- samples --------------------------------------------------------------------------------------------------
+
+    def encode_samples(
+        self,
+        user_ids: Sequence[str],
+        item_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        new_items: Mapping[str, NewItem] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The `SAMPLE_INPUTS` arrays for B samples given by ids (the serving path). Unknown users and items are
+        index 0; `new_items` supplies text and tags for items the vocabulary lacks (targets and history items)."""
+        if not len(user_ids) == len(item_ids) == len(histories):
+            raise ValueError(f"got {len(user_ids)} users, {len(item_ids)} items and {len(histories)} histories")
+        history, history_mask = self.history_indices(histories)
+        history_text = np.stack(
+            [
+                history_vector(np.array([self.item_vector(i, new_items) for i in list(h)[-self.history_length :]]))
+                for h in histories
+            ]
+        ) if histories else np.zeros((0, EMBEDDING_DIMENSION), dtype=np.float32)
+        items = self.item_index(item_ids)
+        item_text = np.stack([self.item_vector(i, new_items) for i in item_ids]) if item_ids else history_text[:0]
+        item_tags = self.item_tags[items].copy()
+        for row, item_id in enumerate(item_ids):
+            new = (new_items or {}).get(item_id)
+            if items[row] == UNKNOWN and new is not None:
+                item_tags[row] = _tag_row(new.tags, self._tag_index)
+        return {
+            "user": self.user_index(user_ids),
+            "item": items,
+            "item_tags": item_tags,
+            "item_text": np.ascontiguousarray(item_text, dtype=np.float32),
+            "history": history,
+            "history_mask": history_mask,
+            "history_text": np.ascontiguousarray(history_text, dtype=np.float32),
+        }
+
+    def encode_indexed_samples(self, users: np.ndarray, items: np.ndarray, history: np.ndarray,
+                               history_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The `SAMPLE_INPUTS` arrays from vocabulary indices (the training path: every id is known, so no new-item
+        texts are needed). Gives the same numbers as `encode_samples` on the same ids."""
+        text = self.item_text[history] * history_mask[..., None]
+        return {
+            "user": users.astype(np.int64, copy=False),
+            "item": items.astype(np.int64, copy=False),
+            "item_tags": self.item_tags[items],
+            "item_text": self.item_text[items],
+            "history": history.astype(np.int64, copy=False),
+            "history_mask": history_mask.astype(np.float32, copy=False),
+            "history_text": _normalise_rows(text.sum(axis=1)),
+        }
+
+    # ---- examples -------------------------------------------------------------------------------------------------
+
+    def encode_examples(self, records: Sequence[ExampleRecord]) -> ExamplePool:
+        """Encode retrieved examples (one row each); their text embeddings come from their stored sample vectors."""
+        count = len(records)
+        history, history_mask = self.history_indices([r.history for r in records])
+        items = self.item_index([r.item_id for r in records])
+        cot = np.zeros((count, EMBEDDING_DIMENSION), dtype=np.float32)
+        ready = np.zeros(count, dtype=np.float32)
+        for row, record in enumerate(records):
+            if record.cot is not None:
+                cot[row] = record.cot
+                ready[row] = 1.0
+        empty = np.zeros((0, EMBEDDING_DIMENSION), dtype=np.float32)
+        return ExamplePool(
+            user=self.user_index([r.user_id for r in records]),
+            item=items,
+            item_tags=self.item_tags[items],
+            item_text=np.stack([r.target_vector for r in records]).astype(np.float32) if count else empty,
+            history=history,
+            history_mask=history_mask,
+            history_text=np.stack([r.history_vector for r in records]).astype(np.float32) if count else empty,
+            cot=cot,
+            label=np.fromiter((r.label for r in records), dtype=np.int64, count=count),
+            cot_ready=ready,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "format": 1,
+            "history_length": self.history_length,
+            "max_tags": MAX_TAGS,
+            "examples": EXAMPLES,
+            "text_dimension": EMBEDDING_DIMENSION,
+            "user_ids": self.user_ids,
+            "item_ids": self.item_ids,
+            "tags": self.tags,
+        }
+
+    def save(self, directory: Path) -> None:
+        """Write `features.json` and `features.npz` into `directory`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / FEATURES_JSON).write_text(json.dumps(self.to_json()))
+        np.savez(directory / FEATURES_NPZ, item_text=self.item_text, item_tags=self.item_tags)
+
+    @classmethod
+    def load(cls, directory: Path) -> FeatureSpace:
+        meta = json.loads((directory / FEATURES_JSON).read_text())
+        if meta.get("format") != 1 or meta["max_tags"] != MAX_TAGS or meta["text_dimension"] != EMBEDDING_DIMENSION:
+            raise ValueError(f"{directory / FEATURES_JSON} was written by an incompatible feature pipeline: {meta.get('format')}")
+        arrays = np.load(directory / FEATURES_NPZ)
+        return cls(meta["user_ids"], meta["item_ids"], meta["tags"], arrays["item_text"], arrays["item_tags"],
+                   meta["history_length"])
+
+
+def gather_examples(pool: ExamplePool, slots: np.ndarray) -> dict[str, np.ndarray]:
+    """The `EXAMPLE_INPUTS` arrays for (B, K) slots of pool rows; -1 = no example (zeros, `ex_present` 0)."""
+    present = slots >= 0
+    rows = np.where(present, slots, 0)
+    if len(pool) == 0:
+        return _empty_examples(slots.shape)
+    fields = {
+        "ex_user": pool.user[rows],
+        "ex_item": pool.item[rows],
+        "ex_item_tags": pool.item_tags[rows],
+        "ex_item_text": pool.item_text[rows],
+        "ex_history": pool.history[rows],
+        "ex_history_mask": pool.history_mask[rows],
+        "ex_history_text": pool.history_text[rows],
+        "ex_cot": pool.cot[rows],
+        "ex_label": pool.label[rows],
+        "ex_cot_ready": pool.cot_ready[rows],
+    }
+    for name, values in fields.items():
+        # Absent slots carry zeros everywhere, so nothing about them depends on which pool row 0 happens to be.
+        mask = present.reshape(present.shape + (1,) * (values.ndim - present.ndim))
+        fields[name] = np.where(mask, values, np.zeros((), dtype=values.dtype))
+    fields["ex_present"] = present.astype(np.float32)
+    return fields
+
+
+def _empty_examples(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    return {
+        spec.name: np.zeros(shape + tuple(s for s in spec.shape[1:]), dtype=spec.dtype)  # type: ignore[misc]
+        for spec in EXAMPLE_INPUTS
+    }
+
+
+def _tag_row(tags: Sequence[str], tag_index: Mapping[str, int]) -> np.ndarray:
+    known = [tag_index[t] for t in dict.fromkeys(tags) if t in tag_index][:MAX_TAGS]
+    row = np.zeros(MAX_TAGS, dtype=np.int64)
+    row[: len(known)] = known
+    return row
+
+
+def _normalise_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit norm (the normalised mean equals the normalised sum); all-zero rows stay zero."""
+    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
+    return np.where(norms > 0, matrix / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)

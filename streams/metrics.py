@@ -1,0 +1,28 @@
+"""The stream worker's own metrics, beside the shared ones in `llmcf.metrics` (freshness, events, dead letters, lag)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+WRITE_FAILURES = Counter(
+    "llmcf_worker_write_failures_total",
+    "Failed attempts of a batch write (each is retried until it succeeds), by step.",
+    ["step"],
+)
+BATCH_SECONDS = Histogram(
+    "llmcf_worker_batch_seconds",
+    "Time to process one consumed batch, from decode to the last write, by topic.",
+    ["topic"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+BATCH_RECORDS = Histogram(
+    "llmcf_worker_batch_records",
+    "Records per consumed batch, by topic.",
+    ["topic"],
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+)
+COT_DECISIONS = Counter(
+    "llmcf_worker_cot_requests_total",
+    "Samples sent for a chain of thought, by reason (sampled, cold_start).",
+    ["reason"],
+)

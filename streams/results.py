@@ -1,0 +1,54 @@
+"""The `cot-results` batch processor: fill each pending sample with its generated chain of thought.
+
+Lifecycle of one batch (`ResultBatchProcessor.process`):
+1. decode through the dead-letter policy; keep the latest result per request id (by `generated_at`);
+2. PostgreSQL: complete the samples (CoT text, embedding as float32 bytes, status 'generated', `cot_stored_at`);
+3. vector index: set `status='generated'` and the CoT embedding on the samples' points, one payload update per batch,
+   vectors untouched (`cot_retrievable` freshness);
+4. flush the dead letters; return, after which Faust acks the batch and may commit its offsets.
+Writes are retried until they succeed; a re-delivered batch rewrites the same values (a stored CoT is replaced only by
+a later `generated_at`), so a crash anywhere before the commit is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llmcf.dead_letters import SourceRecord
+from llmcf.events import CotResult
+from llmcf.metrics import EVENTS, observe_freshness
+from storage.repository import Repository
+from storage.vectors import VectorIndex
+from streams.batch import Consumed, Writer, decode_records
+
+
+class ResultBatchProcessor:
+    """Processes one consumed batch of `cot-results` records; see the module docstring for the lifecycle."""
+
+    def __init__(self, topic: str, repository: Repository, index: VectorIndex, writer: Writer):
+        self.topic = topic
+        self.repository = repository
+        self.index = index
+        self.writer = writer
+
+    async def process(self, records: Sequence[SourceRecord]) -> None:
+        consumed = decode_records(CotResult, records, self.writer.policy)
+        EVENTS.labels(topic=self.topic, outcome="dead_lettered").inc(len(records) - len(consumed))
+        latest: dict[str, Consumed[CotResult]] = {}
+        for entry in consumed:
+            current = latest.get(entry.event.request_id)
+            if current is None or entry.event.generated_at > current.event.generated_at:
+                latest[entry.event.request_id] = entry
+        stored = await self.writer.each_good(
+            "store cot results",
+            list(latest.values()),
+            lambda batch: self.repository.complete_cot_samples([c.event for c in batch]),
+            lambda c: c.record,
+        )
+        updates = {
+            c.event.request_id: {"status": "generated", "cot_embedding": list(c.event.cot_embedding)} for c in stored
+        }
+        await self.writer.call("index cot results", lambda: self.index.set_payload(updates))
+        observe_freshness("cot_retrievable", (c.event.ts for c in stored))
+        EVENTS.labels(topic=self.topic, outcome="ok").inc(len(consumed))
+        await self.writer.flush_dead_letters()

@@ -1,0 +1,175 @@
+"""What the generator-pool tests share: publishing requests, reading results back, running a pool in a thread, and a
+real OpenAI-compatible HTTP server on 127.0.0.1 whose failures are scripted per prompt."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from generators.pool import GeneratorPool, group_id
+from llmcf.events import CotResult, DeadLetter, decode
+from llmcf.kafka import consumer_config, producer_config, read_to_end
+from llmcf.settings import Settings
+from llmcf.topics import Topics
+from tests.generators import make_request
+
+
+def publish_requests(settings: Settings, count: int, *, prefix: str = "req", poisoned: set[int] = frozenset(),
+                     extra: list[tuple[bytes | None, bytes | None]] = ()) -> list[str]:
+    """Publish `count` valid CotRequests (titles of `poisoned` indexes contain POISON) plus raw `extra` (key, value)
+    records to cot-requests; return the valid request ids."""
+    topic = Topics.from_settings(settings).cot_requests
+    producer = Producer(producer_config(settings, settings.kafka_bootstrap_servers))
+    ids = []
+    for i in range(count):
+        request_id = f"{prefix}-{i}"
+        title = f"POISON Movie {i}" if i in poisoned else f"Movie {i} ({1950 + i % 50})"
+        request = make_request(label=i % 2, request_id=request_id, title=title)
+        producer.produce(topic, key=request_id.encode(), value=request.to_bytes())
+        ids.append(request_id)
+    for key, value in extra:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
+    return ids
+
+
+def read_results(settings: Settings) -> list[CotResult]:
+    topic = Topics.from_settings(settings).cot_results
+    return [decode(CotResult, m.value()) for m in read_to_end(settings, settings.kafka_bootstrap_servers, topic)]
+
+
+def read_dead_letters(settings: Settings) -> list[DeadLetter]:
+    topic = Topics.from_settings(settings).dead_letters
+    return [decode(DeadLetter, m.value()) for m in read_to_end(settings, settings.kafka_bootstrap_servers, topic)]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.3) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def uncommitted(settings: Settings) -> dict[int, tuple[int | None, int]]:
+    """Partitions of cot-requests whose group commit is behind their end: partition -> (committed, end)."""
+    topic = Topics.from_settings(settings).cot_requests
+    ends: Counter[int] = Counter()
+    for message in read_to_end(settings, settings.kafka_bootstrap_servers, topic):
+        ends[message.partition()] = max(ends[message.partition()], message.offset() + 1)
+    consumer = Consumer(consumer_config(settings, settings.kafka_bootstrap_servers, group_id(settings),
+                                        f"check-{uuid.uuid4().hex[:6]}"))
+    try:
+        committed = consumer.committed([TopicPartition(topic, p) for p in ends], timeout=10)
+    finally:
+        consumer.close()
+    offsets = {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in committed}
+    return {p: (offsets.get(p), end) for p, end in ends.items() if offsets.get(p) != end}
+
+
+@contextmanager
+def running(pool: GeneratorPool) -> Iterator[GeneratorPool]:
+    """Run `pool` in a thread; on exit stop it, wait for it and re-raise what it raised."""
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            pool.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=target, name="pool-under-test", daemon=True)
+    thread.start()
+    try:
+        yield pool
+    finally:
+        pool.stop()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the pool did not stop within 60 s"
+    if failures:
+        raise failures[0]
+
+
+class ChatCompletionsServer:
+    """A real OpenAI-compatible `/v1/chat/completions` server on 127.0.0.1.
+
+    Prompts whose target title contains `fail_marker` always get HTTP 500. For the first `busy_for_s` seconds after the
+    first request, every request gets 429 with `Retry-After: retry_after`. Others get a short rationale that names the
+    title, after `delay_s`. `titles` counts the requests per target title."""
+
+    def __init__(self, *, fail_marker: str | None = None, busy_for_s: float = 0.0, retry_after: str = "1",
+                 delay_s: float = 0.0):
+        self.fail_marker = fail_marker
+        self.busy_for_s = busy_for_s
+        self.retry_after = retry_after
+        self.delay_s = delay_s
+        self.titles: Counter[str] = Counter()
+        self.busy_answers = 0
+        self._first_request_at: float | None = None
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self) -> ChatCompletionsServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _answer(self, body: dict) -> tuple[int, dict[str, str], dict]:
+        prompt = body["messages"][-1]["content"]
+        title = next(line.removeprefix("Title: ") for line in prompt.splitlines() if line.startswith("Title: "))
+        with self._lock:
+            now = time.monotonic()
+            self._first_request_at = self._first_request_at or now
+            self.titles[title] += 1
+            busy = now - self._first_request_at < self.busy_for_s
+            self.busy_answers += busy
+        if busy:
+            return 429, {"Retry-After": self.retry_after}, {"error": {"message": "server busy"}}
+        if self.fail_marker and self.fail_marker in title:
+            return 500, {}, {"error": {"message": "model crashed on this prompt"}}
+        time.sleep(self.delay_s)
+        text = f"The user's history points to {title}; the known outcome follows from it."
+        return 200, {}, {
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split())},
+        }
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # keep the test output readable
+                pass
+
+            def do_POST(self) -> None:
+                if self.path != "/v1/chat/completions":
+                    self.send_error(404)
+                    return
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, headers, payload = server._answer(body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for name, value in {**headers, "Content-Type": "application/json",
+                                    "Content-Length": str(len(data))}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler

@@ -1,0 +1,391 @@
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from generators.backends import (
+    BackendError,
+    BackendSaturated,
+    GenerationOptions,
+    create_backend,
+    heuristic_rationale_score,
+    pick_best_candidate,
+)
+from generators.backends.openai_backend import OpenAIBackend
+from generators.backends.template_backend import TEMPLATE_MARKER, TemplateBackend
+from generators.prompt import build_prompt
+from llmcf.errors import UserFacingError
+from tests.generators import make_request
+
+# ---- template backend ------------------------------------------------------------------------------------------------
+
+
+def test_template_is_deterministic_marked_and_label_consistent():
+    backend = create_backend("template")
+    assert (backend.name, backend.model) == ("template", "template-v1")
+    liked = build_prompt(make_request(label=1), feedback="rating")
+    disliked = build_prompt(make_request(label=0), feedback="rating")
+    first = backend.generate([liked, disliked])
+    again = TemplateBackend().generate([liked, disliked])
+    assert first == again
+    for generation in first:
+        assert generation.text.startswith(TEMPLATE_MARKER)
+        assert generation.completion_tokens == len(generation.text.split())
+    assert 'the user liked "The Lion King (1994)"' in first[0].text
+    assert 'the user did not like "The Lion King (1994)"' in first[1].text
+    assert 'did not like "The Lion King' not in first[0].text
+    # The data behind the rationale: 3 liked / 2 not, and the target's tags found among liked items.
+    assert "liked 3 and did not like 2 items" in first[0].text
+    assert (
+        "3 of the target's 3 tags appear among items the user liked (Animation, Children's, Musical)" in first[0].text
+    )
+
+
+def test_template_handles_a_new_user():
+    [generation] = TemplateBackend().generate([build_prompt(make_request(history=[], tags=()))])
+    assert "new user" in generation.text and "the user clicked" in generation.text
+
+
+# ---- best-of-n selection and the factory ------------------------------------------------------------------------------
+
+
+def test_heuristic_prefers_consistent_relevant_complete_text():
+    prompt = build_prompt(make_request(label=0))
+    good = (
+        "The user enjoys animated family comedies such as Toy Story and Aladdin but avoids crime thrillers. "
+        "The Lion King is an animated musical about a young lion. Although it matches the animation tag, "
+        "the user did not click it, perhaps because they had already seen it or wanted something new today."
+    )
+    contradicting = good.replace("did not click it", "clicked it")
+    looping = "The user the user the user the user " * 20
+    assert heuristic_rationale_score(prompt, good) > heuristic_rationale_score(prompt, contradicting)
+    assert heuristic_rationale_score(prompt, good) > heuristic_rationale_score(prompt, looping)
+    assert pick_best_candidate(prompt, [looping, contradicting, good]) == good
+
+
+def test_factory_folds_flat_generation_options_and_rejects_unknown_names():
+    backend = create_backend("template", temperature=0.0, candidates=3)
+    assert backend.options == GenerationOptions(temperature=0.0, candidates=3)
+    with pytest.raises(UserFacingError, match="unknown CoT backend"):
+        create_backend("llama")
+    with pytest.raises(ValueError):
+        GenerationOptions(candidates=0)
+
+
+# ---- OpenAI-compatible backend against a real local HTTP server --------------------------------------------------------
+
+
+class FakeOpenAIServer:
+    """A real HTTP server on 127.0.0.1 speaking the OpenAI completions API. `script` is a list of actions consumed one
+    per request ("ok", "hang", or an HTTP status such as 503, optionally as (status, retry_after)); when it runs out,
+    every request gets "ok". It records every request and the highest number of requests in flight at once."""
+
+    def __init__(self, script: list | None = None, delay_s: float = 0.0, choices: list[str] | None = None):
+        self.script = list(script or [])
+        self.delay_s = delay_s
+        self.choices = choices
+        self.requests: list[tuple[str, dict, dict]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeOpenAIServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _next_action(self):
+        with self.lock:
+            return self.script.pop(0) if self.script else "ok"
+
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append((self.path, dict(self.headers), body))
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    self._answer(body, fake._next_action())
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def _answer(self, body, action):
+                if action == "hang":
+                    time.sleep(1.5)
+                    return
+                if action != "ok":
+                    status, retry_after = action if isinstance(action, tuple) else (action, None)
+                    self.send_response(status)
+                    if retry_after is not None:
+                        self.send_header("Retry-After", retry_after)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+                    return
+                time.sleep(fake.delay_s)
+                prompt_text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+                title = re.search(r"Title: (.*)", prompt_text).group(1)
+                texts = fake.choices or [f"reasoning about {title}"] * body["n"]
+                key = "message" if "messages" in body else "text"
+                choices = [
+                    {"index": i, key: {"role": "assistant", "content": t} if key == "message" else t}
+                    for i, t in enumerate(texts)
+                ]
+                payload = json.dumps(
+                    {
+                        "choices": choices,
+                        "usage": {"prompt_tokens": len(prompt_text.split()), "completion_tokens": 7 * len(texts)},
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        return Handler
+
+
+def prompts(n: int):
+    return [build_prompt(make_request(request_id=f"r{i}", title=f"Movie {i}")) for i in range(n)]
+
+
+def fast_backend(url: str, **kwargs) -> OpenAIBackend:
+    settings = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "read_timeout_s": 5.0} | kwargs
+    return OpenAIBackend(url, "smol", **settings)
+
+
+def test_chat_request_carries_messages_options_and_key_and_counts_tokens(monkeypatch):
+    monkeypatch.setenv("LLMCF_OPENAI_API_KEY", "sk-test-secret")
+    with (
+        FakeOpenAIServer() as server,
+        fast_backend(server.url + "/v1", options=GenerationOptions(max_new_tokens=64, seed=7)) as backend,
+    ):
+        [generation] = backend.generate(prompts(1))
+        assert "sk-test-secret" not in repr(backend)
+    path, headers, body = server.requests[0]
+    assert path == "/v1/chat/completions"
+    assert headers["Authorization"] == "Bearer sk-test-secret"
+    assert body["model"] == "smol" and body["temperature"] == 0.6 and body["max_tokens"] == 64 and body["seed"] == 7
+    assert body["messages"][0]["role"] == "system" and body["messages"][1]["content"].endswith(
+        "Let's think step by step."
+    )
+    assert generation.text == "reasoning about Movie 0"
+    assert generation.prompt_tokens == len(body["messages"][1]["content"].split())
+    assert generation.completion_tokens == 7
+
+
+def test_completions_api_sends_plain_text_prompt():
+    with FakeOpenAIServer() as server, fast_backend(server.url, api="completions") as backend:
+        [generation] = backend.generate(prompts(1))
+    path, _, body = server.requests[0]
+    assert path == "/v1/completions"
+    assert body["prompt"].endswith("Assistant:") and "messages" not in body
+    assert body["max_tokens"] == 256  # the paper's limit is the default for servers
+    assert generation.text == "reasoning about Movie 0"
+
+
+def test_batch_is_concurrent_bounded_and_in_order():
+    with FakeOpenAIServer(delay_s=0.2) as server, fast_backend(server.url, concurrency=4) as backend:
+        started = time.perf_counter()
+        generations = backend.generate(prompts(8))
+        elapsed = time.perf_counter() - started
+    assert [g.text for g in generations] == [f"reasoning about Movie {i}" for i in range(8)]
+    assert server.max_in_flight == 4
+    assert elapsed < 8 * 0.2  # concurrent, not one after the other
+
+
+def test_server_errors_are_retried_with_backoff():
+    with FakeOpenAIServer(script=[500, 502]) as server, fast_backend(server.url, max_retries=3) as backend:
+        [generation] = backend.generate(prompts(1))
+    assert len(server.requests) == 3
+    assert generation.text == "reasoning about Movie 0"
+
+
+def test_server_errors_past_the_retry_budget_fail_the_batch():
+    with FakeOpenAIServer(script=[500] * 5) as server, fast_backend(server.url, max_retries=2) as backend:
+        with pytest.raises(BackendError, match="answered 500 after 3 attempts"):
+            backend.generate(prompts(1))
+    assert len(server.requests) == 3
+
+
+def test_backpressure_honours_retry_after_then_succeeds():
+    with (
+        FakeOpenAIServer(script=[(503, "0.2"), (429, "0")]) as server,
+        fast_backend(server.url, backpressure_waits=2) as backend,
+    ):
+        started = time.perf_counter()
+        [generation] = backend.generate(prompts(1))
+        assert time.perf_counter() - started >= 0.2
+    assert len(server.requests) == 3
+    assert generation.text == "reasoning about Movie 0"
+
+
+def test_persistent_backpressure_raises_backend_saturated_with_retry_after():
+    with (
+        FakeOpenAIServer(script=[(429, "0.05")] * 10) as server,
+        fast_backend(server.url, backpressure_waits=2) as backend,
+    ):
+        with pytest.raises(BackendSaturated) as caught:
+            backend.generate(prompts(1))
+    assert caught.value.retry_after_s == pytest.approx(0.05)
+    assert len(server.requests) == 3  # 2 honoured waits, then the pool is told to pause
+    assert not isinstance(caught.value, UserFacingError)
+
+
+def test_retry_after_is_capped():
+    with (
+        FakeOpenAIServer(script=[(503, "3600")] * 3) as server,
+        fast_backend(server.url, backpressure_waits=0, max_retry_after_s=2.0) as backend,
+    ):
+        with pytest.raises(BackendSaturated) as caught:
+            backend.generate(prompts(1))
+    assert caught.value.retry_after_s == 2.0
+
+
+def test_hanging_server_times_out_and_fails_after_retries():
+    with (
+        FakeOpenAIServer(script=["hang", "hang"]) as server,
+        fast_backend(server.url, read_timeout_s=0.3, max_retries=1) as backend,
+    ):
+        started = time.perf_counter()
+        with pytest.raises(BackendError, match="ReadTimeout"):
+            backend.generate(prompts(1))
+        assert time.perf_counter() - started < 1.5
+    assert len(server.requests) == 2
+
+
+def test_unreachable_server_fails_after_retries():
+    with FakeOpenAIServer() as server:
+        url = server.url
+    with fast_backend(url, max_retries=2, connect_timeout_s=0.5) as backend:
+        with pytest.raises(BackendError, match="unreachable after 3 attempts"):
+            backend.generate(prompts(1))
+
+
+def test_client_errors_are_not_retried():
+    with FakeOpenAIServer(script=[404]) as server, fast_backend(server.url) as backend:
+        with pytest.raises(BackendError, match="rejected the request with 404"):
+            backend.generate(prompts(1))
+    assert len(server.requests) == 1
+
+
+def test_candidates_are_requested_and_the_best_is_kept():
+    good = (
+        "The user likes animated comedies like Toy Story and Aladdin. Movie 0 is an animated musical that fits "
+        "this profile well, and the user clicked it, consistent with their taste for family films and songs."
+    )
+    choices = ["the user the user the user the user the user", good, "The user did not click it."]
+    with (
+        FakeOpenAIServer(choices=choices) as server,
+        fast_backend(server.url, options=GenerationOptions(candidates=3)) as backend,
+    ):
+        [generation] = backend.generate(prompts(1))
+    assert server.requests[0][2]["n"] == 3
+    assert generation.text == good
+    assert generation.completion_tokens == 21  # every candidate's tokens are counted
+
+
+def test_bad_base_url_is_an_operator_error():
+    with pytest.raises(UserFacingError, match="http"):
+        OpenAIBackend("localhost:8000", "smol")
+
+
+# ---- transformers backend -------------------------------------------------------------------------------------------
+
+
+def test_transformers_rejects_a_model_that_is_not_local(tmp_path):
+    from generators.backends.transformers_backend import resolve_model_dir
+
+    with pytest.raises(UserFacingError, match="never downloaded"):
+        resolve_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path)
+    with pytest.raises(UserFacingError, match="neither a .gguf file"):
+        resolve_model_dir(tmp_path, tmp_path)
+
+
+def test_transformers_rejects_unavailable_or_malformed_devices():
+    import torch
+
+    from generators.backends.transformers_backend import resolve_device
+
+    with pytest.raises(UserFacingError, match="not 'cpu' or 'cuda"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserFacingError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    assert resolve_device("cpu").type == "cpu"
+
+
+@pytest.mark.slow
+def test_transformers_generates_with_the_real_smollm2():
+    """SmolLM2-135M-Instruct from the shipped GGUF (converted once under $LLMCF_HOME/models, then reused)."""
+    backend = create_backend("transformers", max_new_tokens=24, candidates=2, seed=1)
+    try:
+        assert backend.name == "transformers" and backend.model == "SmolLM2-135M-Instruct.Q4_1"
+        requests = [
+            make_request(label=1, title="The Lion King (1994)"),
+            make_request(label=0, title="Heat (1995)", history=[]),
+        ]
+        generations = backend.generate([build_prompt(r) for r in requests])
+    finally:
+        backend.close()
+    assert len(generations) == 2
+    for generation in generations:
+        assert generation.text.strip()
+        assert "<|im_end|>" not in generation.text and "<|im_start|>" not in generation.text
+        assert 1 <= generation.completion_tokens <= 2 * 24  # two candidates each
+    assert (
+        generations[0].prompt_tokens > generations[1].prompt_tokens > 50
+    )  # the longer history gives the longer prompt
+
+
+def test_grouped_query_sdpa_matches_stock_sdpa_on_a_padded_batch():
+    """The CPU attention keeps K/V heads shared instead of copying them; it must not change a single output."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from generators.backends.transformers_backend import _cpu_attention
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    # Each model gets its own config: `_from_config` writes the attention implementation into the one it is given.
+    stock = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    grouped = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation=_cpu_attention()).eval()
+    assert stock.config._attn_implementation == "sdpa" != grouped.config._attn_implementation
+    grouped.load_state_dict(stock.state_dict())
+    input_ids = torch.randint(3, 128, (3, 10))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :4] = 0  # left padding
+    attention_mask[1, :2] = 0
+    with torch.inference_mode():
+        outputs = [m.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5, do_sample=False,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+                   for m in (stock, grouped)]
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    for stock_logits, grouped_logits in zip(outputs[0].logits, outputs[1].logits, strict=True):
+        torch.testing.assert_close(stock_logits, grouped_logits, rtol=1e-5, atol=1e-5)

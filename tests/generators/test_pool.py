@@ -1,0 +1,246 @@
+"""The generator pool on a real broker: results, dead letters, commits, retries, backpressure, bounded work, rebalances."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+from generators.backends import CotBackend, Generation, create_backend
+from generators.backends.openai_backend import OpenAIBackend
+from generators.backends.template_backend import TEMPLATE_MARKER
+from generators.pool import GeneratorPool, OffsetTracker, PoolConfig
+from generators.prompt import Prompt
+from llmcf.embeddings import EMBEDDING_DIMENSION, TextEmbedder
+from tests.generators.pool_support import (
+    ChatCompletionsServer,
+    publish_requests,
+    read_dead_letters,
+    read_results,
+    running,
+    uncommitted,
+    wait_until,
+)
+
+FAST = PoolConfig(max_batch=8, max_wait_ms=50, retry_backoff_s=0.01)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> TextEmbedder:
+    return TextEmbedder.load("cpu")
+
+
+class SerialisedEmbedder:
+    """A shared embedder used by two pools at once: the embedder serves one thread at a time."""
+
+    def __init__(self, embedder: TextEmbedder):
+        self._embedder = embedder
+        self._lock = threading.Lock()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        with self._lock:
+            return self._embedder.embed(texts)
+
+
+class SlowTemplateBackend(CotBackend):
+    """The template backend, `delay_s` slower per call, recording the largest batch it was given."""
+
+    name = "template"
+
+    def __init__(self, delay_s: float):
+        self._inner = create_backend("template")
+        self.model, self.options, self.max_batch = self._inner.model, self._inner.options, self._inner.max_batch
+        self.delay_s = delay_s
+        self.largest_batch = 0
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        self.largest_batch = max(self.largest_batch, len(prompts))
+        time.sleep(self.delay_s)
+        return self._inner.generate(prompts)
+
+
+# ---- offsets: the commit never passes an unfinished request ------------------------------------------------------------
+
+
+def test_commit_stops_at_the_first_unfinished_offset_and_ignores_stale_epochs():
+    tracker = OffsetTracker()
+    tracker.start(0, epoch=1)
+    for offset in range(5):
+        assert tracker.consumed(0, offset, epoch=1)
+    tracker.finished(0, 1, epoch=1)
+    tracker.finished(0, 2, epoch=1)
+    assert tracker.to_commit() == {}  # offset 0 still unfinished
+    tracker.finished(0, 0, epoch=1)
+    assert tracker.to_commit() == {0: 3}
+    tracker.mark_committed(0, 3)
+    assert tracker.to_commit() == {}
+    tracker.start(0, epoch=2)  # revoked, then assigned again: work of the old epoch no longer counts
+    tracker.consumed(0, 3, epoch=2)
+    tracker.finished(0, 4, epoch=1)
+    tracker.finished(0, 3, epoch=2)
+    assert tracker.to_commit() == {0: 4}
+    assert not tracker.consumed(1, 0, epoch=1)  # a partition never assigned
+
+
+# ---- the happy path, dead letters and commits --------------------------------------------------------------------------
+
+
+def test_every_request_gets_one_result_bad_records_are_dead_lettered_and_offsets_committed(kafka_settings, embedder):
+    extra = [(b"junk", b"not json at all"), (b"bad", b'{"request_id": 5, "user_id": "u"}'), (b"tomb", None)]
+    ids = publish_requests(kafka_settings, 40, extra=extra)
+    pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, create_backend("template"), embedder, FAST)
+    with running(pool):
+        wait_until(lambda: pool.stats.published == 40 and pool.stats.dead_lettered == 3, 60, "40 results, 3 dead letters")
+
+    results = read_results(kafka_settings)
+    assert sorted(r.request_id for r in results) == sorted(ids)  # exactly once each: no crash happened
+    for result in results:
+        assert (result.backend, result.model) == ("template", "template-v1")
+        assert result.cot_text.startswith(TEMPLATE_MARKER)
+        assert len(result.cot_embedding) == EMBEDDING_DIMENSION
+        assert np.linalg.norm(result.cot_embedding) == pytest.approx(1.0, abs=1e-4)
+        assert result.completion_tokens > 0 and result.generated_at >= result.ts
+    by_id = {r.request_id: r for r in results}
+    assert 'the user did not click "Movie 0 (1950)"' in by_id["req-0"].cot_text
+    assert by_id["req-0"].label == 0 and by_id["req-1"].label == 1
+
+    letters = read_dead_letters(kafka_settings)
+    assert sorted(letter.reason for letter in letters) == ["invalid", "undecodable", "undecodable"]
+    invalid = next(letter for letter in letters if letter.reason == "invalid")
+    assert invalid.original_bytes() == b'{"request_id": 5, "user_id": "u"}'
+    assert "request_id" in invalid.error and invalid.consumer == pool.group_id
+    assert uncommitted(kafka_settings) == {}
+
+    # A second member of the same group finds nothing left to do.
+    second = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, create_backend("template"), embedder, FAST)
+    with running(second):
+        assert second.assigned.wait(30)
+        time.sleep(1.5)
+    assert second.stats.consumed == 0
+    assert len(read_results(kafka_settings)) == 40
+
+
+# ---- retries and dead letters after max attempts, through the real OpenAI backend -------------------------------------
+
+
+def test_requests_failing_every_attempt_are_dead_lettered_and_the_rest_succeed(kafka_settings, embedder):
+    ids = publish_requests(kafka_settings, 12, poisoned={2, 7, 11})
+    config = PoolConfig(max_batch=4, max_wait_ms=50, max_attempts=3, retry_backoff_s=0.01)
+    with ChatCompletionsServer(fail_marker="POISON") as server:
+        backend = OpenAIBackend(server.url, "smol", max_retries=0, backoff_base_s=0.01, read_timeout_s=5)
+        pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, backend, embedder, config)
+        try:
+            with running(pool):
+                wait_until(lambda: pool.stats.published + pool.stats.dead_lettered == 12, 60, "12 requests finished")
+        finally:
+            backend.close()
+
+    results = read_results(kafka_settings)
+    good = sorted(set(ids) - {"req-2", "req-7", "req-11"})
+    assert sorted(r.request_id for r in results) == good
+    assert {(r.backend, r.model) for r in results} == {("openai", "smol")}
+    assert all(r.cot_text.startswith("The user's history points to Movie") for r in results)
+    assert all(r.prompt_tokens > 50 and r.completion_tokens > 5 for r in results)
+
+    letters = read_dead_letters(kafka_settings)
+    assert sorted(letter.reason for letter in letters) == ["retries_exhausted"] * 3
+    assert sorted(letter.original_bytes().decode().split('"request_id":"')[1].split('"')[0] for letter in letters) == [
+        "req-11", "req-2", "req-7"]
+    assert all("failed 3 times" in letter.error and "500" in letter.error for letter in letters)
+    for i in (2, 7, 11):
+        assert server.titles[f"POISON Movie {i}"] >= 3  # every attempt reached the server
+    assert uncommitted(kafka_settings) == {}  # dead-lettered requests are finished: their offsets are committed
+
+
+# ---- backpressure: a saturated server pauses consumption, then everything completes -----------------------------------
+
+
+def test_backend_saturation_pauses_consumption_then_everything_completes(kafka_settings, embedder):
+    ids = publish_requests(kafka_settings, 10)
+    with ChatCompletionsServer(busy_for_s=1.5, retry_after="1") as server:
+        backend = OpenAIBackend(server.url, "smol", backpressure_waits=0, read_timeout_s=5)
+        pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, backend, embedder, FAST)
+        seen_paused = threading.Event()
+        try:
+            with running(pool):
+                def finished() -> bool:
+                    if pool.paused:
+                        seen_paused.set()
+                    return pool.stats.published == 10
+
+                wait_until(finished, 60, "10 results after the server recovers", interval_s=0.05)
+        finally:
+            backend.close()
+
+    assert server.busy_answers >= 1
+    assert pool.stats.pauses["backend_saturated"] >= 1 and seen_paused.is_set()
+    assert pool.stats.dead_lettered == 0  # backpressure is not a failed attempt
+    assert sorted(r.request_id for r in read_results(kafka_settings)) == sorted(ids)
+
+
+# ---- bounded in-flight work -------------------------------------------------------------------------------------------
+
+
+def test_in_flight_work_is_bounded_and_consumption_pauses_while_the_queue_is_full(kafka_settings, embedder):
+    ids = publish_requests(kafka_settings, 30)
+    backend = SlowTemplateBackend(delay_s=0.25)
+    config = PoolConfig(max_batch=3, max_wait_ms=20, max_queued_batches=1)
+    pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, backend, embedder, config)
+    most_waiting = 0
+    with running(pool):
+        def finished() -> bool:
+            nonlocal most_waiting
+            most_waiting = max(most_waiting, pool.stats.consumed - pool.stats.published - pool.stats.dead_lettered)
+            return pool.stats.published == 30
+
+        wait_until(finished, 60, "30 results from a slow backend", interval_s=0.02)
+    assert pool.stats.pauses["queue_full"] >= 1
+    assert backend.largest_batch == 3
+    # One batch generating, one queued, one being collected (plus a fetch in flight when the pause lands).
+    assert most_waiting <= 3 * config.max_batch + 3
+    assert sorted(r.request_id for r in read_results(kafka_settings)) == sorted(ids)
+
+
+# ---- rebalances: a second member joins mid-stream ----------------------------------------------------------------------
+
+
+def test_a_member_joining_mid_stream_shares_the_work_and_nothing_is_lost(kafka_settings, embedder):
+    ids = publish_requests(kafka_settings, 80)
+    config = PoolConfig(max_batch=4, max_wait_ms=20, revoke_grace_s=2.0)
+    shared = SerialisedEmbedder(embedder)
+    first = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, SlowTemplateBackend(0.1), shared, config)
+    second = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, SlowTemplateBackend(0.1), shared, config)
+    with running(first):
+        wait_until(lambda: first.stats.published >= 8, 30, "the first member to start publishing")
+        with running(second):
+            wait_until(lambda: len({r.request_id for r in read_results(kafka_settings)}) == 80, 60, "80 distinct results",
+                       interval_s=1.0)
+            assert second.assigned.is_set()
+    assert second.stats.consumed > 0  # the group did hand it partitions
+    assert {r.request_id for r in read_results(kafka_settings)} == set(ids)
+    assert uncommitted(kafka_settings) == {}
+
+
+# ---- the real model through the pool ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_real_smollm2_backend_writes_results_through_the_pool(kafka_settings, embedder):
+    ids = publish_requests(kafka_settings, 2)
+    backend = create_backend("transformers", device="cpu", max_new_tokens=16, seed=3)
+    try:
+        pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, backend, embedder, FAST)
+        with running(pool):
+            wait_until(lambda: pool.stats.published + pool.stats.dead_lettered == 2, 120, "2 SmolLM2 results")
+    finally:
+        backend.close()
+    results = read_results(kafka_settings)
+    assert sorted(r.request_id for r in results) == sorted(ids)
+    for result in results:
+        assert (result.backend, result.model) == ("transformers", "SmolLM2-135M-Instruct.Q4_1")
+        assert result.cot_text.strip() and not result.cot_text.startswith(TEMPLATE_MARKER)
+        assert 1 <= result.completion_tokens <= 16 and result.prompt_tokens > 50
+        assert len(result.cot_embedding) == EMBEDDING_DIMENSION

@@ -1,0 +1,67 @@
+from generators.prompt import STEP_BY_STEP, build_prompt, truncate
+from tests.generators import HISTORY, make_request
+
+
+def user_text(prompt) -> str:
+    assert [m["role"] for m in prompt.messages] == ["system", "user"]
+    return prompt.messages[1]["content"]
+
+
+def test_prompt_states_the_true_label_and_ends_step_by_step():
+    clicked = user_text(build_prompt(make_request(label=1)))
+    skipped = user_text(build_prompt(make_request(label=0)))
+    assert "The user clicked the target item." in clicked
+    assert "The user did not click the target item." in skipped
+    assert "The user clicked the target item." not in skipped
+    assert clicked.endswith(STEP_BY_STEP) and STEP_BY_STEP == "Let's think step by step."
+
+
+def test_rating_feedback_says_liked():
+    text = user_text(build_prompt(make_request(label=0), feedback="rating"))
+    assert "The user did not like the target item." in text
+    assert "click" not in text
+    assert '- liked: "Toy Story (1995)" [Animation, Children\'s, Comedy]' in text
+
+
+def test_prompt_has_the_four_parts_history_and_target():
+    text = user_text(build_prompt(make_request()))
+    for title, _, _ in HISTORY:
+        assert title in text
+    assert "Title: The Lion King (1994)" in text
+    assert "Tags: Animation, Children's, Musical" in text
+    assert "flees his kingdom" in text
+    assert "Summary: 3 clicked, 2 did not click." in text
+    assert "Most frequent tags among items clicked: Children's (3), Comedy (3), Animation (2)" in text
+    positions = [text.index(part) for part in ("1. User profile", "2. Target item", "3. Match", "4. Diversity")]
+    assert positions == sorted(positions)
+
+
+def test_history_is_cut_to_the_last_entries_and_texts_are_bounded():
+    history = [(f"Movie {i:03d}", ["Drama"], i % 2) for i in range(50)]
+    long_text = "word " * 1000
+    prompt = build_prompt(make_request(history=history, text=long_text), max_history=20, max_text_chars=300)
+    text = user_text(prompt)
+    assert "Movie 029" not in text and "Movie 030" in text and "Movie 049" in text
+    assert "last 20 of 50 interactions" in text
+    description = next(line for line in text.splitlines() if line.startswith("Description: "))
+    assert len(description) <= len("Description: ") + 300
+    assert description.endswith("…")
+    assert len(text) < 4000
+
+
+def test_new_user_without_history():
+    text = user_text(build_prompt(make_request(history=[])))
+    assert "no earlier interactions" in text
+    assert text.endswith(STEP_BY_STEP)
+
+
+def test_as_text_renders_roles_for_completion_endpoints():
+    rendered = build_prompt(make_request()).as_text()
+    assert rendered.startswith("System: ")
+    assert "\n\nUser: " in rendered
+    assert rendered.endswith(STEP_BY_STEP + "\n\nAssistant:")
+
+
+def test_truncate_cuts_at_a_word_boundary():
+    assert truncate("short  text\n", 50) == "short text"
+    assert truncate("alpha beta gamma delta", 12) == "alpha beta…"

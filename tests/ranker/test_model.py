@@ -1,0 +1,129 @@
+"""The ICT module's shapes and masking, and ONNX parity for the four variants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ranker.export import PARITY_TOLERANCE, check_parity, export_onnx, onnx_session, parity, random_inputs
+from ranker.model import ModelConfig, RankerModel
+
+torch.set_num_threads(1)
+VARIANTS = [("deepfm", False), ("deepfm", True), ("din", False), ("din", True)]
+
+
+def make_model(backbone: str = "deepfm", ict: bool = True, seed: int = 0) -> RankerModel:
+    torch.manual_seed(seed)
+    return RankerModel(ModelConfig(backbone, ict, n_users=50, n_items=40, n_tags=8)).eval()  # type: ignore[arg-type]
+
+
+def tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v.copy()) for k, v in inputs.items()}
+
+
+def scores(model: RankerModel, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tensors(inputs)).logit
+
+
+def ict_hidden(model: RankerModel, inputs: dict[str, np.ndarray]) -> torch.Tensor:
+    with torch.no_grad():
+        hidden = model(tensors(inputs)).ict_hidden
+    assert hidden is not None
+    return hidden
+
+
+@pytest.mark.parametrize("backbone,ict", VARIANTS)
+def test_every_variant_scores_a_batch(backbone: str, ict: bool) -> None:
+    model = make_model(backbone, ict)
+    inputs = random_inputs(model.config, batch=7, seed=1)
+
+    output = model(tensors(inputs))
+    total, bce, reconstruction = model.loss(tensors(inputs), torch.ones(7))
+
+    assert output.logit.shape == (7,)
+    assert torch.isfinite(output.logit).all()
+    assert (output.ict_hidden.shape == (7, 13, 32)) if ict else output.ict_hidden is None
+    assert total.item() == pytest.approx(bce.item() + reconstruction.item(), rel=1e-6)
+    assert (reconstruction.item() > 0) == ict
+
+
+def test_causal_mask_a_later_token_cannot_change_an_earlier_position() -> None:
+    model = make_model()
+    inputs = random_inputs(model.config, batch=5, seed=2)
+    inputs["ex_present"][:] = 1.0
+    changed = {k: v.copy() for k, v in inputs.items()}
+    changed["ex_label"][:, 2] = 1 - changed["ex_label"][:, 2]  # example 2's label token sits at position 8
+
+    before, after = ict_hidden(model, inputs), ict_hidden(model, changed)
+
+    torch.testing.assert_close(before[:, :8], after[:, :8], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 8:], after[:, 8:])
+
+
+def test_a_missing_example_cannot_influence_the_output() -> None:
+    model = make_model()
+    inputs = random_inputs(model.config, batch=6, seed=3)
+    inputs["ex_present"][:] = 1.0
+    inputs["ex_present"][:, 1] = 0.0
+    noise = random_inputs(model.config, batch=6, seed=4)
+    changed = {k: v.copy() for k, v in inputs.items()}
+    for name in [n for n in inputs if n.startswith("ex_") and n != "ex_present"]:
+        changed[name][:, 1] = noise[name][:, 1]  # everything about the missing example
+
+    torch.testing.assert_close(scores(model, inputs), scores(model, changed), rtol=0, atol=0)
+    present = {k: v.copy() for k, v in changed.items()}
+    present["ex_present"][:, 1] = 1.0
+    assert not torch.allclose(scores(model, inputs), scores(model, present))
+
+
+def test_a_pending_example_uses_the_learned_placeholder_and_is_left_out_of_the_reconstruction() -> None:
+    model = make_model()
+    inputs = random_inputs(model.config, batch=4, seed=5)
+    inputs["ex_present"][:] = 1.0
+    inputs["ex_cot_ready"][:] = 1.0
+    inputs["ex_cot_ready"][:, 3] = 0.0
+    changed = {k: v.copy() for k, v in inputs.items()}
+    changed["ex_cot"][:, 3] = random_inputs(model.config, batch=4, seed=6)["ex_cot"][:, 3]
+
+    torch.testing.assert_close(scores(model, inputs), scores(model, changed), rtol=0, atol=0)
+    assert model.ict is not None
+    example_fields, _ = model.fields(*(torch.from_numpy(inputs[n]) for n in (
+        "ex_user", "ex_item", "ex_item_tags", "ex_item_text", "ex_history", "ex_history_mask", "ex_history_text")))
+    current, _ = model.fields(*(torch.from_numpy(inputs[n]) for n in (
+        "user", "item", "item_tags", "item_text", "history", "history_mask", "history_text")))
+    with torch.no_grad():
+        tokens = model.ict.tokens(example_fields, current, torch.from_numpy(inputs["ex_cot"]),
+                                  torch.from_numpy(inputs["ex_label"]), torch.from_numpy(inputs["ex_cot_ready"]))
+    assert tokens.shape == (4, 13, 32)
+    torch.testing.assert_close(tokens[:, 3 * 3 + 1], model.ict.cot_placeholder.detach().expand(4, -1))
+
+    none_ready = {k: v.copy() for k, v in inputs.items()}
+    none_ready["ex_cot_ready"][:] = 0.0
+    assert model.loss(tensors(none_ready), torch.ones(4))[2].item() == 0.0
+
+
+def test_reconstruction_gradient_reaches_the_decoder() -> None:
+    model = make_model().train()
+    inputs = random_inputs(model.config, batch=8, seed=7)
+    _, _, reconstruction = model.loss(tensors(inputs), torch.ones(8))
+    reconstruction.backward()
+    assert model.ict is not None and model.ict.layers[0].qkv.weight.grad is not None
+    assert model.ict.layers[0].qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backbone,ict", VARIANTS)
+def test_onnx_matches_torch(backbone: str, ict: bool, tmp_path: Path) -> None:
+    model = make_model(backbone, ict, seed=8)
+    path = export_onnx(model, tmp_path / "model.onnx")
+    session = onnx_session(path)
+
+    names = [i.name for i in session.get_inputs()]
+    assert names == model.config.input_names
+    assert [o.name for o in session.get_outputs()] == ["score"]
+    for batch, seed in ((1, 20), (100, 21), (1000, 22)):
+        assert parity(model, session, random_inputs(model.config, batch, seed)) <= PARITY_TOLERANCE
+    assert check_parity(model, path, []) <= PARITY_TOLERANCE
