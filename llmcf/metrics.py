@@ -11,6 +11,7 @@ import time
 from datetime import datetime
 from typing import Iterable, Literal
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,25 @@ END_OFFSET = Gauge(
 def observe_freshness(stage: FreshnessStage, event_times: Iterable[datetime], now: float | None = None) -> None:
     """Record, for each event time, how old the sample is on reaching `stage`."""
     now = time.time() if now is None else now
-    histogram = FRESHNESS.labels(stage=stage)
-    for event_time in event_times:
-        histogram.observe(max(0.0, now - event_time.timestamp()))
+    ages = np.fromiter((now - t.timestamp() for t in event_times), dtype=np.float64)
+    observe_many(FRESHNESS.labels(stage=stage), np.maximum(ages, 0.0))
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """`histogram.observe(v)` for every value, as one increment per bucket instead of a call per value.
+
+    A worker observes several stages for every event of a 2,000-event batch; per-value calls cost ~50 ms a batch.
+    prometheus_client has no bulk API, so this uses its `_upper_bounds`, `_buckets` and `_sum` (the same fields
+    `observe` uses; tests/llmcf/test_metrics.py checks both give the same exposition).
+    """
+    if len(values) == 0:
+        return
+    # observe() counts a value in the first bucket whose upper bound is >= the value: searchsorted(side="left").
+    bucket_of = np.searchsorted(np.asarray(histogram._upper_bounds), values, side="left")
+    for bucket, count in zip(histogram._buckets, np.bincount(bucket_of, minlength=len(histogram._buckets)), strict=True):
+        if count:
+            bucket.inc(int(count))
+    histogram._sum.inc(float(values.sum()))
 
 
 def serve_metrics(port: int | None) -> None:

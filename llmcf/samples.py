@@ -31,3 +31,17 @@ def sample_vector(history_vectors: np.ndarray, target_vector: np.ndarray) -> np.
     0.5*<h,h'> + 0.5*<t,t'>."""
     target = _unit(np.asarray(target_vector, dtype=np.float32))
     return (np.concatenate([history_vector(history_vectors), target]) / np.sqrt(2.0)).astype(np.float32)
+
+
+HISTORY_SEPARATOR = "\x1f"
+
+
+def encode_history(item_ids: list[str]) -> str:
+    """A sample's history item ids as one payload string: a 20-element list costs the index as much again per point as
+    everything else in the payload, and ids may contain commas (MovieLens 1M titles), never the unit separator."""
+    return HISTORY_SEPARATOR.join(item_ids)
+
+
+def decode_history(value: str | None) -> tuple[str, ...]:
+    """The item ids `encode_history` stored, oldest first."""
+    return tuple(value.split(HISTORY_SEPARATOR)) if value else ()

@@ -20,7 +20,8 @@ candidate list (top `history_candidates` by h, top `item_candidates` by t); `ben
 
 What the index holds (written by the stream worker, or by training for its private pool): vector = `sample_vector` =
 [h; t]/sqrt(2), key = the sample (CoT request) id, payload `user_id`, `item_id`, `label`, `ts` (event time, epoch ms),
-`status` ('pending' | 'generated'), `history` (item ids, oldest first) and, once generated, `cot_embedding` (384 floats).
+`status` ('pending' | 'generated'), `history` (item ids, oldest first, `llmcf.samples.encode_history`) and, once
+generated, `cot_embedding` (384 floats).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from llmcf.embeddings import EMBEDDING_DIMENSION
+from llmcf.samples import decode_history
 from storage.vectors import Filter, Hit, Match, Range, VectorIndex, all_of
 
 COT_EMBEDDING_FIELD = "cot_embedding"
@@ -206,7 +208,7 @@ class ExampleRetriever:
             if details is None:
                 payload = fetched.get(record.key, {})
                 cot = payload.get(COT_EMBEDDING_FIELD)
-                details = (tuple(str(i) for i in payload.get("history") or ()),
+                details = (decode_history(payload.get("history")),
                            None if cot is None else np.asarray(cot, dtype=np.float32))
                 if record.generated and details[1] is not None:
                     self._details_cache[record.key] = details

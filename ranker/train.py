@@ -32,7 +32,7 @@ import torch
 from llmcf.embeddings import EMBEDDING_DIMENSION, MODEL_NAME
 from llmcf.errors import UserFacingError
 from llmcf.events import CotRequest, HistoryEntry, ItemSnapshot, from_epoch_ms
-from llmcf.samples import SAMPLE_DIMENSION
+from llmcf.samples import SAMPLE_DIMENSION, encode_history
 from llmcf.settings import Settings
 from ranker.data import Corpus, EmbeddingCache, database_corpus, embedding_cache_path, fingerprint, movielens_corpus, user_histories
 from ranker.export import MODEL_ONNX, check_parity, export_onnx, save_artifact, sha256_file
@@ -374,7 +374,7 @@ def _index_pool(index: Any, corpus: Corpus, histories: np.ndarray, vectors: Call
             "user_id": corpus.user_ids[corpus.user[row]], "item_id": corpus.item_ids[corpus.item[row]],
             "label": int(corpus.label[row]), "ts": int(corpus.ts_ms[row]),
             "status": "pending" if cot is None else "generated",
-            "history": [corpus.item_ids[c] for c in histories[row].tolist() if c >= 0],
+            "history": encode_history([corpus.item_ids[c] for c in histories[row].tolist() if c >= 0]),
         }
         if cot is not None:
             payload["cot_embedding"] = [float(x) for x in cot]

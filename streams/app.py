@@ -199,23 +199,31 @@ def create_app(
     # No key/value types: Faust then keeps the user id (str) and the stored history (a list) as JSON in the changelog.
     history_table = app.Table(HISTORY_TABLE, default=None, partitions=partitions)
     producer = kafka.producer_config(settings, bootstrap, "llmcf-worker")
-    executors = [ThreadPoolExecutor(1, thread_name_prefix=f"llmcf-{name}") for name in ("items", "inter", "results")]
+    executors = {
+        name: ThreadPoolExecutor(1, thread_name_prefix=f"llmcf-{name}")
+        for name in ("items", "interactions", "interactions-index", "results")
+    }
 
-    def writer(executor: ThreadPoolExecutor, consumer: str) -> Writer:
-        return Writer(executor, DeadLetterPolicy(KafkaDeadLetterSink(producer, topics.dead_letters), consumer))
+    def policy(consumer: str) -> DeadLetterPolicy:
+        return DeadLetterPolicy(KafkaDeadLetterSink(producer, topics.dead_letters), consumer)
 
     catalogue = Catalogue(resources.repository)
     publisher = RequestPublisher(producer, topics.cot_requests)
     items = ItemBatchProcessor(
-        topics.items, resources.repository, catalogue, resources.embedder, writer(executors[0], f"{group}/items")
+        topics.items, resources.repository, catalogue, resources.embedder,
+        Writer(executors["items"], policy(f"{group}/items")),
     )
+    interactions_policy = policy(f"{group}/interactions")
     interactions = InteractionBatchProcessor(
         topics.interactions, resources.repository, resources.index, catalogue, publisher,
-        writer(executors[1], f"{group}/interactions"), CotPolicy.from_settings(settings), settings.history_length,
+        Writer(executors["interactions"], interactions_policy),
+        Writer(executors["interactions-index"], interactions_policy),
+        CotPolicy.from_settings(settings), settings.history_length,
         options.item_wait_s,
     )
     results = ResultBatchProcessor(
-        topics.cot_results, resources.repository, resources.index, writer(executors[2], f"{group}/cot-results")
+        topics.cot_results, resources.repository, resources.index,
+        Writer(executors["results"], policy(f"{group}/cot-results")),
     )
     histories = TableHistories(history_table)
 
@@ -261,7 +269,7 @@ def create_app(
     def close() -> None:
         publisher.close()
         lag_probe.close()
-        for executor in executors:
+        for executor in executors.values():
             executor.shutdown(wait=True)
 
     return app, close

@@ -9,9 +9,11 @@ Lifecycle of one batch (`InteractionBatchProcessor.process`), in this order:
 3. merge each user's new interactions into their history (once per user per batch) and decide, per interaction, whether
    its sample gets a CoT (`streams.decisions`); build the request (history = the user's items *before* it) and the
    sample's retrieval vector;
-4. PostgreSQL: once the interactions are stored (`stored` freshness), upsert the sampled CoT samples as 'pending';
-5. vector index: upsert the pending samples, key = request id (`retrievable` freshness): a sample is a retrievable
-   in-context example before any LLM has seen it;
+4. once the interactions are stored (`stored` freshness), at the same time on two threads: PostgreSQL upserts the
+   sampled CoT samples as 'pending', and the vector index upserts them, key = request id (`retrievable` freshness):
+   a sample is a retrievable in-context example before any LLM has seen it. Neither write needs the other, and the
+   index write holds the GIL while PostgreSQL waits on its socket, so together they cost little more than the index;
+5. a sample refused by either write is not requested (and is removed from the index if only PostgreSQL refused it);
 6. publish the requests to `cot-requests` and flush the producer;
 7. flush the dead letters, then write the merged histories to the table, and return.
 Only after the body returns does Faust ack the batch; it flushes the table's changelog before it commits the offsets.
@@ -40,7 +42,7 @@ from llmcf.dead_letters import SourceRecord
 from llmcf.embeddings import EMBEDDING_DIMENSION
 from llmcf.events import CotRequest, InteractionEvent, epoch_ms
 from llmcf.metrics import EVENTS, observe_freshness
-from llmcf.samples import sample_vector
+from llmcf.samples import encode_history, sample_vector
 from storage.repository import Repository
 from storage.vectors import Point, VectorIndex
 from streams.batch import Consumed, Writer, decode_records
@@ -97,7 +99,7 @@ def build_sample(
             "label": event.label,
             "ts": interaction.ts_ms,
             "status": "pending",
-            "history": [entry.item_id for entry, _ in past],
+            "history": encode_history([entry.item_id for entry, _ in past]),
         },
     )
     return Sample(consumed.record, event, request, point)
@@ -114,6 +116,7 @@ class InteractionBatchProcessor:
         catalogue: Catalogue,
         publisher: RequestPublisher,
         writer: Writer,
+        index_writer: Writer,
         cot_policy: CotPolicy,
         history_length: int,
         item_wait_s: float = 60.0,
@@ -124,6 +127,7 @@ class InteractionBatchProcessor:
         self.catalogue = catalogue
         self.publisher = publisher
         self.writer = writer
+        self.index_writer = index_writer
         self.cot_policy = cot_policy
         self.history_length = history_length
         self.item_wait_s = item_wait_s
@@ -148,16 +152,7 @@ class InteractionBatchProcessor:
         if len(stored) < len(consumed):
             stored_events = {id(c.event) for c in stored}
             samples = [s for s in samples if id(s.event) in stored_events]
-        samples = await self.writer.each_good(
-            "store pending cot samples",
-            samples,
-            lambda batch: self.repository.upsert_cot_samples([s.request for s in batch]),
-            lambda s: s.record,
-        )
-        samples = await self.writer.each_good(
-            "index pending samples", samples, lambda batch: self.index.upsert([s.point for s in batch]),
-            lambda s: s.record,
-        )
+        samples = await self._store_and_index(samples)
         observe_freshness("retrievable", (s.event.ts for s in samples))
         if samples:
             await self.writer.call("publish cot requests", lambda: self.publisher.publish([s.request for s in samples]))
@@ -167,6 +162,27 @@ class InteractionBatchProcessor:
         for user_id, (history, partition) in merged_histories.items():
             histories.put(user_id, history, partition)
         EVENTS.labels(topic=self.topic, outcome="ok").inc(len(consumed))
+
+    async def _store_and_index(self, samples: list[Sample]) -> list[Sample]:
+        """Steps 4-5: the pending samples in PostgreSQL and the vector index, concurrently; returns those in both."""
+        stored, indexed = await asyncio.gather(
+            self.writer.each_good(
+                "store pending cot samples", samples,
+                lambda batch: self.repository.upsert_cot_samples([s.request for s in batch]), lambda s: s.record,
+            ),
+            self.index_writer.each_good(
+                "index pending samples", samples, lambda batch: self.index.upsert([s.point for s in batch]),
+                lambda s: s.record,
+            ),
+        )
+        if len(stored) == len(indexed) == len(samples):
+            return samples
+        stored_ids = {s.request.request_id for s in stored}
+        orphans = [s.request.request_id for s in indexed if s.request.request_id not in stored_ids]
+        if orphans:
+            await self.index_writer.call("unindex refused samples", lambda: self.index.delete(orphans))
+        indexed_ids = {s.request.request_id for s in indexed}
+        return [s for s in stored if s.request.request_id in indexed_ids]
 
     async def _samples(
         self, consumed: list[Consumed[InteractionEvent]], histories: HistoryStore

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmcf.samples import SAMPLE_DIMENSION, sample_vector
+from llmcf.samples import SAMPLE_DIMENSION, encode_history, sample_vector
 from ranker.features import FeatureSpace, gather_examples
 from ranker.retrieval import ExampleQuery, ExampleRetriever
 from storage.vectors import Point
@@ -29,7 +29,7 @@ TASTE = direction(100)
 
 def point(key: str, user: str, item: str, label: int, ts: int, generated: bool = True, taste: np.ndarray = TASTE) -> Point:
     history = np.stack([taste, ITEMS["i0"]])
-    payload: dict = {"user_id": user, "item_id": item, "label": label, "ts": ts, "status": "pending", "history": ["i0"]}
+    payload: dict = {"user_id": user, "item_id": item, "label": label, "ts": ts, "status": "pending", "history": encode_history(["i0"])}
     if generated:
         payload |= {"status": "generated", "cot_embedding": direction(hash(key) % 1000).tolist()}
     return Point(key, sample_vector(history, ITEMS[item]), payload)

@@ -17,7 +17,7 @@ from llmcf.dead_letters import DeadLetterPolicy, KafkaDeadLetterSink, SourceReco
 from llmcf.embeddings import TextEmbedder
 from llmcf.events import CotRequest, CotResult, DeadLetter, InteractionEvent, ItemEvent, decode
 from llmcf.kafka import producer_config, read_to_end
-from llmcf.samples import SAMPLE_DIMENSION
+from llmcf.samples import SAMPLE_DIMENSION, decode_history
 from llmcf.settings import Settings
 from llmcf.topics import Topics
 from storage.repository import Repository
@@ -43,9 +43,10 @@ class Parts:
         self.repository = Repository.from_url(database_url)
         self.index = EdgeIndex(shard, SAMPLE_DIMENSION)
         self.catalogue = Catalogue(self.repository)
-        self.executor = ThreadPoolExecutor(1)
+        self.executor, self.index_executor = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
         config = producer_config(settings, settings.kafka_bootstrap_servers)
-        self.writer = Writer(self.executor, DeadLetterPolicy(KafkaDeadLetterSink(config, self.topics.dead_letters), "test"))
+        policy = DeadLetterPolicy(KafkaDeadLetterSink(config, self.topics.dead_letters), "test")
+        self.writer, self.index_writer = Writer(self.executor, policy), Writer(self.index_executor, policy)
         self.publisher = RequestPublisher(config, self.topics.cot_requests)
         self.histories = MemoryHistories()
         self.items = ItemBatchProcessor(
@@ -53,13 +54,14 @@ class Parts:
         )
         self.interactions = InteractionBatchProcessor(
             self.topics.interactions, self.repository, self.index, self.catalogue, self.publisher, self.writer,
-            CotPolicy(rate=0.0, cold_start_window_s=86_400), history_length=20, item_wait_s=1.0,
+            self.index_writer, CotPolicy(rate=0.0, cold_start_window_s=86_400), history_length=20, item_wait_s=1.0,
         )
         self.results = ResultBatchProcessor(self.topics.cot_results, self.repository, self.index, self.writer)
 
     def close(self) -> None:
         self.publisher.close()
         self.executor.shutdown()
+        self.index_executor.shutdown()
         self.index.close()
         self.repository.close()
 
@@ -120,7 +122,7 @@ def test_sampled_interaction_is_stored_indexed_and_requested_with_its_earlier_hi
     assert parts.index.count() == 1
     [[hit]] = parts.index.search(np.ones((1, SAMPLE_DIMENSION), dtype=np.float32), k=1)
     assert hit.key == request_id
-    assert hit.payload["status"] == "pending" and hit.payload["history"] == ["a", "b"]
+    assert hit.payload["status"] == "pending" and decode_history(hit.payload["history"]) == ("a", "b")
     assert hit.payload["ts"] == int(events[2].ts.timestamp() * 1000)
 
     published = [decode(CotRequest, value) for _, value in parts.read(parts.topics.cot_requests)]
