@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
 
 import numpy as np
 from sqlalchemy import Engine, Table, and_, case, create_engine, event, func, or_, select, update
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from llmcf.settings import Settings
 
 ModelStatus = Literal["candidate", "serving", "retired", "rejected"]
+R = TypeVar("R")
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 # SQLite (before 3.32) allows 999 bound parameters per statement; IN lists are sent in chunks below that.
 _IN_LIST_CHUNK = 500
@@ -488,26 +489,9 @@ class Repository:
     def iter_cot_samples(
         self, start: datetime | None = None, end: datetime | None = None, batch_size: int = 5_000
     ) -> Iterator[StoredCotSample]:
-        """Every CoT sample (pending and generated) with start <= ts < end, ordered by (ts, sample_id), read
-        `batch_size` rows per query with keyset pagination, like `iter_interactions` (the ranker's training pool)."""
-        table = CotSample.__table__
-        position: tuple[datetime, str] | None = None
-        while True:
-            query = select(table)
-            if start is not None:
-                query = query.where(table.c.ts >= start)
-            if end is not None:
-                query = query.where(table.c.ts < end)
-            if position is not None:
-                last_ts, last_id = position
-                query = query.where(or_(table.c.ts > last_ts, and_(table.c.ts == last_ts, table.c.sample_id > last_id)))
-            query = query.order_by(table.c.ts, table.c.sample_id).limit(batch_size)
-            with self.engine.connect() as conn:
-                batch = [StoredCotSample(**row) for row in conn.execute(query).mappings()]
-            yield from batch
-            if len(batch) < batch_size:
-                return
-            position = (batch[-1].ts, batch[-1].sample_id)
+        """Every CoT sample (pending and generated) with start <= ts < end, ordered by (ts, sample_id), paged like
+        `iter_interactions` (the ranker's training pool)."""
+        return self._iter_by_time(CotSample.__table__, "sample_id", StoredCotSample, start, end, batch_size)
 
     def user_history(
         self, user_id: str, limit: int = 20, before: datetime | None = None
@@ -529,7 +513,14 @@ class Repository:
         """Every interaction with start <= ts < end, ordered by (ts, interaction_id), read `batch_size` rows per
         query (keyset pagination: no transaction or cursor stays open between batches, so a long training read
         never holds back writers). Rows written behind the read position during iteration are not seen."""
-        table = Interaction.__table__
+        return self._iter_by_time(Interaction.__table__, "interaction_id", StoredInteraction, start, end, batch_size)
+
+    def _iter_by_time(
+        self, table: Table, id_column: str, row_type: type[R], start: datetime | None, end: datetime | None,
+        batch_size: int,
+    ) -> Iterator[R]:
+        """Rows of `table` with start <= ts < end, ordered by (ts, id), one keyset-paginated query per batch."""
+        row_id = table.c[id_column]
         position: tuple[datetime, str] | None = None
         while True:
             query = select(table)
@@ -539,16 +530,14 @@ class Repository:
                 query = query.where(table.c.ts < end)
             if position is not None:
                 last_ts, last_id = position
-                query = query.where(
-                    or_(table.c.ts > last_ts, and_(table.c.ts == last_ts, table.c.interaction_id > last_id))
-                )
-            query = query.order_by(table.c.ts, table.c.interaction_id).limit(batch_size)
+                query = query.where(or_(table.c.ts > last_ts, and_(table.c.ts == last_ts, row_id > last_id)))
+            query = query.order_by(table.c.ts, row_id).limit(batch_size)
             with self.engine.connect() as conn:
-                batch = [StoredInteraction(**row) for row in conn.execute(query).mappings()]
+                batch = [row_type(**row) for row in conn.execute(query).mappings()]
             yield from batch
             if len(batch) < batch_size:
                 return
-            position = (batch[-1].ts, batch[-1].interaction_id)
+            position = (batch[-1].ts, getattr(batch[-1], id_column))
 
     def counts(self) -> dict[str, int]:
         """Rows per table, by table name."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmcf.errors import UserFacingError
@@ -53,6 +53,10 @@ class GenerationOptions:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def with_max_new_tokens_default(self, max_new_tokens: int) -> GenerationOptions:
+        """These options, with the backend's own `max_new_tokens` where none was asked for."""
+        return self if self.max_new_tokens is not None else replace(self, max_new_tokens=max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class CotBackend(ABC):
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
         """One `Generation` per prompt, in the same order."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op default: a backend that holds nothing need not override it
         """Release the model or connections; the backend is unusable afterwards."""
 
     def __enter__(self) -> CotBackend:

@@ -78,16 +78,7 @@ class OpenAIBackend(CotBackend):
         self.endpoint = f"{root}/v1/chat/completions" if api == "chat" else f"{root}/v1/completions"
         self.model = model
         self.api = api
-        base = options or GenerationOptions()
-        if base.max_new_tokens is None:
-            base = GenerationOptions(
-                temperature=base.temperature,
-                top_p=base.top_p,
-                candidates=base.candidates,
-                seed=base.seed,
-                max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-            )
-        self.options = base
+        self.options = (options or GenerationOptions()).with_max_new_tokens_default(DEFAULT_MAX_NEW_TOKENS)
         self.max_batch = concurrency
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s

@@ -92,16 +92,9 @@ class TransformersBackend(CotBackend):
         self._pad_id = _pad_token_id(self._model, self._tokenizer, self._eos_ids)
         self._tokenizer.pad_token_id = self._pad_id
 
-        base = options or GenerationOptions()
-        if base.max_new_tokens is None:
-            base = GenerationOptions(
-                temperature=base.temperature,
-                top_p=base.top_p,
-                candidates=base.candidates,
-                seed=base.seed,
-                max_new_tokens=GPU_MAX_NEW_TOKENS if on_gpu else CPU_MAX_NEW_TOKENS,
-            )
-        self.options = base
+        self.options = (options or GenerationOptions()).with_max_new_tokens_default(
+            GPU_MAX_NEW_TOKENS if on_gpu else CPU_MAX_NEW_TOKENS
+        )
         self.max_batch = max_batch or (GPU_MAX_BATCH if on_gpu else CPU_MAX_BATCH)
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
