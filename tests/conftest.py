@@ -1,3 +1,4 @@
-"""Shared fixtures: a real Tansu broker and a real PostgreSQL, started by the suite (see tests/fixtures/)."""
+"""Shared fixtures: a real Tansu broker, a real PostgreSQL and `llmcf` subprocesses, started by the suite (see
+tests/fixtures/)."""
 
-pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.postgres"]
+pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.postgres", "tests.fixtures.processes"]

@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from generators.pool import GeneratorPool, group_id
 from llmcf.events import CotResult, DeadLetter, decode
-from llmcf.kafka import consumer_config, producer_config, read_to_end
+from llmcf.kafka import producer_config, read_to_end
 from llmcf.settings import Settings
 from llmcf.topics import Topics
+from tests.fixtures.kafka import partitions_behind
 from tests.generators import make_request
 
 
@@ -60,19 +60,8 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, inter
 
 
 def uncommitted(settings: Settings) -> dict[int, tuple[int | None, int]]:
-    """Partitions of cot-requests whose group commit is behind their end: partition -> (committed, end)."""
-    topic = Topics.from_settings(settings).cot_requests
-    ends: Counter[int] = Counter()
-    for message in read_to_end(settings, settings.kafka_bootstrap_servers, topic):
-        ends[message.partition()] = max(ends[message.partition()], message.offset() + 1)
-    consumer = Consumer(consumer_config(settings, settings.kafka_bootstrap_servers, group_id(settings),
-                                        f"check-{uuid.uuid4().hex[:6]}"))
-    try:
-        committed = consumer.committed([TopicPartition(topic, p) for p in ends], timeout=10)
-    finally:
-        consumer.close()
-    offsets = {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in committed}
-    return {p: (offsets.get(p), end) for p, end in ends.items() if offsets.get(p) != end}
+    """Partitions of cot-requests whose generator-group commit is behind their end: partition -> (committed, end)."""
+    return partitions_behind(settings, group_id(settings), Topics.from_settings(settings).cot_requests)
 
 
 @contextmanager

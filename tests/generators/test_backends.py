@@ -370,8 +370,15 @@ def test_grouped_query_sdpa_matches_stock_sdpa_on_a_padded_batch():
 
     from generators.backends.transformers_backend import _cpu_attention
 
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     # Each model gets its own config: `_from_config` writes the attention implementation into the one it is given.
     stock = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
@@ -383,9 +390,18 @@ def test_grouped_query_sdpa_matches_stock_sdpa_on_a_padded_batch():
     attention_mask[0, :4] = 0  # left padding
     attention_mask[1, :2] = 0
     with torch.inference_mode():
-        outputs = [m.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=5, do_sample=False,
-                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-                   for m in (stock, grouped)]
+        outputs = [
+            m.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=5,
+                do_sample=False,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            for m in (stock, grouped)
+        ]
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     for stock_logits, grouped_logits in zip(outputs[0].logits, outputs[1].logits, strict=True):
         torch.testing.assert_close(stock_logits, grouped_logits, rtol=1e-5, atol=1e-5)

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from llmcf.cli import main
-from tests.fixtures.kafka import free_port
-from tests.generators.pool_support import publish_requests, read_results, uncommitted, wait_until
+from tests.fixtures.processes import wait_while_running
+from tests.generators.pool_support import publish_requests, read_results, uncommitted
 
 
 @pytest.fixture
@@ -40,49 +34,25 @@ def test_the_openai_backend_without_a_server_or_model_is_a_clear_error(clean_gen
     assert "served model name" in capsys.readouterr().err
 
 
-def _start_generator(settings, log_path: Path, metrics_port: int) -> subprocess.Popen:
-    env = {name: value for name, value in os.environ.items() if not name.startswith(("LLMCF_", "OPENAI_"))}
-    env |= {
-        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-        "LLMCF_TOPIC_PREFIX": settings.topic_prefix,
-        "LLMCF_HOME": str(settings.home),
-        "LLMCF_LOG_LEVEL": "INFO",
-    }
-    command = [sys.executable, "-m", "llmcf.cli", "generate", "--backend", "template", "--device", "cpu",
-               "--max-batch", "16", "--metrics-port", str(metrics_port)]
-    with log_path.open("ab") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+GENERATOR_ARGS = ("--backend", "template", "--device", "cpu", "--max-batch", "16")
 
 
-def test_kill_9_mid_stream_then_restart_loses_no_request(kafka_settings, tmp_path):
+def test_kill_9_mid_stream_then_restart_loses_no_request(kafka_settings, tmp_path, llmcf_processes):
     ids = publish_requests(kafka_settings, 100, prefix="k9")
     log_path = tmp_path / "generate.log"
-    first = _start_generator(kafka_settings, log_path, metrics_port=0)
-    try:
-        wait_until(lambda: len(read_results(kafka_settings)) >= 16 or first.poll() is not None, 60,
-                   "the first generator to publish results", interval_s=0.2)
-        assert first.poll() is None, log_path.read_text()
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-    finally:
-        if first.poll() is None:
-            first.kill()
+    first = llmcf_processes.start("generate", kafka_settings, log_path, *GENERATOR_ARGS)
+    wait_while_running(lambda: len(read_results(kafka_settings)) >= 16, [first], 60,
+                       "the first generator to publish results", interval_s=0.2)
+    first.kill()
     before_restart = {r.request_id for r in read_results(kafka_settings)}
     assert 0 < len(before_restart) < len(ids), "the kill did not land mid-stream"
 
-    port = free_port()
-    second = _start_generator(kafka_settings, log_path, metrics_port=port)
-    try:
-        wait_until(lambda: {r.request_id for r in read_results(kafka_settings)} == set(ids) or second.poll() is not None,
-                   90, "a result for every request after the restart", interval_s=1.0)
-        assert second.poll() is None, log_path.read_text()
-        time.sleep(1.5)  # one more metrics report after the last commit
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(30) == 0, log_path.read_text()
-    finally:
-        if second.poll() is None:
-            second.kill()
+    second = llmcf_processes.start("generate", kafka_settings, log_path, *GENERATOR_ARGS)
+    wait_while_running(lambda: {r.request_id for r in read_results(kafka_settings)} == set(ids), [second], 90,
+                       "a result for every request after the restart", interval_s=1.0)
+    time.sleep(1.5)  # one more metrics report after the last commit
+    metrics = second.metrics()
+    assert second.stop(30) == 0, second.log_tail()
 
     assert {r.request_id for r in read_results(kafka_settings)} == set(ids)
     assert uncommitted(kafka_settings) == {}

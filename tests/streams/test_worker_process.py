@@ -3,23 +3,14 @@ window with malformed records mixed in: everything expected is stored exactly on
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from confluent_kafka import Producer
 from sqlalchemy import select
 
-from llmcf import movielens
-from llmcf.events import DeadLetter, InteractionEvent, ItemEvent, decode, epoch_ms
+from llmcf.events import DeadLetter, decode
 from llmcf.kafka import producer_config, read_to_end
 from llmcf.replay import ReplayOptions, replay
 from llmcf.samples import SAMPLE_DIMENSION
@@ -29,88 +20,16 @@ from storage.models import CotSample, Interaction
 from storage.repository import Repository
 from storage.vectors import Filter, Match
 from storage.vectors.edge import EdgeIndex
-from streams.decisions import CotPolicy, cot_request_id
-from tests.fixtures.kafka import free_port
+from tests.fixtures.processes import LlmcfProcess, ProcessStarter, wait_while_running
+from tests.fixtures.windows import Expected, expected_window
 
 LIMIT = 3000
-CAUGHT_UP_TIMEOUT_S = 150.0
+CAUGHT_UP_TIMEOUT_S = 300.0  # generous: a loaded 2-core machine has been seen to need more than 150 s
 MALFORMED = {
     b"not json at all": "undecodable",
     b'{"user_id": "u1", "item_id": "i1", "kind": "rating", "label": "1", "ts": "1997-09-20T03:05:10Z"}': "invalid",
     b'{"user_id": "u1"}': "invalid",
 }
-
-
-@dataclass(frozen=True)
-class Expected:
-    interaction_ids: set[str]
-    request_ids: set[str]
-
-
-def expected_window(settings: Settings) -> Expected:
-    """What the worker must store for the replayed window, computed with the worker's own decision function."""
-    window = list(movielens.events("ml-100k", limit=LIMIT))
-    created = {e.item_id: epoch_ms(e.created_at) for e in window if isinstance(e, ItemEvent)}
-    policy = CotPolicy.from_settings(settings)
-    interactions = [e for e in window if isinstance(e, InteractionEvent)]
-    requests = {
-        cot_request_id(e.interaction_id)
-        for e in interactions
-        if policy.reason(e.interaction_id, epoch_ms(e.ts), created[e.item_id]) is not None
-    }
-    return Expected({e.interaction_id for e in interactions}, requests)
-
-
-class Worker:
-    """One `llmcf worker` subprocess, logging to a file the assertions can show."""
-
-    def __init__(self, settings: Settings, database_url: str, log_path: Path, *args: str):
-        self.metrics_port = free_port()
-        env = {name: value for name, value in os.environ.items() if not name.startswith(("LLMCF_", "KAFKA_", "QDRANT_"))}
-        env.update(
-            KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers or "",
-            LLMCF_TOPIC_PREFIX=settings.topic_prefix,
-            LLMCF_HOME=str(settings.home),
-            DATABASE_URL=database_url,
-            LLMCF_METRICS_PORT=str(self.metrics_port),
-        )
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "llmcf.cli", "worker", *args], env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM, then wait for a clean exit."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self._log.close()
-
-    def kill(self) -> None:
-        self.process.kill()  # SIGKILL: no flush, no commit, no goodbye
-        self.process.wait(10)
-        self._log.close()
-
-    def ensure_stopped(self) -> None:
-        if self.process.poll() is None:
-            self.kill()
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Worker]]:
-    started: list[Worker] = []
-    yield started
-    for worker in started:
-        worker.ensure_stopped()
 
 
 def publish_malformed(settings: Settings) -> None:
@@ -120,15 +39,14 @@ def publish_malformed(settings: Settings) -> None:
     assert producer.flush(30) == 0
 
 
-def wait_until_caught_up(repository: Repository, expected: Expected, worker: Worker) -> None:
-    deadline = time.monotonic() + CAUGHT_UP_TIMEOUT_S
-    while True:
+def wait_until_caught_up(repository: Repository, expected: Expected, worker: LlmcfProcess) -> None:
+    def caught_up() -> bool:
         counts = repository.counts()
-        if counts["interactions"] == len(expected.interaction_ids) and counts["cot_samples"] == len(expected.request_ids):
-            return
-        assert worker.process.poll() is None, f"worker exited with {worker.process.returncode}:\n{worker.log_tail()}"
-        assert time.monotonic() < deadline, f"not caught up after {CAUGHT_UP_TIMEOUT_S:.0f} s: {counts}\n{worker.log_tail()}"
-        time.sleep(0.5)
+        return counts["interactions"] == len(expected.interaction_ids) and counts["cot_samples"] == len(
+            expected.request_ids
+        )
+
+    wait_while_running(caught_up, [worker], CAUGHT_UP_TIMEOUT_S, "the worker to store the whole window")
 
 
 def assert_stored_exactly_once(settings: Settings, repository: Repository, expected: Expected) -> Counter[str]:
@@ -154,15 +72,14 @@ def assert_stored_exactly_once(settings: Settings, repository: Repository, expec
 
 
 def test_worker_stores_every_expected_sample_once_and_dead_letters_malformed_records(
-    kafka_settings: Settings, pg_database_url: str, tmp_path: Path, workers: list[Worker]
+    kafka_settings: Settings, pg_database_url: str, tmp_path: Path, llmcf_processes: ProcessStarter
 ) -> None:
-    expected = expected_window(kafka_settings)
+    expected = expected_window(kafka_settings, LIMIT)
     assert 0 < len(expected.request_ids) < LIMIT
     publish_malformed(kafka_settings)
     replay(kafka_settings, ReplayOptions(limit=LIMIT, progress=False))
 
-    worker = Worker(kafka_settings, pg_database_url, tmp_path / "worker.log")
-    workers.append(worker)
+    worker = llmcf_processes.start("worker", kafka_settings, tmp_path / "worker.log", database_url=pg_database_url)
     with Repository.from_url(pg_database_url) as repository:
         wait_until_caught_up(repository, expected, worker)
         time.sleep(2 * 1.0 + 5.0)  # let a commit interval and a lag report pass before reading the metrics
@@ -177,27 +94,23 @@ def test_worker_stores_every_expected_sample_once_and_dead_letters_malformed_rec
 
 
 def test_worker_killed_mid_stream_loses_and_duplicates_nothing_after_restart(
-    kafka_settings: Settings, pg_database_url: str, tmp_path: Path, workers: list[Worker]
+    kafka_settings: Settings, pg_database_url: str, tmp_path: Path, llmcf_processes: ProcessStarter
 ) -> None:
-    expected = expected_window(kafka_settings)
+    expected = expected_window(kafka_settings, LIMIT)
     publish_malformed(kafka_settings)
     log_path = tmp_path / "worker.log"
     # Small batches, so that the kill lands between commits with work on both sides of it.
-    first = Worker(kafka_settings, pg_database_url, log_path, "--batch-size", "100")
-    workers.append(first)
+    first = llmcf_processes.start("worker", kafka_settings, log_path, "--batch-size", "100", database_url=pg_database_url)
     replay(kafka_settings, ReplayOptions(limit=LIMIT, progress=False))
     with Repository.from_url(pg_database_url) as repository:
-        deadline = time.monotonic() + CAUGHT_UP_TIMEOUT_S
-        while repository.counts()["interactions"] < LIMIT // 4:
-            assert first.process.poll() is None, first.log_tail()
-            assert time.monotonic() < deadline, first.log_tail()
-            time.sleep(0.05)
+        wait_while_running(lambda: repository.counts()["interactions"] >= LIMIT // 4, [first], CAUGHT_UP_TIMEOUT_S,
+                           "a quarter of the window to be stored", interval_s=0.05)
         first.kill()
         stored_at_kill = repository.counts()["interactions"]
         assert stored_at_kill < LIMIT, "the kill came too late to test anything"
 
-        second = Worker(kafka_settings, pg_database_url, log_path, "--batch-size", "100")
-        workers.append(second)
+        second = llmcf_processes.start("worker", kafka_settings, log_path, "--batch-size", "100",
+                                       database_url=pg_database_url)
         wait_until_caught_up(repository, expected, second)
         assert second.stop() == 0, second.log_tail()
         assert_stored_exactly_once(kafka_settings, repository, expected)
