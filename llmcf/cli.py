@@ -10,10 +10,32 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from llmcf.errors import UserFacingError
 from llmcf.settings import SETTINGS, Settings, SettingsError
+
+
+def _number(convert: Callable[[str], float], noun: str, *, zero_allowed: bool) -> Callable[[str], float]:
+    """An argparse `type` for a number that must be positive (or, with `zero_allowed`, not negative)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if value < 0 or (value == 0 and not zero_allowed):
+            raise argparse.ArgumentTypeError(f"{value} must not be negative" if zero_allowed else f"{value} must be greater than 0")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, "a whole number", zero_allowed=False)
+_positive_float = _number(float, "a number", zero_allowed=False)
+_non_negative_int = _number(int, "a whole number", zero_allowed=True)
+_non_negative_float = _number(float, "a number", zero_allowed=True)
 
 
 def _date(text: str) -> datetime:
@@ -22,26 +44,6 @@ def _date(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date (use YYYY-MM-DD or an ISO 8601 timestamp)") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
-    return value
 
 
 def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
@@ -154,26 +156,6 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from llmcf.demo import run_demo
 
     return run_demo(settings, dataset=args.dataset, limit=args.limit)
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
 
 
 def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
