@@ -292,15 +292,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.sql_upsert import postgres_server_url, scratch_database
-    from llmcf.infra.broker import EmbeddedBroker
-    from llmcf.infra.postgres import free_port
+    from llmcf.infra.broker import bootstrap_servers
 
     with ExitStack() as stack:
         home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-freshness-")))
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            broker = stack.enter_context(EmbeddedBroker(free_port(), home / "broker.log"))
-            bootstrap = broker.bootstrap
+        bootstrap = stack.enter_context(bootstrap_servers(home / "broker.log"))
         if args.database == "sqlite":
             database_url = f"sqlite:///{home / 'llmcf.db'}"
         else:

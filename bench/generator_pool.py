@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -32,16 +31,10 @@ from generators.backends import CotBackend, GenerationOptions, create_backend
 from generators.pool import GeneratorPool, PoolConfig
 from generators.prompt import build_prompt
 from llmcf.embeddings import TextEmbedder
-from llmcf.infra.broker import EmbeddedBroker
+from llmcf.infra.broker import bootstrap_servers
 from llmcf.kafka import ensure_topics, producer_config
 from llmcf.settings import Settings
 from llmcf.topics import Topics
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def fresh_settings(bootstrap: str, home: Path) -> Settings:
@@ -115,16 +108,10 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-generator-pool-"))
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if not bootstrap:
-        broker = EmbeddedBroker(free_port(), workdir / "broker.log")
-        broker.start()
-        bootstrap = broker.bootstrap
-    print(f"broker {bootstrap}; loading the embedder on {args.device} (load avg {load_average()})", flush=True)
-    embedder = TextEmbedder.load(args.device)
-    rows = []
-    try:
+    with bootstrap_servers(workdir / "broker.log") as bootstrap:
+        print(f"broker {bootstrap}; loading the embedder on {args.device} (load avg {load_average()})", flush=True)
+        embedder = TextEmbedder.load(args.device)
+        rows = []
         embed_per_s = embedder_alone(embedder, min(args.template_requests, 128))
         print(f"  embedder alone: {embed_per_s:.1f} template texts/s", flush=True)
         template = create_backend("template")
@@ -145,9 +132,6 @@ def main() -> None:
                     rows.append(run_through_pool(bootstrap, workdir, backend, embedder, args.prompts, batch))
             finally:
                 backend.close()
-    finally:
-        if broker is not None:
-            broker.stop()
 
     print("\n## CoT generation through the pool (Kafka in and out, embedding included; template is not an LLM)")
     print(f"{'backend':<13} {'batch':>5} {'mean batch':>10} {'CoTs':>5} {'seconds':>8} {'CoTs/s':>8} {'tokens/s':>9}")

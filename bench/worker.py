@@ -151,24 +151,17 @@ def main() -> None:
 
     import migrations
     from bench.sql_upsert import postgres_server_url, scratch_database
-    from llmcf.infra.broker import EmbeddedBroker
-    from tests.fixtures.kafka import free_port
+    from llmcf.infra.broker import bootstrap_servers
 
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
         home = Path(tmp)
-        broker = None
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            broker = EmbeddedBroker(free_port(), home / "broker.log")
-            broker.start()
-            bootstrap = broker.bootstrap
-        try:
-            with postgres_server_url() as server_url, scratch_database("postgresql", server_url, home) as database_url:
-                migrations.upgrade(database_url)
-                run(args, bootstrap, database_url, home)
-        finally:
-            if broker is not None:
-                broker.stop()
+        with (
+            bootstrap_servers(home / "broker.log") as bootstrap,
+            postgres_server_url() as server_url,
+            scratch_database("postgresql", server_url, home) as database_url,
+        ):
+            migrations.upgrade(database_url)
+            run(args, bootstrap, database_url, home)
 
 
 if __name__ == "__main__":

@@ -67,26 +67,24 @@ def _value(environ: Mapping[str, str], env: str) -> str | None:
     return raw
 
 
-def _integer(environ: Mapping[str, str], env: str, minimum: int) -> int:
+def _bounded(environ: Mapping[str, str], env: str, convert: type[int] | type[float], minimum: float) -> float:
+    """The variable's value as `convert` (int or float), at least `minimum`; errors name the variable."""
     raw = _value(environ, env)
     try:
-        value = int(raw)  # type: ignore[arg-type]
+        value = convert(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise SettingsError(f"{env}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise SettingsError(f"{env}={value} must be at least {minimum}")
-    return value
-
-
-def _number(environ: Mapping[str, str], env: str, minimum: float) -> float:
-    raw = _value(environ, env)
-    try:
-        value = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise SettingsError(f"{env}={raw!r} is not a number") from None
+        raise SettingsError(f"{env}={raw!r} is not {'an integer' if convert is int else 'a number'}") from None
     if value < minimum:
         raise SettingsError(f"{env}={value:g} must be at least {minimum:g}")
     return value
+
+
+def _integer(environ: Mapping[str, str], env: str, minimum: int) -> int:
+    return int(_bounded(environ, env, int, minimum))
+
+
+def _number(environ: Mapping[str, str], env: str, minimum: float) -> float:
+    return _bounded(environ, env, float, minimum)
 
 
 def _fraction(environ: Mapping[str, str], env: str) -> float:

@@ -35,6 +35,7 @@ from confluent_kafka.admin import AdminClient
 
 from llmcf import kafka
 from llmcf.errors import UserFacingError
+from llmcf.infra import free_port
 from llmcf.settings import Settings
 from llmcf.topics import Topics
 
@@ -171,6 +172,19 @@ class EmbeddedBroker:
                     f"({self.log_path}) ends with:\n{_tail(self.log_path)}"
                 )
             time.sleep(0.02)
+
+
+@contextmanager
+def bootstrap_servers(log_path: Path) -> Iterator[str]:
+    """The broker a test session or a benchmark runs against: KAFKA_BOOTSTRAP_SERVERS when set (nothing is started),
+    else an embedded broker on a free port, logging to `log_path` and stopped on exit. Raises `UserFacingError` when
+    the embedded broker cannot start."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        yield external
+        return
+    with EmbeddedBroker(free_port(), log_path) as broker:
+        yield broker.bootstrap
 
 
 def record_path(settings: Settings) -> Path:

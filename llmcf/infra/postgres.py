@@ -17,13 +17,13 @@ import os
 import pwd
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
 from llmcf.errors import UserFacingError
+from llmcf.infra import free_port
 
 SERVER_USER = "postgres"
 INSTALL_HINT = (
@@ -57,13 +57,6 @@ def find_server_binaries() -> Path:
     if initdb and pg_ctl and Path(initdb).parent == Path(pg_ctl).parent:
         return Path(initdb).parent
     raise UserFacingError(f"no PostgreSQL server binaries (initdb, pg_ctl) on this machine: {INSTALL_HINT}")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class TemporaryPostgres:

@@ -15,11 +15,10 @@ from confluent_kafka.admin import AdminClient
 
 from llmcf import kafka
 from llmcf.errors import UserFacingError
-from llmcf.infra import broker
+from llmcf.infra import broker, free_port
 from llmcf.infra.broker import EmbeddedBroker, PortInUseError
 from llmcf.settings import Settings
 from llmcf.topics import Topics
-from tests.fixtures.kafka import free_port
 
 
 def _partitions(bootstrap: str) -> dict[str, int]:

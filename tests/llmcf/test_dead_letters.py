@@ -13,9 +13,9 @@ from llmcf.dead_letters import (
     decode_batch,
 )
 from llmcf.events import DeadLetter, InteractionEvent, decode
+from llmcf.infra import free_port
 from llmcf.metrics import DEAD_LETTERS
 from llmcf.topics import Topics
-from tests.fixtures.kafka import free_port
 
 GOOD = b'{"user_id":"u1","item_id":"i1","kind":"click","label":1,"ts":"2024-05-01T12:00:00Z"}'
 BAD = [

@@ -14,10 +14,10 @@ import pytest
 from llmcf import kafka
 from llmcf.errors import UserFacingError
 from llmcf.events import InteractionEvent, ItemEvent, decode
+from llmcf.infra import free_port
 from llmcf.replay import ReplayOptions, TokenBucket, replay
 from llmcf.settings import Settings
 from llmcf.topics import Topics
-from tests.fixtures.kafka import free_port
 
 
 def read_topic(settings: Settings, bootstrap: str, topic: str) -> list[tuple[int, str, bytes]]:
