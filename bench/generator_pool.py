@@ -3,13 +3,13 @@
     python -m bench.generator_pool [--template-requests 300] [--template-batches 16,64] [--prompts 16] [--batches 1,16]
                                    [--max-new-tokens 64] [--device cpu] [--skip-transformers]
 
-`bench.generators` measures the backends alone; this one publishes the same synthetic MovieLens-like requests to
-`cot-requests` on a real broker (an embedded Tansu on a free port, or KAFKA_BOOTSTRAP_SERVERS), runs one `GeneratorPool`
-with `--max-batch` = the batch size, and times from the member's partition assignment to the last result published
-(decode, prompt, generation, all-MiniLM-L6-v2 embedding, publish + flush, commit). Every run gets fresh topics. The
-template backend is NOT an LLM: its figures measure the pool and the embedder. The embedder alone on the same texts is
-printed too, since on CPU it bounds the template runs. The load average is printed before each run: other processes on
-the machine skew every figure.
+`bench.generators` measures the backends alone; this one publishes the same real MovieLens requests
+(`bench.generators.movielens_requests`) to `cot-requests` on a real broker (an embedded Tansu on a free port, or
+KAFKA_BOOTSTRAP_SERVERS), runs one `GeneratorPool` with `--max-batch` = the batch size, and times from the member's
+partition assignment to the last result published (decode, prompt, generation, all-MiniLM-L6-v2 embedding, publish +
+flush, commit). Every run gets fresh topics. The template backend is NOT an LLM: its figures measure the pool and the
+embedder. The embedder alone on the same texts is printed too, since on CPU it bounds the template runs. The load
+average is printed before each run: other processes on the machine skew every figure.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from bench.generators import load_average, synthetic_requests
+from bench.generators import load_average, movielens_requests
 from generators.backends import CotBackend, GenerationOptions, create_backend
 from generators.pool import GeneratorPool, PoolConfig
 from generators.prompt import build_prompt
@@ -50,7 +50,7 @@ def run_through_pool(bootstrap: str, home: Path, backend: CotBackend, embedder: 
     settings = fresh_settings(bootstrap, home)
     producer = Producer(producer_config(settings, bootstrap))
     topic = Topics.from_settings(settings).cot_requests
-    for request in synthetic_requests(count):
+    for request in movielens_requests(count):
         producer.produce(topic, key=request.request_id.encode(), value=request.to_bytes())
     if producer.flush(30):
         raise SystemExit("could not publish the benchmark's requests")
@@ -88,7 +88,7 @@ def run_through_pool(bootstrap: str, home: Path, backend: CotBackend, embedder: 
 
 def embedder_alone(embedder: TextEmbedder, count: int) -> float:
     """Texts/s of the embedder alone on the template backend's texts for the benchmark's requests."""
-    texts = [g.text for g in create_backend("template").generate([build_prompt(r) for r in synthetic_requests(count)])]
+    texts = [g.text for g in create_backend("template").generate([build_prompt(r) for r in movielens_requests(count)])]
     embedder.embed(texts[:8])
     started = time.perf_counter()
     embedder.embed(texts)
@@ -124,7 +124,7 @@ def main() -> None:
             options = GenerationOptions(temperature=0.6, max_new_tokens=args.max_new_tokens, seed=1234)
             backend = create_backend("transformers", model=args.model, device=args.device, options=options,
                                      max_batch=max(batches))
-            backend.generate([build_prompt(synthetic_requests(1)[0])])  # warm-up, as in bench.generators
+            backend.generate([build_prompt(movielens_requests(1)[0])])  # warm-up, as in bench.generators
             try:
                 for batch in batches:
                     print(f"transformers through the pool, batch {batch}: {args.prompts} requests, "

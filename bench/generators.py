@@ -1,13 +1,17 @@
 """Generator pool throughput: CoTs/s and tokens/s by backend and batch size, and the embedder's sentences/s.
 
-    python -m bench.generators [--prompts 16] [--max-new-tokens 64] [--batches 1,4,16] [--threads N] [--device cpu]
+    python -m bench.generators [--prompts 16] [--max-new-tokens 64] [--batches 1,4,16] [--repeats 1] [--threads N]
+                               [--device cpu]
 
-Transformer runs use the same prompts at every batch size, in two sets: "llmcf" (the real LLM-CF prompt over synthetic
-MovieLens-like requests with 20-item histories, ~750 tokens) and "short" (the same requests cut to 2 history items,
-~350 tokens), with the production decoding (sampling at T=0.6, one candidate, fixed seed); tokens/s counts the tokens
-actually generated. The figure to read is the batch-16 / batch-1 ratio per set: a decoding step is memory-bound, so a batch
-shares the weight reads, while the prompt prefill is compute-bound and gains nothing from batching; the longer the prompt,
-the smaller the ratio. Other processes on the machine skew every figure: the load average is printed before each run.
+Transformer runs use the same prompts at every batch size, in two sets: "llmcf" (the real LLM-CF prompt over real
+MovieLens-100k samples with 20-item histories, `movielens_requests`: ~530 tokens, of which ~160 are the shared
+instructions that the CPU backend prefills once per process) and "short" (the same requests cut to 2 history items),
+with the production decoding (sampling at T=0.6, one candidate, fixed seed); tokens/s counts the tokens actually
+generated. `--repeats` interleaves the batch sizes. The figure to read is the batch-16 / batch-1 ratio per set: a batch
+shares each decoding step's weight reads, while each prompt's own prefill is compute-bound and gains nothing from
+batching, so the longer a prompt's own part against its completion, the smaller the ratio. Other processes on the
+machine skew every figure: the load average is printed before each run, and each row's process CPU time beside its
+wall time.
 """
 
 from __future__ import annotations
@@ -15,84 +19,65 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
+from collections import defaultdict, deque
 from datetime import UTC, datetime
 
 from generators.backends import GenerationOptions, create_backend
-from generators.prompt import Prompt, build_prompt
+from generators.prompt import DEFAULT_MAX_HISTORY, Prompt, build_prompt
+from llmcf import movielens
 from llmcf.events import CotRequest, HistoryEntry, ItemSnapshot
 
-GENRES = [
-    "Action",
-    "Adventure",
-    "Animation",
-    "Children's",
-    "Comedy",
-    "Crime",
-    "Documentary",
-    "Drama",
-    "Fantasy",
-    "Film-Noir",
-    "Horror",
-    "Musical",
-    "Mystery",
-    "Romance",
-    "Sci-Fi",
-    "Thriller",
-    "War",
-    "Western",
-]
-WORDS = [
-    "Night",
-    "River",
-    "Last",
-    "Secret",
-    "City",
-    "Summer",
-    "Dark",
-    "Love",
-    "King",
-    "Road",
-    "Star",
-    "Game",
-    "House",
-    "Winter",
-    "Lost",
-    "Blue",
-    "Wild",
-    "Heart",
-    "Shadow",
-    "Dream",
-]
 
-
-def synthetic_requests(count: int, seed: int = 7) -> list[CotRequest]:
-    """MovieLens-shaped requests: titles with years, 1-3 genres, 20 history items, labels from a 60/40 like rate."""
-    rng = random.Random(seed)
-    now = datetime(2024, 5, 1, tzinfo=UTC)
-
-    def item(prefix: str, i: int) -> dict:
-        title = f"{rng.choice(WORDS)} {rng.choice(WORDS)} ({rng.randint(1950, 2000)})"
-        return {"item_id": f"{prefix}{i}", "title": title, "tags": rng.sample(GENRES, rng.randint(1, 3))}
-
-    requests = []
-    for r in range(count):
-        history = [HistoryEntry(**item("h", i), label=int(rng.random() < 0.6)) for i in range(20)]
-        target = ItemSnapshot(**item("t", r), text="A film about " + " ".join(rng.choices(WORDS, k=12)).lower() + ".")
-        requests.append(
-            CotRequest(
-                request_id=f"bench-{r}",
-                user_id=f"u{r}",
-                item_id=target.item_id,
-                label=int(rng.random() < 0.5),
-                ts=now,
-                requested_at=now,
-                target=target,
-                history=history,
-            )
-        )
+def movielens_requests(count: int, dataset: str = "ml-100k") -> list[CotRequest]:
+    """Real LLM-CF samples: MovieLens ratings in time order, each user's last 20 earlier ratings as the history (oldest
+    first, as the stream worker keeps it), items as the replay publishes them (title, "Title (year); genres", genres).
+    Ratings whose user already has 20 earlier ones are eligible; every `stride`-th becomes a request, so the samples
+    spread over users and time. The same `count` gives the same requests."""
+    data = movielens.load(dataset)
+    stride = max(1, int(len(data) * 0.7) // count)
+    created = datetime(1998, 1, 1, tzinfo=UTC)
+    items = [movie.to_event(created) for movie in data.movies]
+    histories: dict[int, deque[tuple[int, int]]] = defaultdict(lambda: deque(maxlen=DEFAULT_MAX_HISTORY))
+    requests: list[CotRequest] = []
+    eligible = 0
+    for user, item, rating, second in zip(
+        data.user_codes.tolist(), data.item_codes.tolist(), data.ratings.tolist(), data.seconds.tolist(), strict=True
+    ):
+        label = int(rating >= movielens.POSITIVE_RATING)
+        history = histories[user]
+        if len(history) == DEFAULT_MAX_HISTORY:
+            if eligible % stride == 0:
+                ts = datetime.fromtimestamp(second, tz=UTC)
+                target = items[item]
+                requests.append(
+                    CotRequest(
+                        request_id=f"bench-{len(requests)}",
+                        user_id=data.user_ids[user],
+                        item_id=target.item_id,
+                        label=label,
+                        ts=ts,
+                        requested_at=ts,
+                        target=ItemSnapshot(item_id=target.item_id, title=target.title, text=target.text, tags=target.tags),
+                        history=[
+                            HistoryEntry(
+                                item_id=items[code].item_id,
+                                title=items[code].title,
+                                text=items[code].text,
+                                tags=items[code].tags,
+                                label=past_label,
+                            )
+                            for code, past_label in history
+                        ],
+                    )
+                )
+                if len(requests) == count:
+                    break
+            eligible += 1
+        history.append((item, label))
+    if len(requests) < count:
+        raise SystemExit(f"{dataset} gives only {len(requests)} requests with 20-item histories; ask for fewer")
     return requests
 
 
@@ -101,7 +86,8 @@ def load_average() -> str:
 
 
 def run_backend(backend, prompts: list[Prompt], batch: int, prompt_set: str = "llmcf") -> dict:
-    started = time.perf_counter()
+    """Generate every prompt, `batch` at a time: wall and process CPU seconds and token counts (`summarise` adds rates)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     prompt_tokens = completion_tokens = 0
     for start in range(0, len(prompts), batch):
         for generation in backend.generate(prompts[start : start + batch]):
@@ -112,18 +98,33 @@ def run_backend(backend, prompts: list[Prompt], batch: int, prompt_set: str = "l
             f"  {backend.name} {prompt_set} batch {batch}: {done}/{len(prompts)} CoTs, {time.perf_counter() - started:.1f} s",
             flush=True,
         )
-    seconds = time.perf_counter() - started
-    return {
-        "backend": backend.name,
-        "prompts": prompt_set,
-        "batch": batch,
-        "cots": len(prompts),
-        "seconds": seconds,
-        "cots_per_s": len(prompts) / seconds,
-        "tokens_per_s": completion_tokens / seconds,
-        "prompt_tokens": prompt_tokens / len(prompts),
-        "completion_tokens": completion_tokens / len(prompts),
-    }
+    return summarise(
+        [
+            {
+                "backend": backend.name,
+                "prompts": prompt_set,
+                "batch": batch,
+                "cots": len(prompts),
+                "seconds": time.perf_counter() - started,
+                "cpu_seconds": time.process_time() - cpu_started,
+                "prompt_tokens_total": prompt_tokens,
+                "completion_tokens_total": completion_tokens,
+            }
+        ]
+    )
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Runs of one backend, prompt set and batch size (repeats) as one row: totals, then rates over the total time."""
+    row = {key: runs[0][key] for key in ("backend", "prompts", "batch")}
+    for key in ("cots", "seconds", "cpu_seconds", "prompt_tokens_total", "completion_tokens_total"):
+        row[key] = sum(run[key] for run in runs)
+    row["repeats"] = len(runs)
+    row["cots_per_s"] = row["cots"] / row["seconds"]
+    row["tokens_per_s"] = row["completion_tokens_total"] / row["seconds"]
+    row["prompt_tokens"] = row["prompt_tokens_total"] / row["cots"]
+    row["completion_tokens"] = row["completion_tokens_total"] / row["cots"]
+    return row
 
 
 def bench_embedder(sentences: int, threads: int | None) -> list[dict]:
@@ -131,9 +132,7 @@ def bench_embedder(sentences: int, threads: int | None) -> list[dict]:
 
     from llmcf.embeddings import TextEmbedder
 
-    texts = [
-        f"{r.target.title}; {', '.join(r.target.tags)}. {r.target.text}" for r in synthetic_requests(sentences, seed=11)
-    ]
+    texts = [r.target.text for r in movielens_requests(sentences)]
     rows, reference = [], None
     for runtime in ("torch", "onnx"):
         print(f"embedder {runtime}: loading (load avg {load_average()})", flush=True)
@@ -165,6 +164,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,16", help="transformer batch sizes (default 1,4,16)")
     parser.add_argument("--prompt-sets", default="llmcf,short", help="llmcf and/or short (default both)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="rounds over the batch sizes, interleaved (1, 4, 16, 1, 4, 16, ...)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all usable cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--model", default=None, help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
@@ -174,17 +176,17 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
-    requests = synthetic_requests(max(args.prompts, args.template_prompts))
-    prompts = [build_prompt(r, feedback="rating") for r in requests]
+    requests = movielens_requests(args.prompts)
     prompt_sets = {
-        "llmcf": prompts[: args.prompts],
-        "short": [build_prompt(r, feedback="rating", max_history=2) for r in requests[: args.prompts]],
+        "llmcf": [build_prompt(r, feedback="rating") for r in requests],
+        "short": [build_prompt(r, feedback="rating", max_history=2) for r in requests],
     }
+    template_prompts = [build_prompt(r, feedback="rating") for r in movielens_requests(args.template_prompts)]
     chosen_sets = args.prompt_sets.split(",")
     rows = []
 
     print(f"template backend: {args.template_prompts} CoTs (load avg {load_average()})", flush=True)
-    rows.append(run_backend(create_backend("template"), prompts[: args.template_prompts], args.template_prompts))
+    rows.append(run_backend(create_backend("template"), template_prompts, args.template_prompts))
 
     print(f"transformers backend: loading on {args.device} (load avg {load_average()})", flush=True)
     options = GenerationOptions(temperature=0.6, max_new_tokens=args.max_new_tokens, seed=1234)
@@ -203,32 +205,39 @@ def main() -> None:
         f"{backend.threads} threads)",
         flush=True,
     )
-    backend.generate(prompts[:1])  # warm-up: first-call allocations and kernel selection are not throughput
+    backend.generate(prompt_sets["llmcf"][:1])  # warm-up: first-call allocations and kernel selection are not throughput
     for prompt_set in chosen_sets:
-        for batch in batches:
-            print(
-                f"transformers {prompt_set} prompts, batch {batch}: {args.prompts} CoTs, {args.max_new_tokens} new "
-                f"tokens max (load avg {load_average()})",
-                flush=True,
-            )
-            rows.append(run_backend(backend, prompt_sets[prompt_set], batch, prompt_set))
+        runs: dict[int, list[dict]] = {batch: [] for batch in batches}
+        # Batch sizes take turns, so a change in the machine's load hits all of them alike.
+        for round_number in range(1, args.repeats + 1):
+            for batch in batches:
+                print(
+                    f"transformers {prompt_set} prompts, batch {batch}, round {round_number}/{args.repeats}: "
+                    f"{args.prompts} CoTs, {args.max_new_tokens} new tokens max (load avg {load_average()})",
+                    flush=True,
+                )
+                runs[batch].append(run_backend(backend, prompt_sets[prompt_set], batch, prompt_set))
+        rows.extend(summarise(runs[batch]) for batch in batches)
     backend.close()
 
     embedder_rows = [] if args.skip_embedder else bench_embedder(args.sentences, args.threads)
 
     print("\n## CoT generation (SmolLM2-135M-Instruct Q4_1 -> float32 for transformers; template is not an LLM)")
     print(
-        f"{'backend':<13} {'prompts':<7} {'batch':>5} {'CoTs':>5} {'seconds':>8} {'CoTs/s':>9} {'tokens/s':>9} "
-        f"{'prompt tok/CoT':>14} {'new tok/CoT':>11}"
+        f"{'backend':<13} {'prompts':<7} {'batch':>5} {'CoTs':>5} {'seconds':>8} {'cpu s':>8} {'CoTs/s':>9} "
+        f"{'tokens/s':>9} {'prompt tok/CoT':>14} {'new tok/CoT':>11}"
     )
     for r in rows:
         batch = "all" if r["backend"] == "template" else str(r["batch"])
         prompt_set = "-" if r["backend"] == "template" else r["prompts"]
         print(
-            f"{r['backend']:<13} {prompt_set:<7} {batch:>5} {r['cots']:>5} {r['seconds']:>8.2f} {r['cots_per_s']:>9.2f} "
-            f"{r['tokens_per_s']:>9.1f} {r['prompt_tokens']:>14.0f} {r['completion_tokens']:>11.1f}"
+            f"{r['backend']:<13} {prompt_set:<7} {batch:>5} {r['cots']:>5} {r['seconds']:>8.2f} {r['cpu_seconds']:>8.2f} "
+            f"{r['cots_per_s']:>9.2f} {r['tokens_per_s']:>9.1f} {r['prompt_tokens']:>14.0f} {r['completion_tokens']:>11.1f}"
         )
-    print("(template 'tokens' are words: it has no tokenizer)\n")
+    print(
+        "(template 'tokens' are words: it has no tokenizer; 'cpu s' is this process's CPU time: with T threads, far less "
+        "than T x seconds means other processes held the cores)\n"
+    )
     for prompt_set in chosen_sets:
         by_batch = {r["batch"]: r for r in rows if r["backend"] == "transformers" and r["prompts"] == prompt_set}
         if 1 in by_batch and len(by_batch) > 1:

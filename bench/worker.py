@@ -5,8 +5,9 @@ Run from the repository root: `python -m bench.worker [--interactions 20000]`. I
 (or uses KAFKA_BOOTSTRAP_SERVERS) and a throwaway PostgreSQL (or DATABASE_URL, where it creates and drops a scratch
 database). Both consumers run as subprocesses, already subscribed and idle, when the clock starts; the clock starts when
 the MovieLens-100k interactions (pre-serialised, so the producer is never the bottleneck) begin to be published to
-their topic, and stops when the last one is counted (bare agent) or stored in PostgreSQL (worker: the whole batch
-lifecycle, requests published and samples indexed included). The worker's item catalogue is loaded (items stored and
+their topic, and stops when the last one is counted (bare agent) or when the worker reports, on its /metrics, the last
+batch's whole lifecycle done (interactions and samples stored, samples indexed, requests published, histories merged:
+`llmcf_events_total{outcome="ok"}` is counted last). The worker's item catalogue is loaded (items stored and
 embedded once) before its clock starts: embedding is a one-off per item, not per interaction.
 """
 
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -77,9 +81,39 @@ def wait_for(what: str, done, process: subprocess.Popen, log: Path) -> None:
         time.sleep(0.05)
 
 
+def processed(metrics_port: int, topic: str) -> float:
+    """Records of `topic` the worker has processed to the end of their batch, from its /metrics (0 until it serves)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            exposition = response.read().decode()
+    except OSError:
+        return 0.0
+    for line in exposition.splitlines():
+        if line.startswith("llmcf_events_total{") and f'topic="{topic}"' in line and 'outcome="ok"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def start_profiler(output: Path | None, pid: int) -> subprocess.Popen | None:
+    """py-spy sampling the worker over the timed window only (`--py-spy`): raw collapsed stacks, only threads that hold
+    the GIL (the resource the worker and Faust compete for), one stack per thread."""
+    if output is None:
+        return None
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--gil",
+                             "--threads", "--nonblocking", "--output", str(output)], stdout=subprocess.DEVNULL)
+
+
+def stop_profiler(profiler: subprocess.Popen | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        profiler.wait(60)
+
+
 def run(args: argparse.Namespace, bootstrap: str, database_url: str, home: Path) -> None:
     from llmcf import movielens
     from llmcf.events import InteractionEvent, ItemEvent
+    from llmcf.infra import free_port
     from llmcf.kafka import ensure_topics
     from llmcf.settings import Settings
     from storage.repository import Repository
@@ -111,8 +145,9 @@ def run(args: argparse.Namespace, bootstrap: str, database_url: str, home: Path)
 
     # Worker: load the catalogue (items stored and embedded), then time n interactions.
     worker_log = home / "worker.log"
+    metrics_port = free_port()
     worker_env = {**env, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "LLMCF_TOPIC_PREFIX": worker_prefix,
-                  "LLMCF_HOME": str(home / "worker"), "DATABASE_URL": database_url, "LLMCF_METRICS_PORT": "0"}
+                  "LLMCF_HOME": str(home / "worker"), "DATABASE_URL": database_url, "LLMCF_METRICS_PORT": str(metrics_port)}
     with worker_log.open("wb") as log:
         worker = subprocess.Popen([sys.executable, "-m", "llmcf.cli", "worker"], stdout=log, stderr=subprocess.STDOUT,
                                   env=worker_env)
@@ -122,11 +157,17 @@ def run(args: argparse.Namespace, bootstrap: str, database_url: str, home: Path)
             loaded = time.monotonic()
             wait_for("the catalogue", lambda: repository.counts()["item_embeddings"] >= len(items), worker, worker_log)
             catalogue_s = time.monotonic() - loaded
+            profiler = start_profiler(args.py_spy, worker.pid)
             started = time.time()
             publish(bootstrap, f"{worker_prefix}interactions", interactions)
+            # Scraping /metrics costs the worker ~4% of its GIL time at 20/s: poll the database until the last batch
+            # is being written, then the metrics until its lifecycle is done.
             wait_for("the worker to store every interaction", lambda: repository.counts()["interactions"] >= n,
                      worker, worker_log)
+            wait_for("the worker to process every interaction",
+                     lambda: processed(metrics_port, f"{worker_prefix}interactions") >= n, worker, worker_log)
             worker_s = time.time() - started
+            stop_profiler(profiler)
             samples = repository.counts()["cot_samples"]
     finally:
         worker.terminate()
@@ -147,6 +188,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.split("\n\n")[0])
     parser.add_argument("--interactions", type=int, default=20_000, help="MovieLens-100k interactions (default 20000)")
+    parser.add_argument("--py-spy", type=Path, metavar="FILE",
+                        help="profile the worker's timed window with py-spy (pip install py-spy) into FILE")
     args = parser.parse_args()
 
     import migrations

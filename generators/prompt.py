@@ -11,6 +11,7 @@ holds: the history is cut to its last `max_history` entries and every text to `m
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
@@ -23,8 +24,8 @@ FeedbackKind = Literal["click", "rating"]
 STEP_BY_STEP = "Let's think step by step."
 
 SYSTEM_MESSAGE = (
-    "You are a recommender-system analyst. Given a user's interaction history, a target item and the user's real "
-    "reaction to it, you explain that reaction. Be concrete: cite the user's items and the item's features."
+    "You are a recommender-system analyst. You explain a user's known reaction to a target item. Be concrete: cite the "
+    "user's items and the item's features."
 )
 
 DEFAULT_MAX_HISTORY = 20
@@ -53,11 +54,16 @@ WORDINGS: dict[FeedbackKind, LabelWording] = {
 
 @dataclass(frozen=True)
 class Prompt:
-    """One request's prompt: the chat messages plus the request, which the template backend and the candidate scorer read."""
+    """One request's prompt: the chat messages plus the request, which the template backend and the candidate scorer read.
+
+    `instructions` is the leading part of the user message, identical for every request with the same wording: a backend
+    may compute it once and reuse it (the transformers backend keeps its KV cache).
+    """
 
     request: CotRequest
     messages: tuple[dict[str, str], ...]
     wording: LabelWording
+    instructions: str
 
     @property
     def label_statement(self) -> str:
@@ -70,6 +76,21 @@ class Prompt:
         return "\n\n".join(parts) + "\n\nAssistant:"
 
 
+def instructions(wording: LabelWording) -> str:
+    """The fixed task text that opens every user message: the four parts to reason through and how history lines read."""
+    return (
+        "Explain why the user reacted to the target item as they did. The reaction is known and must not be questioned.\n"
+        "Reason in four parts:\n"
+        f"1. User profile: the user's tastes from the history (what they {wording.positive} and what they "
+        f"{wording.negative}).\n"
+        "2. Target item: its main features.\n"
+        "3. Match: how well the profile and the target item fit.\n"
+        "4. Diversity: does the user seek variety or stay with familiar kinds of items?\n"
+        f'History lines, oldest first, read "+ title | tags" for an item the user {wording.positive} and '
+        f'"- title | tags" for one they {wording.negative}.'
+    )
+
+
 def build_prompt(
     request: CotRequest,
     *,
@@ -80,67 +101,76 @@ def build_prompt(
     """Build the LLM-CF prompt for one labelled sample; `feedback` picks the label's words (clicked vs liked).
 
     The history is taken to be in time order (oldest first), as the streams stage keeps it; its last `max_history` entries
-    are shown.
+    are shown. The fixed instructions come first, so every prompt with the same wording starts with the same text; the
+    sample follows: history (one compact line per item, then the profile summary), target item, the known outcome, and
+    "Let's think step by step." last.
     """
     if max_history < 1:
         raise ValueError("max_history must be at least 1")
     wording = WORDINGS[feedback]
     history = list(request.history)[-max_history:]
     label_statement = f"The user {wording.verb(request.label)} the target item."
+    fixed = instructions(wording)
     sections = [
-        "Explain why the user reacted to the target item as they did. The reaction is known and must not be questioned.",
+        fixed,
         _history_section(history, len(request.history), wording),
         _target_section(request.target, max_text_chars),
-        f"## Known outcome\n{label_statement}",
-        (
-            "## Your reasoning, in four parts\n"
-            "1. User profile: summarise the user's tastes from the history (what they "
-            f"{wording.positive} and what they {wording.negative}).\n"
-            "2. Target item: its main features.\n"
-            "3. Match: how well the profile and the target item fit.\n"
-            "4. Diversity: does the user seek variety or stay with familiar kinds of items?\n"
-            f"Conclude consistently with the known outcome: the user {wording.verb(request.label)} the target item."
-        ),
+        f"## Known outcome\n{label_statement} Conclude consistently with it.",
         STEP_BY_STEP,
     ]
     messages = (
         {"role": "system", "content": SYSTEM_MESSAGE},
         {"role": "user", "content": "\n\n".join(sections)},
     )
-    return Prompt(request=request, messages=messages, wording=wording)
+    return Prompt(request=request, messages=messages, wording=wording, instructions=fixed)
 
 
 def _history_section(history: list[HistoryEntry], total: int, wording: LabelWording) -> str:
     if not history:
         return "## User history\nThe user has no earlier interactions (a new user)."
     shown = f"last {len(history)} of {total}" if total > len(history) else f"{len(history)}"
-    lines = [f"## User history ({shown} interactions, oldest first)"]
-    for entry in history:
-        lines.append(f"- {wording.verb(entry.label)}: {_item_line(entry)}")
+    lines = [f"## User history ({shown} items)"]
+    lines.extend(f"{'+' if entry.label == 1 else '-'} {_item_line(entry)}" for entry in history)
     liked = [e for e in history if e.label == 1]
     disliked = [e for e in history if e.label == 0]
     lines.append(f"Summary: {len(liked)} {wording.positive}, {len(disliked)} {wording.negative}.")
     liked_tags = top_tags(liked)
     if liked_tags:
-        lines.append(f"Most frequent tags among items {wording.positive}: {_tag_counts(liked_tags)}.")
+        lines.append(f"Frequent tags, {wording.positive}: {_tag_counts(liked_tags)}.")
     disliked_tags = top_tags(disliked)
     if disliked_tags:
-        lines.append(f"Most frequent tags among items {wording.negative}: {_tag_counts(disliked_tags)}.")
+        lines.append(f"Frequent tags, {wording.negative}: {_tag_counts(disliked_tags)}.")
     return "\n".join(lines)
 
 
 def _target_section(target: ItemSnapshot, max_text_chars: int) -> str:
-    lines = ["## Target item", f"Title: {truncate(target.title, _MAX_TITLE_CHARS)}"]
-    if target.text.strip():
-        lines.append(f"Description: {truncate(target.text, max_text_chars)}")
+    title = truncate(target.title, _MAX_TITLE_CHARS)
+    description = target.text.strip()
+    year = _year_if_only_restated(description, target.title, target.tags) if description else None
+    lines = ["## Target item", f"Title: {title} {year}".rstrip() if year is not None else f"Title: {title}"]
+    if description and year is None:
+        lines.append(f"Description: {truncate(description, max_text_chars)}")
     if target.tags:
         lines.append(f"Tags: {', '.join(target.tags[:_MAX_TAGS])}")
     return "\n".join(lines)
 
 
+def _year_if_only_restated(description: str, title: str, tags: list[str]) -> str | None:
+    """When a description says nothing beyond the title, the tags and a year (MovieLens items' text is
+    "Title (1995); Genre, Genre"), that year ("(1995)", or "" without one): the title line carries it and the
+    description is left out, as repeating it costs prompt tokens for no information. None when it says more."""
+    rest = description.replace(title, " ", 1) if title else description
+    for tag in tags:
+        rest = rest.replace(tag, " ")
+    years = re.findall(r"\(\d{4}\)", rest)
+    if len(years) > 1 or re.sub(r"\(\d{4}\)|[\s;,.:|/-]", "", rest):
+        return None
+    return years[0] if years else ""
+
+
 def _item_line(item: ItemSnapshot) -> str:
-    title = f'"{truncate(item.title, _MAX_TITLE_CHARS)}"'
-    return f"{title} [{', '.join(item.tags[:_MAX_TAGS])}]" if item.tags else title
+    title = truncate(item.title, _MAX_TITLE_CHARS)
+    return f"{title} | {', '.join(item.tags[:_MAX_TAGS])}" if item.tags else title
 
 
 def top_tags(items: list[HistoryEntry], limit: int = _TOP_TAGS) -> list[tuple[str, int]]:
@@ -150,7 +180,7 @@ def top_tags(items: list[HistoryEntry], limit: int = _TOP_TAGS) -> list[tuple[st
 
 
 def _tag_counts(tags: list[tuple[str, int]]) -> str:
-    return ", ".join(f"{tag} ({count})" for tag, count in tags)
+    return ", ".join(f"{tag} {count}" for tag, count in tags)
 
 
 def truncate(text: str, max_chars: int) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from llmcf.errors import UserFacingError
-from llmcf.settings import Settings
+from llmcf.settings import Settings, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def run_generator(settings: Settings, options: GenerateOptions) -> int:
         described = {
             "template": "a deterministic rationale built from the request's data, NOT a language model",
             "transformers": f"a local causal LM on {device}",
-            "openai": f"an OpenAI-compatible server at {options.openai_base_url}",
+            "openai": f"an OpenAI-compatible server at {without_credentials(options.openai_base_url or '')}",
         }[backend.name]
         log.info("generator: backend=%s (%s), model=%s, embedder=%s on %s, group=%s, max batch %d, max wait %d ms, "
                  "max attempts %d, max new tokens %s, temperature %g", backend.name, described, backend.model,

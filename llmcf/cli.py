@@ -136,6 +136,13 @@ def _cmd_tail(args: argparse.Namespace, settings: Settings) -> int:
 WORKER_METRICS_PORT = 9101
 
 
+def _metrics_port(args: argparse.Namespace, settings: Settings, default: int) -> int:
+    """--metrics-port, else LLMCF_METRICS_PORT, else the command's own default port."""
+    if args.metrics_port is not None:
+        return int(args.metrics_port)
+    return settings.metrics_port if settings.metrics_port is not None else default
+
+
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.app import WorkerOptions, run_worker
 
@@ -145,17 +152,19 @@ def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         web_port=args.web_port,
         item_wait_s=args.item_wait,
     )
-    if args.metrics_port is not None:
-        metrics_port = args.metrics_port
-    else:
-        metrics_port = settings.metrics_port if settings.metrics_port is not None else WORKER_METRICS_PORT
-    return run_worker(settings, options, metrics_port)
+    return run_worker(settings, options, _metrics_port(args, settings, WORKER_METRICS_PORT))
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from llmcf.demo import run_demo
+    from llmcf.demo import DemoOptions, run_demo, stop_demo
 
-    return run_demo(settings, dataset=args.dataset, limit=args.limit)
+    if args.stop:
+        return stop_demo(settings)
+    return run_demo(settings, DemoOptions(
+        dataset=args.dataset, limit=args.limit, rate=args.rate, backend=args.backend, port=args.port,
+        metrics_port_base=args.metrics_port_base, update_interval_s=args.update_interval, min_cots=args.min_cots,
+        timeout_s=args.timeout, fresh=args.fresh, stop_at_end=args.stop_at_end,
+    ))
 
 
 def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
@@ -200,6 +209,57 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps({"version_id": result.version_id, "kind": result.kind, "artifact": str(result.onnx_path),
                       "checksum": result.checksum, "metrics": result.metrics}, indent=2, default=str))
     return 0
+
+
+def _cmd_update(args: argparse.Namespace, settings: Settings) -> int:
+    from ranker.updates.metrics import UPDATER_METRICS_PORT
+    from ranker.updates.rounds import UpdateOptions
+    from ranker.updates.service import run_updater
+
+    options = UpdateOptions(
+        kind=args.kind or settings.ranker_kind,
+        window_s=args.window_s if args.window_s is not None else settings.update_window_s,
+        max_samples=args.max_samples or settings.update_max_samples,
+        holdout_fraction=args.holdout_fraction if args.holdout_fraction is not None else settings.update_holdout_fraction,
+        max_auc_drop=args.max_auc_drop if args.max_auc_drop is not None else settings.update_max_auc_drop,
+        max_epochs=args.epochs,
+        scratch_max_epochs=args.scratch_epochs,
+        learning_rate=args.lr,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    metrics_port = _metrics_port(args, settings, UPDATER_METRICS_PORT)
+    interval = args.interval_s if args.interval_s is not None else settings.update_interval_s
+    return run_updater(settings, options, interval, args.once, metrics_port, log=lambda line: print(line, flush=True))
+
+
+def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from ranker.evaluation import EvaluationOptions, run_evaluation
+
+    options = EvaluationOptions(
+        dataset=args.dataset, seeds=args.seeds, variants=tuple(args.variants), max_train_samples=args.max_train_samples or None,
+        max_eval_samples=args.max_eval_samples or None, max_epochs=args.epochs, pool_rate=args.pool_rate,
+        cot_backend=args.cot_backend, threads=args.threads, offline=not args.streaming_only,
+        streaming=args.streaming or args.streaming_only, days=args.days, start_fraction=args.start_fraction,
+        new_item_window_days=args.new_item_window_days, update_max_samples=args.update_max_samples,
+        update_epochs=args.update_epochs, max_day_rows=args.max_day_rows,
+    )
+    report = run_evaluation(options, settings, Path(args.out) if args.out else None, log=lambda line: print(line, flush=True))
+    print()
+    print(report.markdown)
+    print()
+    for path in report.files:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from ranker.serving.server import ServeOptions, run_server
+
+    return run_server(settings, ServeOptions(host=args.host, port=args.port, kind=args.kind, version=args.version,
+                                             threads=args.threads))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,9 +393,116 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("demo", help="the main job end to end on the embedded defaults")
+    p = sub.add_parser(
+        "update",
+        help="continuous updates: fine-tune the serving ranker on the newest stored data, validate, promote or reject",
+        description="Every --interval-s (LLMCF_UPDATE_INTERVAL_S), one round: skip if nothing new is stored; with no "
+        "serving version, train from scratch on the database; otherwise fine-tune the serving version (vocabulary "
+        "grown) on the newest window (LLMCF_UPDATE_WINDOW_S, at most LLMCF_UPDATE_MAX_SAMPLES rows), compare it with "
+        "the serving model on the window's newest LLMCF_UPDATE_HOLDOUT_FRACTION (never trained on), and record it as "
+        "'rejected' if its AUC is lower by more than LLMCF_UPDATE_MAX_AUC_DROP, else promote it (model_versions: "
+        "'serving', the previous one 'retired'). A failed round is logged and counted; the loop goes on. "
+        "/metrics on LLMCF_METRICS_PORT (default 9103).",
+    )
+    p.add_argument("--once", action="store_true", help="one round, then exit (exit code 1 if it failed)")
+    p.add_argument("--interval-s", type=_positive_float, help="seconds between rounds (default LLMCF_UPDATE_INTERVAL_S)")
+    p.add_argument("--window-s", type=_positive_float, help="event-time span of the window (default LLMCF_UPDATE_WINDOW_S)")
+    p.add_argument("--max-samples", type=_positive_int, help="latest N rows of the window at most (default LLMCF_UPDATE_MAX_SAMPLES)")
+    p.add_argument("--holdout-fraction", type=_positive_float, help="newest share held out (default LLMCF_UPDATE_HOLDOUT_FRACTION)")
+    p.add_argument("--max-auc-drop", type=_non_negative_float,
+                   help="largest tolerated holdout AUC drop (default LLMCF_UPDATE_MAX_AUC_DROP)")
+    p.add_argument("--kind", choices=["deepfm", "deepfm+ict", "din", "din+ict"], help="model kind to update (default LLMCF_RANKER_KIND)")
+    p.add_argument("--epochs", type=_positive_int, default=3, help="at most N fine-tuning epochs (early stopping, patience 1)")
+    p.add_argument("--scratch-epochs", type=_positive_int, default=20,
+                   help="at most N epochs when no version serves yet and the round trains from scratch (default 20)")
+    p.add_argument("--lr", type=_positive_float, default=5e-4, help="fine-tuning Adam learning rate (default 5e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
+    p.add_argument("--metrics-port", type=_non_negative_int, help="port of /metrics; 0 = none (default LLMCF_METRICS_PORT, else 9103)")
+    p.set_defaults(func=_cmd_update)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="offline comparison of DeepFM / DIN with and without ICT over seeds, and the streaming replay on new items",
+        description="Offline: MovieLens, the time-ordered split of `llmcf train`, DeepFM, DeepFM+ICT, DIN, DIN+ICT x "
+        "--seeds; AUC and LogLoss mean and std. Pool and retrieved examples are built once and shared by every run. "
+        "Defaults (about half an hour for the 20 runs on ml-1m on 2 shared cores, where one +ICT epoch cost 10-30 ms "
+        "per training row): the latest 6,000 training rows, 2,000 validation and 2,000 test rows, at most 2 epochs, "
+        "CoT pool = uniform 0.1 of train with template CoTs (NOT an LLM). "
+        "--streaming adds a day-by-day replay from the day the data passes --start-fraction: AUC on interactions "
+        "with recently introduced items (first seen at most --new-item-window-days before) for (a) frozen model + "
+        "frozen pool, (b) frozen model + live pool, (c) daily fine-tuned model (the code of `llmcf update`) + live "
+        "pool. Markdown and CSV reports go to --out (default $LLMCF_HOME/reports/) and the tables are printed.",
+    )
+    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-1m")
+    p.add_argument("--seeds", type=_positive_int, default=5, help="seeds per variant (default 5)")
+    p.add_argument("--variants", nargs="+", choices=["deepfm", "deepfm+ict", "din", "din+ict"],
+                   default=["deepfm", "deepfm+ict", "din", "din+ict"])
+    p.add_argument("--max-train-samples", type=_non_negative_int, default=6_000, help="latest N training rows (default 6000; 0 = all)")
+    p.add_argument("--max-eval-samples", type=_non_negative_int, default=2_000,
+                   help="uniform sample of N validation and N test rows (default 2000; 0 = all)")
+    p.add_argument("--epochs", type=_positive_int, default=2, help="at most N epochs per run (early stopping, patience 2; default 2)")
+    p.add_argument("--pool-rate", type=_positive_float, default=0.1, help="share of training rows in the CoT pool (default 0.1)")
+    p.add_argument("--cot-backend", choices=["template", "transformers", "openai"], default="template",
+                   help="CoT backend of the pool (default template: deterministic, not an LLM; transformers is slow on CPU)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
+    p.add_argument("--out", help="report directory (default $LLMCF_HOME/reports/)")
+    p.add_argument("--streaming", action="store_true", help="also run the streaming replay")
+    p.add_argument("--streaming-only", action="store_true", help="only the streaming replay")
+    p.add_argument("--days", type=_positive_int, default=3, help="days replayed (default 3)")
+    p.add_argument("--start-fraction", type=_positive_float, default=0.3,
+                   help="day 0 = the day the data passes this share of its interactions (default 0.3)")
+    p.add_argument("--new-item-window-days", type=_positive_float, default=30.0,
+                   help="an item is recently introduced for this many days after its first interaction (default 30)")
+    p.add_argument("--update-max-samples", type=_positive_int, default=2_000,
+                   help="streaming (c): latest N rows of the 7-day window per daily fine-tune (default 2000)")
+    p.add_argument("--max-day-rows", type=_positive_int, default=1_000,
+                   help="streaming: score a uniform sample of N of each day's rows (plus every recent-item row; default 1000)")
+    p.add_argument("--update-epochs", type=_positive_int, default=1, help="streaming (c): epochs per daily fine-tune (default 1)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the ranker over HTTP: POST /v1/rank, /healthz, /readyz, /metrics, /docs",
+        description="Scores candidates with the newest 'serving' model version of the kind (the newest 'candidate' is "
+        "promoted on a first deployment), swapping in newer versions as they are promoted (polled every "
+        "LLMCF_RANKER_MODEL_POLL_S). ICT models retrieve in-context examples from QDRANT_URL, or from the ranker's own "
+        "replica under $LLMCF_HOME/ranker-index synced from the stored CoT samples. Stops cleanly on SIGTERM / Ctrl-C.",
+    )
+    p.add_argument("--host", help="listen address (default LLMCF_RANKER_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, help="port (default LLMCF_RANKER_PORT, 8000)")
+    p.add_argument("--kind", choices=["deepfm", "deepfm+ict", "din", "din+ict"],
+                   help="model kind to serve (default LLMCF_RANKER_KIND, deepfm+ict)")
+    p.add_argument("--version", help="serve exactly this model version (any status; no hot swap)")
+    p.add_argument("--threads", type=_positive_int, help="onnxruntime intra-op threads (default LLMCF_RANKER_THREADS, 1)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "demo", help="the main job end to end on the embedded defaults",
+        description="Brings up the broker and the database, starts worker, generator, updater and ranker, replays a "
+        "MovieLens window with event times set to publish times, prints a live status line, then a summary, a "
+        "freshness plot and the URLs to try. Ctrl-C stops everything; running it again resumes where it stopped. "
+        "The processes keep running after the summary (`llmcf demo --stop`).",
+    )
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-100k")
     p.add_argument("--limit", type=_positive_int, default=20_000, help="interactions to replay (default 20000)")
+    p.add_argument("--rate", type=_positive_float, default=200.0, help="events published per second (default 200)")
+    p.add_argument("--backend", choices=["transformers", "openai", "template"], default="transformers",
+                   help="CoT backend of the generator (default transformers: SmolLM2 on the CPU, or the first GPU; "
+                   "template is a deterministic rationale, NOT an LLM)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port of the ranker (default 8000)")
+    p.add_argument("--metrics-port-base", type=_positive_int, default=9101,
+                   help="/metrics of the worker on this port, the generator on the next, the updater on the one after "
+                   "(default 9101)")
+    p.add_argument("--update-interval", type=_positive_float, default=60.0,
+                   help="seconds between the updater's rounds (default 60)")
+    p.add_argument("--min-cots", type=_non_negative_int, default=3,
+                   help="chains of thought to wait for before the summary (default 3)")
+    p.add_argument("--timeout", type=_positive_float, default=1_800.0,
+                   help="seconds after which the summary is printed anyway (default 1800)")
+    p.add_argument("--fresh", action="store_true", help="replay the window from its start, not from the last position")
+    p.add_argument("--stop-at-end", action="store_true", help="stop the processes after the summary")
+    p.add_argument("--stop", action="store_true", help="stop the processes a previous demo left running, and exit")
     p.set_defaults(func=_cmd_demo)
     return parser
 

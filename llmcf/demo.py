@@ -1,87 +1,506 @@
-"""`llmcf demo`, the main job on the embedded defaults: broker up, database migrated, a MovieLens window replayed,
-read back through the dead-letter helper into storage, and a count of what landed at each step.
+"""`llmcf demo`, the main job on the embedded defaults: every stage of the system running on one machine.
 
-Running it again is safe: the replay publishes the window again and storage upserts keep one row per event.
+1. Infrastructure: the embedded broker (or `KAFKA_BOOTSTRAP_SERVERS`) with its topics, the database migrated.
+2. Processes, each the same `llmcf` sub-command an operator runs, as a child with its log under
+   `$LLMCF_HOME/demo/logs/`: `worker`, `generate` (SmolLM2 on the CPU, or the first GPU), `update` (continuous
+   fine-tuning that promotes versions) and `serve` (the ranker on `--port`).
+3. A MovieLens window replayed at `--rate` events/s with event times set to publish times (so freshness is real), from
+   where the last run stopped (`$LLMCF_HOME/demo/state.json`).
+4. A live status line until the window is stored, a model serves `/v1/rank` and the LLM has written its first chains
+   of thought (or `--timeout-s` passes); then a summary, the freshness plot (`$LLMCF_HOME/demo/freshness.png`) and the
+   URLs to try.
+
+Lifecycle: Ctrl-C (or SIGTERM) stops the replay at its last confirmed checkpoint, stops the children (SIGTERM, then
+SIGKILL after `STOP_GRACE_S`), records the position and exits 130; running the demo again resumes from there, and
+idempotent upserts absorb the few events published twice. After the summary the children keep running so the ranker
+can be tried; `llmcf demo --stop` stops them, and `llmcf infra down` the broker.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
 
 from llmcf.errors import UserFacingError
+from llmcf.metrics import FreshnessStage
 from llmcf.settings import Settings
 
-STALL_TIMEOUT_S = 60.0
+STOP_GRACE_S = 20.0
+STATUS_EVERY_S = 2.0
+FRESHNESS_STAGES: tuple[str, ...] = get_args(FreshnessStage)
+COLD_START_EVENTS = 1_000
+"""Replayed at publish time, every item of the window is new, so the cold-start window (a day of event time in
+production) is set to the time this many events take at `--rate`: about a fifth of the interactions then get a CoT,
+as in the worker benchmark, instead of all of them."""
 
 
-def _store_topics(settings: Settings, bootstrap: str, expected: int) -> tuple[int, int]:
-    """Consume `items` and `interactions` until `expected` records are read, validate them with the shared dead-letter
-    policy and upsert them, committing offsets only after each batch is written. Returns (consumed, dead-lettered)."""
-    from confluent_kafka import Consumer
+@dataclass(frozen=True)
+class DemoOptions:
+    dataset: str = "ml-100k"
+    limit: int = 20_000
+    rate: float = 200.0
+    backend: str = "transformers"
+    port: int = 8000
+    metrics_port_base: int = 9101
+    """worker /metrics on this port, generator on the next, updater on the one after (the commands' defaults)."""
+    update_interval_s: float = 60.0
+    min_cots: int = 3
+    timeout_s: float = 1_800.0
+    fresh: bool = False
+    stop_at_end: bool = False
 
-    from llmcf.dead_letters import DeadLetterPolicy, KafkaDeadLetterSink, SourceRecord, decode_batch
-    from llmcf.events import InteractionEvent, ItemEvent
-    from llmcf.kafka import consumer_config, producer_config
-    from llmcf.topics import Topics
-    from storage.repository import Repository
+    @property
+    def worker_metrics_port(self) -> int:
+        return self.metrics_port_base
 
-    topics = Topics.from_settings(settings)
-    policy = DeadLetterPolicy(KafkaDeadLetterSink(producer_config(settings, bootstrap), topics.dead_letters), "llmcf-demo")
-    repository = Repository.from_settings(settings)
-    consumer = Consumer(consumer_config(settings, bootstrap, group_id="llmcf-demo-store"))
-    consumer.subscribe([topics.items, topics.interactions])
-    consumed = dead_lettered = 0
-    last_progress = time.monotonic()
+    @property
+    def generator_metrics_port(self) -> int:
+        return self.metrics_port_base + 1
+
+    @property
+    def updater_metrics_port(self) -> int:
+        return self.metrics_port_base + 2
+
+
+class DemoPaths:
+    """Where the demo keeps its state, logs and outputs (under `$LLMCF_HOME/demo/`)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.root = settings.home / "demo"
+        self.state = self.root / "state.json"
+        self.processes = self.root / "processes.json"
+        self.logs = self.root / "logs"
+        self.plot = self.root / "freshness.png"
+        self.series = self.root / "freshness.csv"
+
+
+# ---- resumable replay position -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayPosition:
+    """How far the window was published; `published` only ever counts events a flush confirmed."""
+
+    dataset: str
+    limit: int
+    published: int = 0
+
+    @classmethod
+    def load(cls, path: Path, dataset: str, limit: int) -> ReplayPosition:
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("dataset") == dataset and saved.get("limit") == limit:
+                return cls(dataset, limit, int(saved["published"]))
+        return cls(dataset, limit)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"dataset": self.dataset, "limit": self.limit, "published": self.published}))
+        temporary.replace(path)  # atomic: a crash leaves the old position or the new one
+
+
+# ---- child processes ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """One `llmcf` sub-command run by the demo."""
+
+    name: str
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, paths: DemoPaths, env: dict[str, str]) -> None:
+        paths.logs.mkdir(parents=True, exist_ok=True)
+        with open(paths.logs / f"{self.name}.log", "ab") as log:
+            # A session of its own: Ctrl-C reaches the demo only, which then stops the children in order.
+            self.process = subprocess.Popen([sys.executable, "-m", "llmcf.cli", *self.args], env=env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def exited(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+
+def _stop_pids(pids: dict[str, int]) -> list[str]:
+    """SIGTERM each live pid, wait up to `STOP_GRACE_S` for all, SIGKILL the rest; returns the names stopped."""
+    alive = {name: pid for name, pid in pids.items() if _alive(pid)}
+    for pid in alive.values():
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline and any(_alive(pid) for pid in alive.values()):
+        time.sleep(0.2)
+    for pid in alive.values():
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return list(alive)
+
+
+def _alive(pid: int) -> bool:
     try:
-        while consumed < expected:
-            if time.monotonic() - last_progress > STALL_TIMEOUT_S:
-                raise UserFacingError(f"no records for {STALL_TIMEOUT_S:.0f}s after {consumed:,} of {expected:,}")
-            messages = [m for m in consumer.consume(num_messages=5000, timeout=1.0) if m.error() is None]
-            if not messages:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_demo(settings: Settings) -> int:
+    """`llmcf demo --stop`: stop the processes a previous demo left running."""
+    paths = DemoPaths(settings)
+    pids = json.loads(paths.processes.read_text()) if paths.processes.is_file() else {}
+    stopped = _stop_pids(pids)
+    paths.processes.unlink(missing_ok=True)
+    print(f"stopped: {', '.join(stopped)}" if stopped else "no demo process was running")
+    print("the broker keeps running; `llmcf infra down` stops it")
+    return 0
+
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Samples of a process's `/metrics` by sample name; empty if it does not answer (yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+    return sum(value for sample_labels, value in samples.get(name, []) if labels.items() <= sample_labels.items())
+
+
+def freshness_buckets(samples: dict[str, list[tuple[dict[str, str], float]]], stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """(upper bounds, cumulative counts) of `llmcf_freshness_seconds{stage}`."""
+    rows = sorted((float(labels["le"]), value) for labels, value in samples.get("llmcf_freshness_seconds_bucket", [])
+                  if labels.get("stage") == stage)
+    return np.array([b for b, _ in rows]), np.array([c for _, c in rows])
+
+
+def histogram_quantile(q: float, bounds: np.ndarray, cumulative: np.ndarray) -> float | None:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding the q-th observation."""
+    if len(cumulative) == 0 or cumulative[-1] <= 0:
+        return None
+    rank = q * cumulative[-1]
+    i = int(np.searchsorted(cumulative, rank, side="left"))
+    if i >= len(bounds) - 1 and np.isinf(bounds[-1]):
+        return float(bounds[-2]) if len(bounds) > 1 else None  # in the +Inf bucket: the highest finite bound
+    lower, below = (0.0, 0.0) if i == 0 else (float(bounds[i - 1]), float(cumulative[i - 1]))
+    inside = float(cumulative[i]) - below
+    return lower + (float(bounds[i]) - lower) * ((rank - below) / inside if inside else 1.0)
+
+
+@dataclass
+class FreshnessSeries:
+    """p99 per stage over each status interval (from bucket deltas), for the live line and the plot."""
+
+    started: float = field(default_factory=time.monotonic)
+    previous: dict[str, np.ndarray] = field(default_factory=dict)
+    points: list[tuple[float, str, float]] = field(default_factory=list)
+    latest: dict[str, float] = field(default_factory=dict)
+    """The p99 of each stage's last interval that saw samples (an idle interval keeps the previous figure)."""
+
+    def record(self, samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, float]:
+        latest = self.latest
+        for stage in FRESHNESS_STAGES:
+            bounds, cumulative = freshness_buckets(samples, stage)
+            if len(cumulative) == 0:
                 continue
-            last_progress = time.monotonic()
-            records = [SourceRecord(m.value(), m.key(), m.topic(), m.partition(), m.offset()) for m in messages]
-            items = decode_batch(ItemEvent, [r for r in records if r.topic == topics.items], policy)
-            interactions = decode_batch(InteractionEvent, [r for r in records if r.topic == topics.interactions], policy)
-            repository.upsert_items(items)
-            repository.upsert_interactions(interactions)
-            policy.flush()
-            consumer.commit(asynchronous=False)
-            consumed += len(records)
-            dead_lettered += len(records) - len(items) - len(interactions)
-            print(f"\rstored {consumed:,}/{expected:,} records", end="", flush=True)
-        print()
-    finally:
-        consumer.close()
-    return consumed, dead_lettered
+            before = self.previous.get(stage)
+            window = cumulative - before if before is not None and len(before) == len(cumulative) else cumulative
+            self.previous[stage] = cumulative
+            p99 = histogram_quantile(0.99, bounds, window)
+            if p99 is not None:
+                latest[stage] = p99
+                self.points.append((time.monotonic() - self.started, stage, p99))
+        return latest
+
+    def write(self, paths: DemoPaths) -> Path | None:
+        """The series as CSV and a PNG plot; None when nothing was measured."""
+        if not self.points:
+            return None
+        with open(paths.series, "w") as out:
+            out.write("elapsed_s,stage,p99_s\n")
+            out.writelines(f"{t:.1f},{stage},{p99:.4f}\n" for t, stage, p99 in self.points)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(9, 4.5))
+        for stage in FRESHNESS_STAGES:
+            series = [(t, p99) for t, s, p99 in self.points if s == stage]
+            if series:
+                axes.plot(*zip(*series, strict=True), label=stage, marker=".", linewidth=1)
+        axes.set_yscale("log")
+        axes.set_xlabel("seconds since the demo started")
+        axes.set_ylabel("p99 per interval, from histogram buckets (s)")
+        axes.set_title("llmcf demo: how old a sample is when it reaches each stage")
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(paths.plot, dpi=110)
+        plt.close(figure)
+        return paths.plot
 
 
-def run_demo(settings: Settings, dataset: str, limit: int) -> int:
+# ---- the run -----------------------------------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def run_demo(settings: Settings, options: DemoOptions) -> int:
     import migrations
+    from llmcf import movielens
     from llmcf.infra import broker
-    from llmcf.replay import ReplayOptions, replay
-    from storage.repository import Repository
+
+    paths = DemoPaths(settings)
+    if paths.processes.is_file():
+        previous = _stop_pids(json.loads(paths.processes.read_text()))
+        if previous:
+            print(f"stopped the processes of the previous demo: {', '.join(previous)}")
+    if options.fresh:
+        paths.state.unlink(missing_ok=True)
 
     print("== 1/4 infrastructure")
     info = broker.up(settings)
     print(f"broker {info.bootstrap} ({info.origin}); topics: {', '.join(info.topics)}")
-
-    print("== 2/4 database migrations")
     migrations.upgrade(settings.database_url)
-    print(f"database at revision {migrations.current(settings.database_url)}")
+    print(f"database migrated to revision {migrations.current(settings.database_url)}")
 
-    print(f"== 3/4 replay {dataset}, {limit:,} interactions")
-    summary = replay(settings, ReplayOptions(dataset=dataset, limit=limit))
-    print(summary.render())
+    window = movielens.events(options.dataset, limit=options.limit)
+    window_events = len(window)
+    window_interactions = sum(1 for event in window if hasattr(event, "user_id"))
+    position = ReplayPosition.load(paths.state, options.dataset, options.limit)
 
-    print("== 4/4 read back and store")
-    consumed, dead_lettered = _store_topics(settings, info.bootstrap, summary.items + summary.interactions)
-    counts = Repository.from_settings(settings).counts()
+    print("== 2/4 processes (logs in " + str(paths.logs) + ")")
+    children = _children(options)
+    env = _child_environment(settings, info.bootstrap, cold_start_window_s=COLD_START_EVENTS / options.rate)
+    for child in children:
+        child.start(paths, env)
+        print(f"started llmcf {' '.join(child.args)}")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.processes.write_text(json.dumps({c.name: c.process.pid for c in children if c.process}))
 
-    print("\n== what landed")
-    print(f"published: {summary.interactions:,} interactions, {summary.items:,} items")
-    print(f"consumed:  {consumed:,} records, {dead_lettered:,} dead-lettered")
-    print("stored:    " + ", ".join(f"{table} {n:,}" for table, n in counts.items()))
-    print(f"\nThe broker keeps running at {info.bootstrap}: read a topic with `.venv/bin/llmcf tail interactions --max 5`;"
-          " stop it with `.venv/bin/llmcf infra down`.")
+    stop = threading.Event()
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    replayer = _Replayer(settings, options, position, paths, stop)
+    series = FreshnessSeries()
+    try:
+        print(f"== 3/4 replay {options.dataset}: {options.limit:,} interactions at {options.rate:g} events/s, "
+              f"from event {position.published:,} of {window_events:,}")
+        replayer.start()
+        print("== 4/4 running (Ctrl-C stops everything; running the demo again resumes)")
+        outcome = _watch(settings, options, children, replayer, window_events, window_interactions, series, stop)
+    except KeyboardInterrupt:
+        stop.set()
+        outcome = "interrupted"
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    replayer.join()
+    print()
+
+    if outcome == "interrupted":
+        _stop_pids({c.name: c.process.pid for c in children if c.process})
+        paths.processes.unlink(missing_ok=True)
+        print(f"stopped at event {replayer.position.published:,} of {window_events:,}; run the demo again to resume")
+        return 130
+    if outcome.startswith("failed"):
+        _stop_pids({c.name: c.process.pid for c in children if c.process})
+        paths.processes.unlink(missing_ok=True)
+        raise UserFacingError(f"the demo stopped: {outcome}")
+
+    _summary(settings, options, paths, replayer, window_interactions, series, outcome)
+    if options.stop_at_end:
+        _stop_pids({c.name: c.process.pid for c in children if c.process})
+        paths.processes.unlink(missing_ok=True)
+        print("stopped the demo's processes (--stop-at-end)")
     return 0
+
+
+def _children(options: DemoOptions) -> list[Child]:
+    generate = ["generate", "--backend", options.backend, "--max-batch", "8",
+                "--metrics-port", str(options.generator_metrics_port)]
+    return [
+        Child("worker", ["worker", "--metrics-port", str(options.worker_metrics_port)]),
+        Child("generator", generate),
+        Child("updater", ["update", "--interval-s", f"{options.update_interval_s:g}", "--metrics-port",
+                          str(options.updater_metrics_port)]),
+        Child("ranker", ["serve", "--port", str(options.port)]),
+    ]
+
+
+def _child_environment(settings: Settings, bootstrap: str, cold_start_window_s: float) -> dict[str, str]:
+    env = dict(os.environ)
+    env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
+    env["LLMCF_HOME"] = str(settings.home)
+    env.setdefault("LLMCF_COLD_START_WINDOW_S", f"{cold_start_window_s:g}")
+    env.pop("LLMCF_METRICS_PORT", None)  # each child gets its own port by flag
+    return env
+
+
+class _Replayer(threading.Thread):
+    """The replay on a thread of its own, recording each confirmed checkpoint; `stop` ends it at the next event."""
+
+    def __init__(self, settings: Settings, options: DemoOptions, position: ReplayPosition, paths: DemoPaths,
+                 stop: threading.Event) -> None:
+        super().__init__(name="demo-replay", daemon=True)
+        self.settings, self.options, self.position, self.paths, self.stop = settings, options, position, paths, stop
+        self.done = False
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from llmcf.replay import ReplayOptions, replay
+
+        def checkpoint(published: int) -> None:
+            self.position.published = published
+            self.position.save(self.paths.state)
+
+        try:
+            replay(self.settings, ReplayOptions(
+                dataset=self.options.dataset, limit=self.options.limit, rate=self.options.rate, timestamps="now",
+                progress=False, skip=self.position.published, checkpoint_every=200, on_checkpoint=checkpoint,
+                should_stop=self.stop.is_set,
+            ))
+            self.done = not self.stop.is_set()
+        except BaseException as error:  # reported by the watcher, which owns the terminal
+            self.error = error
+
+
+def _watch(settings: Settings, options: DemoOptions, children: list[Child], replayer: _Replayer, window_events: int,
+           window_interactions: int, series: FreshnessSeries, stop: threading.Event) -> str:
+    """Print the status line until done, recording freshness into `series`; returns 'done', 'timeout',
+    'interrupted' or 'failed: why'."""
+    from storage.repository import Repository
+
+    repository = Repository.from_settings(settings)
+    started = time.monotonic()
+    while not stop.wait(STATUS_EVERY_S):
+        for child in children:
+            if child.exited() is not None:
+                return f"failed: llmcf {child.name} exited with status {child.exited()} (see {child.name}.log)"
+        if replayer.error is not None:
+            return f"failed: the replay stopped: {replayer.error}"
+        counts = repository.counts()
+        cots = repository.cot_sample_statuses()
+        latest = series.record(_freshness_samples(options))
+        model = _serving_model(options.port)
+        elapsed = time.monotonic() - started
+        line = (f"[{elapsed:5.0f}s] published {replayer.position.published:,}/{window_events:,}"
+                f" | stored {counts.get('interactions', 0):,} interactions"
+                f" | CoT samples {sum(cots.values()):,}, generated {cots.get('generated', 0):,}"
+                f" | retrievable p99 {_seconds(latest.get('retrievable'))}"
+                f" | model {model or 'none yet'}")
+        print("\r" + line[:200].ljust(200), end="", flush=True)
+        stored_all = counts.get("interactions", 0) >= window_interactions
+        if replayer.done and stored_all and model and cots.get("generated", 0) >= options.min_cots:
+            return "done"
+        if elapsed > options.timeout_s:
+            return "timeout"
+    return "interrupted"
+
+
+def _freshness_samples(options: DemoOptions) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The freshness histograms of every process: each observes its own stages (the worker up to `retrievable` and
+    `cot_retrievable`, the generator `cot_generated`, the ranker `served`), so merging counts nothing twice."""
+    merged: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for port in (options.worker_metrics_port, options.generator_metrics_port, options.port):
+        for name, samples in scrape(port).items():
+            if name.startswith("llmcf_freshness_seconds"):
+                merged.setdefault(name, []).extend(samples)
+    return merged
+
+
+def _serving_model(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            body = json.loads(response.read() or b"{}")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return body.get("model_version") or "ready"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _summary(settings: Settings, options: DemoOptions, paths: DemoPaths, replayer: _Replayer, window_interactions: int,
+             series: FreshnessSeries, outcome: str) -> None:
+    from storage.repository import Repository
+
+    repository = Repository.from_settings(settings)
+    counts = repository.counts()
+    cots = repository.cot_sample_statuses()
+    freshness = _freshness_samples(options)
+    print("== summary" + (" (timed out before everything was ready)" if outcome == "timeout" else ""))
+    print(f"window:     {options.dataset}, {window_interactions:,} interactions, published up to event "
+          f"{replayer.position.published:,}")
+    print("stored:     " + ", ".join(f"{table} {n:,}" for table, n in counts.items()))
+    print(f"CoTs:       {cots.get('generated', 0):,} generated, {cots.get('pending', 0):,} pending "
+          f"(backend {options.backend}; pending samples are retrievable already)")
+    for stage in FRESHNESS_STAGES:
+        bounds, cumulative = freshness_buckets(freshness, stage)
+        p50, p99 = histogram_quantile(0.5, bounds, cumulative), histogram_quantile(0.99, bounds, cumulative)
+        if p50 is not None:
+            print(f"freshness:  {stage:<16} p50 {_seconds(p50):>9}  p99 {_seconds(p99):>9}  (this run, event time)")
+    plot = series.write(paths)
+    if plot:
+        print(f"plot:       {plot} (data: {paths.series})")
+    example = _example_ranking(repository, options.port)
+    if example:
+        print(f"ranked:     {example}")
+    print("\nTry:")
+    print(f"  http://127.0.0.1:{options.port}/docs          the ranker's API (OpenAPI)")
+    print(f"  curl -s -X POST http://127.0.0.1:{options.port}/v1/rank -H 'content-type: application/json' \\")
+    print("       -d '{\"user_id\": \"1\", \"candidates\": [\"1\", \"50\", \"181\"]}'")
+    print(f"  http://127.0.0.1:{options.worker_metrics_port}/metrics   worker, :{options.generator_metrics_port} "
+          f"generator, :{options.updater_metrics_port} updater, :{options.port}/metrics ranker")
+    print(f"  logs in {paths.logs}; `llmcf demo --stop` stops the processes, `llmcf infra down` the broker")
+
+
+def _example_ranking(repository: Any, port: int) -> str | None:
+    """One real `/v1/rank` call for a stored user over a few stored items, as proof the ranker answers."""
+    user, items = repository.sample_user_and_items(5)
+    if user is None:
+        return None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/rank", method="POST",
+                                     data=json.dumps({"user_id": user, "candidates": items}).encode(),
+                                     headers={"content-type": "application/json", **_auth_header()})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        return f"/v1/rank did not answer: {error}"
+    scores = ", ".join(f"{s['item_id']} {s['score']:.3f}" for s in body.get("scores", []))
+    return f"user {user} by model {body.get('model_version')}: {scores}"
+
+
+def _auth_header() -> dict[str, str]:
+    token = os.environ.get("LLMCF_API_TOKEN")
+    return {"authorization": f"Bearer {token}"} if token else {}

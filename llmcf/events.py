@@ -21,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
     ValidationError,
 )
@@ -28,7 +29,9 @@ from pydantic import (
 SCHEMA_VERSION = 1
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=False)]
-Label = Literal[0, 1]
+Label = Annotated[int, Strict(), Field(ge=0, le=1)]
+"""0 or 1 as a JSON integer: `true` and `1.0` are rejected (a Literal[0, 1] would let them through, since True == 1)."""
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 def _rfc3339(value: object) -> object:
@@ -82,7 +85,7 @@ class InteractionEvent(Event):
     item_id: Id
     kind: InteractionKind
     label: Label
-    value: float | None = None
+    value: FiniteFloat | None = None
     ts: Timestamp
     event_id: Id | None = None
 

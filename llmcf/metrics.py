@@ -16,7 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
-FreshnessStage = Literal["ingested", "stored", "retrievable", "cot_generated", "cot_retrievable"]
+FreshnessStage = Literal["ingested", "stored", "retrievable", "cot_generated", "cot_retrievable", "served"]
 
 # From sub-second (live stream) to a day (a backlog being worked off): both must be readable on one dashboard.
 FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 86400)

@@ -9,10 +9,16 @@ Lifecycle: `replay()` returns only after `flush()` has confirmed every record, a
 delivery failed (it stops publishing at the first failure) or records were still undelivered when the flush timed
 out. Ctrl-C stops publishing, flushes what was already handed to the producer, and returns a summary marked
 `interrupted`.
+
+Resuming: `skip` starts after the window's first `skip` events; `on_checkpoint(position)` is called after a flush has
+confirmed every event before `position` (every `checkpoint_every` events and at the end), so a caller that records the
+last position it was given and passes it back as `skip` loses nothing; it may publish up to `checkpoint_every` events
+twice, which the consumers' idempotent upserts absorb (restamped events keep their original identity, see `_restamp`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
@@ -47,6 +53,11 @@ class ReplayOptions:
     end: datetime | None = None
     timestamps: Literal["original", "now"] = "original"
     progress: bool = True
+    skip: int = 0
+    checkpoint_every: int = 1_000
+    on_checkpoint: Callable[[int], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    """Polled before each event: True ends the replay like Ctrl-C does (for callers that run it on a thread)."""
 
 
 @dataclass
@@ -150,15 +161,20 @@ def replay(settings: Settings, options: ReplayOptions) -> ReplaySummary:
     deliveries = _Deliveries()
     bucket = TokenBucket(options.rate) if options.rate else None
     bar = tqdm(
-        total=len(window), unit="ev", unit_scale=True, desc=f"replay {options.dataset}", file=sys.stderr,
+        total=len(window), initial=min(options.skip, len(window)), unit="ev", unit_scale=True,
+        desc=f"replay {options.dataset}", file=sys.stderr,
         disable=not options.progress, mininterval=0.5, smoothing=0.1,
     )
     last_stamp = datetime.min.replace(tzinfo=timezone.utc)
     unreported = 0
     started = time.monotonic()
+    position = options.skip
     try:
-        for event in window:
+        for event in itertools.islice(window, options.skip, None):
             if deliveries.failed:
+                break
+            if options.should_stop and options.should_stop():
+                summary.interrupted = True
                 break
             if bucket:
                 bucket.wait(producer.poll)
@@ -177,10 +193,13 @@ def replay(settings: Settings, options: ReplayOptions) -> ReplaySummary:
                 moment = event.created_at
             summary.first_event_at = summary.first_event_at or moment
             summary.last_event_at = moment
+            position += 1
             unreported += 1
             if unreported == PROGRESS_EVERY:
                 bar.update(unreported)
                 unreported = 0
+            if options.on_checkpoint and (position - options.skip) % options.checkpoint_every == 0:
+                _checkpoint(producer, deliveries, position, options.on_checkpoint)
     except KeyboardInterrupt:
         summary.interrupted = True
         log.warning("interrupted: flushing the %d events already handed to the producer", summary.events)
@@ -189,6 +208,8 @@ def replay(settings: Settings, options: ReplayOptions) -> ReplaySummary:
         bar.close()
     undelivered = producer.flush(FLUSH_TIMEOUT_S)
     summary.duration_s = time.monotonic() - started
+    if options.on_checkpoint and not undelivered and not deliveries.failed:
+        options.on_checkpoint(position)
 
     if deliveries.failed:
         first_error = deliveries.first_error.str() if deliveries.first_error else "unknown"
@@ -215,9 +236,17 @@ def _produce(producer: Producer, topic: str, key: str, value: bytes, deliveries:
     producer.poll(0)
 
 
+def _checkpoint(producer: Producer, deliveries: _Deliveries, position: int, on_checkpoint: Callable[[int], None]) -> None:
+    """Report `position` only once every earlier event is confirmed; a failed delivery reports nothing."""
+    if producer.flush(FLUSH_TIMEOUT_S) == 0 and not deliveries.failed:
+        on_checkpoint(position)
+
+
 def _restamp(event: ItemEvent | InteractionEvent, moment: datetime) -> ItemEvent | InteractionEvent:
+    """The event at publish time. An interaction keeps the id it had at its original time, so publishing the same
+    rating again (a resumed replay) is the same event to every consumer, not a new one."""
     if isinstance(event, InteractionEvent):
-        return event.model_copy(update={"ts": moment})
+        return event.model_copy(update={"ts": moment, "event_id": event.interaction_id})
     return event.model_copy(update={"created_at": moment})
 
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLMCF_QDRANT_COLLECTION", "cot_examples", "Collection (server) or shard directory (embedded) of in-context examples."),
     Setting("LLMCF_LOG_LEVEL", "INFO", "Log level of every process (DEBUG, INFO, WARNING, ERROR)."),
     Setting("LLMCF_METRICS_PORT", None, "Port of the process's Prometheus `/metrics` endpoint; unset = the command's own "
-            "default (worker 9101, generator 9102; the ranker serves `/metrics` on its API port); 0 = none."),
+            "default (worker 9101, generator 9102, updater 9103; the ranker serves `/metrics` on its API port); 0 = none."),
     Setting("LLMCF_COT_SAMPLE_RATE", "0.1", "Share of labelled interactions that get a chain of thought (the paper: 1/10)."),
     Setting("LLMCF_COLD_START_WINDOW_S", "86400", "Interactions on items younger than this (event time, seconds) always "
             "get a chain of thought: priority for new items."),
@@ -55,9 +56,34 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLMCF_GENERATOR_DEVICE", "auto", "transformers: `cpu`, `cuda:N`, or `auto` (the first GPU if there is one)."),
     Setting("LLMCF_OPENAI_BASE_URL", None, "openai backend: base URL of an OpenAI-compatible server, e.g. `http://vllm:8000/v1`."),
     Setting("LLMCF_OPENAI_API_KEY", None, "openai backend: API key.", secret=True),
+    Setting("LLMCF_RANKER_HOST", "127.0.0.1", "`llmcf serve`: address the ranker's HTTP API listens on (0.0.0.0 in a container)."),
+    Setting("LLMCF_RANKER_PORT", "8000", "`llmcf serve`: port of `/v1/rank`, `/healthz`, `/readyz`, `/metrics` and `/docs`."),
+    Setting("LLMCF_RANKER_KIND", "deepfm+ict", "`llmcf serve`: model kind served (deepfm, deepfm+ict, din, din+ict): the newest "
+            "'serving' model_versions row of that kind."),
+    Setting("LLMCF_RANKER_THREADS", "1", "`llmcf serve`: onnxruntime intra-op threads per scoring call (pinned)."),
+    Setting("LLMCF_RANKER_MAX_INFLIGHT", "8", "`llmcf serve`: requests scored at once (and scoring threads); beyond that "
+            "`/v1/rank` answers 503 overloaded with Retry-After: 1. Scoring is CPU-bound, so latency grows with this "
+            "number times one request's cost: a few per core keeps it bounded."),
+    Setting("LLMCF_RANKER_MAX_BODY_BYTES", "262144", "`llmcf serve`: largest `/v1/rank` request body; larger ones get 413."),
+    Setting("LLMCF_RANKER_MODEL_POLL_S", "5", "`llmcf serve`: seconds between checks for a newer 'serving' model version "
+            "(hot swap)."),
+    Setting("LLMCF_RANKER_POOL_SYNC_S", "1", "`llmcf serve` on the embedded index: seconds between syncs of the ranker's own "
+            "replica shard (`$LLMCF_HOME/ranker-index/`) from the stored CoT samples."),
+    Setting("LLMCF_API_TOKEN", None, "`llmcf serve`: when set, `/v1/rank` requires `Authorization: Bearer <token>` "
+            "(`/healthz`, `/readyz`, `/metrics` stay open).", secret=True),
+    Setting("LLMCF_UPDATE_INTERVAL_S", "300", "`llmcf update`: seconds between update rounds."),
+    Setting("LLMCF_UPDATE_WINDOW_S", "604800", "`llmcf update`: event-time span of the newest stored interactions each round "
+            "fine-tunes and validates on (its newest share is the holdout)."),
+    Setting("LLMCF_UPDATE_MAX_SAMPLES", "100000", "`llmcf update`: at most this many (the latest) interactions of the window."),
+    Setting("LLMCF_UPDATE_HOLDOUT_FRACTION", "0.1", "`llmcf update`: newest share of the window (by event time) held out to "
+            "compare the candidate with the serving model; the same share before it is the validation slice."),
+    Setting("LLMCF_UPDATE_MAX_AUC_DROP", "0.0", "`llmcf update`: a candidate whose holdout AUC is below the serving model's "
+            "by more than this is recorded as 'rejected' instead of promoted."),
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
+RANKER_KINDS = ("deepfm", "deepfm+ict", "din", "din+ict")
+"""`ranker.model.ModelConfig.kind` values (kept here so reading settings does not import torch)."""
 
 
 def _value(environ: Mapping[str, str], env: str) -> str | None:
@@ -133,6 +159,20 @@ class Settings:
     generator_device: str
     openai_base_url: str | None
     openai_api_key: str | None
+    ranker_host: str = "127.0.0.1"
+    ranker_port: int = 8000
+    ranker_kind: str = "deepfm+ict"
+    ranker_threads: int = 1
+    ranker_max_inflight: int = 64
+    ranker_max_body_bytes: int = 262_144
+    ranker_model_poll_s: float = 5.0
+    ranker_pool_sync_s: float = 1.0
+    api_token: str | None = None
+    update_interval_s: float = 300.0
+    update_window_s: float = 604_800.0
+    update_max_samples: int = 100_000
+    update_holdout_fraction: float = 0.1
+    update_max_auc_drop: float = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -167,6 +207,20 @@ class Settings:
             generator_device=_value(env, "LLMCF_GENERATOR_DEVICE") or "auto",
             openai_base_url=_value(env, "LLMCF_OPENAI_BASE_URL"),
             openai_api_key=_value(env, "LLMCF_OPENAI_API_KEY"),
+            ranker_host=_value(env, "LLMCF_RANKER_HOST") or "127.0.0.1",
+            ranker_port=_integer(env, "LLMCF_RANKER_PORT", 1),
+            ranker_kind=_choice(env, "LLMCF_RANKER_KIND", RANKER_KINDS),
+            ranker_threads=_integer(env, "LLMCF_RANKER_THREADS", 1),
+            ranker_max_inflight=_integer(env, "LLMCF_RANKER_MAX_INFLIGHT", 1),
+            ranker_max_body_bytes=_integer(env, "LLMCF_RANKER_MAX_BODY_BYTES", 1024),
+            ranker_model_poll_s=_number(env, "LLMCF_RANKER_MODEL_POLL_S", 0.05),
+            ranker_pool_sync_s=_number(env, "LLMCF_RANKER_POOL_SYNC_S", 0.05),
+            api_token=_value(env, "LLMCF_API_TOKEN"),
+            update_interval_s=_number(env, "LLMCF_UPDATE_INTERVAL_S", 1.0),
+            update_window_s=_number(env, "LLMCF_UPDATE_WINDOW_S", 60.0),
+            update_max_samples=_integer(env, "LLMCF_UPDATE_MAX_SAMPLES", 100),
+            update_holdout_fraction=_fraction(env, "LLMCF_UPDATE_HOLDOUT_FRACTION"),
+            update_max_auc_drop=_number(env, "LLMCF_UPDATE_MAX_AUC_DROP", 0.0),
         )
 
     def describe(self) -> list[tuple[str, str]]:
@@ -178,7 +232,19 @@ class Settings:
             value = getattr(self, field.name)
             if field.name == "database_url":
                 value = make_url(value).render_as_string(hide_password=True)
-            elif field.name in {"kafka_sasl_password", "qdrant_api_key", "openai_api_key"} and value:
+            elif field.name in {"kafka_sasl_password", "qdrant_api_key", "openai_api_key", "api_token"} and value:
                 value = "***"
+            elif field.name in {"qdrant_url", "openai_base_url"} and value:
+                value = without_credentials(value)
             shown.append((field.name, "" if value is None else str(value)))
         return shown
+
+
+def without_credentials(url: str) -> str:
+    """`url` safe to print or log: a user name and password in it (`http://user:secret@host`) become `***@`."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

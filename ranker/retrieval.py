@@ -98,12 +98,14 @@ class Retrieval:
 class _Block:
     """The hits of one search as arrays, for exact re-ranking; records are built only for the hits picked."""
 
-    hits: list[Hit]
+    keys: np.ndarray  # (n,) object
+    items: np.ndarray  # (n,) object
     history: np.ndarray  # (n, 384) unit rows (or zeros)
     target: np.ndarray  # (n, 384)
     label: np.ndarray  # (n,)
     ts: np.ndarray  # (n,)
     user: np.ndarray  # (n,) object
+    generated: np.ndarray  # (n,) bool
 
     @classmethod
     def from_hits(cls, hits: list[Hit]) -> _Block:
@@ -112,26 +114,37 @@ class _Block:
             raise ValueError("example hits must be searched with_vectors=True")
         vectors = np.stack([h.vector for h in hits]) if n else np.zeros((0, 2 * EMBEDDING_DIMENSION), np.float32)
         return cls(
-            hits=hits,
+            keys=np.array([h.key for h in hits], dtype=object),
+            items=np.array([str(h.payload["item_id"]) for h in hits], dtype=object),
             history=_unit_rows(vectors[:, :EMBEDDING_DIMENSION]),
             target=_unit_rows(vectors[:, EMBEDDING_DIMENSION:]),
             label=np.fromiter((int(h.payload["label"]) for h in hits), dtype=np.int64, count=n),
             ts=np.fromiter((int(h.payload["ts"]) for h in hits), dtype=np.int64, count=n),
             user=np.array([str(h.payload["user_id"]) for h in hits], dtype=object),
+            generated=np.fromiter((h.payload.get("status") == GENERATED for h in hits), dtype=bool, count=n),
         )
 
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def concatenate(cls, blocks: Sequence[_Block]) -> _Block:
+        return cls(*(np.concatenate([getattr(b, name) for b in blocks]) for name in _BLOCK_FIELDS))
+
     def record(self, i: int) -> ExampleRecord:
-        hit = self.hits[i]
         return ExampleRecord(
-            key=hit.key,
-            user_id=str(hit.payload["user_id"]),
-            item_id=str(hit.payload["item_id"]),
+            key=str(self.keys[i]),
+            user_id=str(self.user[i]),
+            item_id=str(self.items[i]),
             label=int(self.label[i]),
             ts_ms=int(self.ts[i]),
             history_vector=self.history[i],
             target_vector=self.target[i],
-            generated=hit.payload.get("status") == GENERATED,
+            generated=bool(self.generated[i]),
         )
+
+
+_BLOCK_FIELDS = ("keys", "items", "history", "target", "label", "ts", "user", "generated")
 
 
 class ExampleRetriever:
@@ -181,20 +194,21 @@ class ExampleRetriever:
         groups, group_of = self._history_groups(queries)
         group_blocks = self._search_history_groups(groups)
         item_blocks = self._search_items(queries)
+        table, rows = _candidate_rows(queries, group_blocks, group_of, item_blocks)
+        picked = self._choose(queries, table, rows)  # (B, K) rows of `table`, -1 = none
 
         records: list[ExampleRecord] = []
-        position: dict[str, int] = {}
+        position: dict[int, int] = {}
         slots = np.full((len(queries), self.k), -1, dtype=np.int64)
         for row, query in enumerate(queries):
-            chosen = self._choose(query, group_blocks[group_of[row]], item_blocks.get(query.item_id, EMPTY_BLOCK))
             order = _PERMUTATIONS_OF_4[_seed(query) % len(_PERMUTATIONS_OF_4)]
-            for slot, record in zip(order.tolist(), chosen, strict=False):
-                if record is None:
+            for slot, chosen in zip(order.tolist(), picked[row].tolist(), strict=True):
+                if chosen < 0:
                     continue
-                if record.key not in position:
-                    position[record.key] = len(records)
-                    records.append(record)
-                slots[row, slot] = position[record.key]
+                if chosen not in position:
+                    position[chosen] = len(records)
+                    records.append(table.record(chosen))
+                slots[row, slot] = position[chosen]
         return Retrieval(self._with_details(records), slots)
 
     def _with_details(self, records: list[ExampleRecord]) -> list[ExampleRecord]:
@@ -294,37 +308,75 @@ class ExampleRetriever:
 
     # ---- exact re-ranking -----------------------------------------------------------------------------------------
 
-    def _choose(self, query: ExampleQuery, *blocks: _Block) -> list[ExampleRecord | None]:
-        """Top positives then top negatives by 0.5<h,h'> + 0.5<t,t'> over the blocks' union, leak-free, padded with
-        None to K."""
-        scores, labels, allowed, owners = [], [], [], []
-        for number, block in enumerate(blocks):
-            if not block.hits:
-                continue
-            scores.append(0.5 * (block.history @ query.history_vector) + 0.5 * (block.target @ query.target_vector))
-            labels.append(block.label)
-            allowed.append(~((block.user == query.user_id) & (block.ts > query.ts_ms)))
-            owners.extend((number, i) for i in range(len(block.hits)))
-        if not owners:
-            return [None] * self.k
-        score, label, ok = np.concatenate(scores), np.concatenate(labels), np.concatenate(allowed)
-        order = np.argsort(-score, kind="stable")
-        chosen: list[ExampleRecord | None] = []
+    def _choose(self, queries: Sequence[ExampleQuery], table: _Block, rows: np.ndarray) -> np.ndarray:
+        """For each query, the top positives then the top negatives by 0.5<h,h'> + 0.5<t,t'> among its candidate
+        rows of `table` (`rows[b]`, -1 padded, group hits first then item hits), leak-free, never itself, each stored
+        sample once; ties go to the earlier candidate. Returns (B, K) table rows, -1 where too few were found."""
+        picked = np.full((len(queries), self.k), -1, dtype=np.int64)
+        if rows.shape[1] == 0 or len(table) == 0:
+            return picked
+        present = rows >= 0
+        safe = np.where(present, rows, 0)
+        history = np.stack([q.history_vector for q in queries])
+        target = np.stack([q.target_vector for q in queries])
+        score = 0.5 * np.einsum("bwd,bd->bw", table.history[safe], history) + 0.5 * np.einsum(
+            "bwd,bd->bw", table.target[safe], target)
+        users = np.array([q.user_id for q in queries], dtype=object)[:, None]
+        times = np.array([q.ts_ms for q in queries], dtype=np.int64)[:, None]
+        leak = (table.user[safe] == users) & (table.ts[safe] > times)
+        excluded = np.array([q.exclude_key for q in queries], dtype=object)[:, None]
+        allowed = present & ~leak & (table.keys[safe] != excluded) & ~_repeated_in_row(table.keys, safe, present)
+        label = table.label[safe]
+        column = 0
         for wanted_label, wanted in ((1, self.positives), (0, self.negatives)):
-            taken: list[ExampleRecord] = []
-            seen: set[str] = set()
-            for i in order[(label[order] == wanted_label) & ok[order]].tolist():
-                number, position = owners[i]
-                key = blocks[number].hits[position].key
-                if key in seen or key == query.exclude_key:
-                    continue
-                seen.add(key)
-                taken.append(blocks[number].record(position))
-                if len(taken) == wanted:
-                    break
-            chosen.extend(taken)
-            chosen.extend([None] * (wanted - len(taken)))
-        return chosen
+            eligible = allowed & (label == wanted_label)
+            best = np.argsort(-np.where(eligible, score, -np.inf), axis=1, kind="stable")[:, :wanted]
+            found = np.take_along_axis(eligible, best, axis=1)
+            width = best.shape[1]
+            picked[:, column:column + width] = np.where(found, np.take_along_axis(safe, best, axis=1), -1)
+            column += wanted
+        # Positives and negatives each padded at the end of their own part, as the shuffle expects.
+        return picked
+
+
+def _candidate_rows(queries: Sequence[ExampleQuery], group_blocks: list[_Block], group_of: list[int],
+                    item_blocks: dict[str, _Block]) -> tuple[_Block, np.ndarray]:
+    """One table of every hit found (each block once) and, per query, its candidates' rows: its history group's hits
+    then its target item's hits, -1 padded."""
+    blocks: list[_Block] = []
+    offsets: dict[int, int] = {}
+    start = 0
+    for block in [*group_blocks, *item_blocks.values()]:
+        if id(block) not in offsets:
+            offsets[id(block)] = start
+            blocks.append(block)
+            start += len(block)
+    table = _Block.concatenate(blocks) if blocks else EMPTY_BLOCK
+    spans = []
+    for row, query in enumerate(queries):
+        group = group_blocks[group_of[row]]
+        item = item_blocks.get(query.item_id, EMPTY_BLOCK)
+        spans.append(np.concatenate([offsets[id(group)] + np.arange(len(group)),
+                                     offsets.get(id(item), 0) + np.arange(len(item))]))
+    width = max((len(span) for span in spans), default=0)
+    rows = np.full((len(queries), width), -1, dtype=np.int64)
+    for row, span in enumerate(spans):
+        rows[row, :len(span)] = span
+    return table, rows
+
+
+def _repeated_in_row(keys: np.ndarray, safe: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """True where a row's candidate repeats a stored sample already listed earlier in that row (a hit of both the
+    history and the item search): the earlier one stands for it, with the same score."""
+    _, codes = np.unique(keys, return_inverse=True)
+    row_codes = np.where(present, codes[safe], -1 - np.arange(safe.shape[1]))  # padding never repeats
+    order = np.argsort(row_codes, axis=1, kind="stable")
+    ordered = np.take_along_axis(row_codes, order, axis=1)
+    repeated_sorted = np.zeros_like(present)
+    repeated_sorted[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    repeated = np.zeros_like(present)
+    np.put_along_axis(repeated, order, repeated_sorted, axis=1)
+    return repeated
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:

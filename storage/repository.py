@@ -9,6 +9,11 @@ Contracts, for every method:
   executed for all rows at once (executemany); keys repeated inside a batch are collapsed first (highest version kept),
   because PostgreSQL refuses a statement that touches one row twice. Rows go in key order, so two concurrent batches
   lock shared rows in the same order and cannot deadlock each other.
+- The stream worker's two hot writes (interactions with their users, pending CoT samples) take a faster road on
+  PostgreSQL with the same semantics: the batch is copied (binary `COPY FROM STDIN`, rows formatted by psycopg's C
+  code) into a session-local staging table, then one `INSERT ... SELECT DISTINCT ON (key) ... ORDER BY key, version
+  DESC` statement collapses, orders and upserts it in the server. SQLAlchemy's per-row processing, which held the GIL
+  for ~60 us per interaction, is gone; errors are raised as the same `sqlalchemy.exc` classes.
 - Two tables merge instead of replacing: `users` (see `upsert_interactions`) and `cot_samples`, whose request and
   result halves are versioned separately (see `upsert_cot_samples` and `complete_cot_samples`).
 - All values travel as bound parameters. Timestamps must be timezone-aware and come back as UTC.
@@ -24,12 +29,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, TypeVar
 
 import numpy as np
+import orjson
 from sqlalchemy import Engine, Table, and_, case, create_engine, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.expression import ColumnElement
 
 from llmcf.events import CotRequest, CotResult, InteractionEvent, ItemEvent, epoch_ms
@@ -196,6 +203,158 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class InteractionRow(NamedTuple):
+    """An interaction as stored, without the event model: what the stream worker decodes into, with the id and the
+    version (event time in ms) computed once."""
+
+    interaction_id: str
+    user_id: str
+    item_id: str
+    kind: str
+    label: int
+    value: float | None
+    ts: datetime
+    version: int
+
+    @classmethod
+    def from_event(cls, event: InteractionEvent) -> "InteractionRow":
+        return cls(event.interaction_id, event.user_id, event.item_id, event.kind, event.label, event.value, event.ts,
+                   event.version)
+
+
+class PendingSampleRow(NamedTuple):
+    """The request half of a CoT sample, without the `CotRequest` model: `history` is the (item id, label) of each
+    history entry, oldest first; `version` is `requested_at` in epoch ms."""
+
+    sample_id: str
+    user_id: str
+    item_id: str
+    label: int
+    ts: datetime
+    history: Sequence[tuple[str, int]]
+    reason: str
+    version: int
+
+    @classmethod
+    def from_request(cls, request: CotRequest) -> "PendingSampleRow":
+        return cls(request.request_id, request.user_id, request.item_id, request.label, request.ts,
+                   [(h.item_id, h.label) for h in request.history], request.reason, epoch_ms(request.requested_at))
+
+
+def _history_json(history: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    return [{"item_id": item_id, "label": label} for item_id, label in history]
+
+
+def _require_aware(rows: Sequence[InteractionRow] | Sequence[PendingSampleRow]) -> None:
+    """The `UTCDateTime` rule, checked before anything is written (the COPY road bypasses column types)."""
+    for row in rows:
+        if row.ts.tzinfo is None or row.ts.utcoffset() is None:
+            raise ValueError(f"naive datetime {row.ts!r}: storage needs timezone-aware timestamps")
+
+
+# PostgreSQL staging tables of the COPY road: one per session (temporary), emptied at every commit, `ord` numbering
+# rows in copy order so that DISTINCT ON keeps the first row among equal versions, like `_latest_per_key`.
+_INTERACTIONS_IN = "llmcf_interactions_in"
+_PENDING_SAMPLES_IN = "llmcf_pending_samples_in"
+_STAGING_COLUMNS = {
+    _INTERACTIONS_IN: (
+        ("interaction_id", "text"), ("user_id", "text"), ("item_id", "text"), ("kind", "text"), ("label", "int2"),
+        ("value", "float8"), ("ts", "timestamptz"), ("version", "int8"),
+    ),
+    _PENDING_SAMPLES_IN: (
+        ("sample_id", "text"), ("user_id", "text"), ("item_id", "text"), ("label", "int2"), ("ts", "timestamptz"),
+        ("history", "text"), ("reason", "text"), ("version", "int8"),
+    ),
+}
+_STAGING_DDL = tuple(
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} (ord bigint GENERATED ALWAYS AS IDENTITY, "
+    + ", ".join(f"{column} {kind}" for column, kind in columns)
+    + ") ON COMMIT DELETE ROWS"
+    for name, columns in _STAGING_COLUMNS.items()
+)
+
+
+def _set_excluded(columns: Iterable[str]) -> str:
+    return ", ".join(f"{column} = excluded.{column}" for column in columns)
+
+
+_INTERACTION_COLUMNS = (*(name for name, _ in _STAGING_COLUMNS[_INTERACTIONS_IN]), "stored_at")
+_LATEST_INTERACTIONS = (
+    f"SELECT DISTINCT ON (interaction_id) * FROM {_INTERACTIONS_IN} ORDER BY interaction_id, version DESC, ord"
+)
+_PG_UPSERT_INTERACTIONS = (
+    f"INSERT INTO interactions ({', '.join(_INTERACTION_COLUMNS)}) "
+    f"SELECT {', '.join('%(stored_at)s' if c == 'stored_at' else c for c in _INTERACTION_COLUMNS)} "
+    f"FROM ({_LATEST_INTERACTIONS}) AS batch ORDER BY interaction_id "
+    f"ON CONFLICT (interaction_id) DO UPDATE SET "
+    f"{_set_excluded(c for c in _INTERACTION_COLUMNS if c != 'interaction_id')} "
+    f"WHERE interactions.version < excluded.version"
+)
+_PG_MERGE_USERS = (
+    "INSERT INTO users (user_id, first_seen_at, last_seen_at, interactions, version) "
+    f"SELECT user_id, min(ts), max(ts), 0, max(version) FROM ({_LATEST_INTERACTIONS}) AS batch "
+    "GROUP BY user_id ORDER BY user_id "
+    "ON CONFLICT (user_id) DO UPDATE SET first_seen_at = LEAST(users.first_seen_at, excluded.first_seen_at), "
+    "last_seen_at = GREATEST(users.last_seen_at, excluded.last_seen_at), version = GREATEST(users.version, excluded.version)"
+)
+_PG_RECOUNT_USERS = (
+    "UPDATE users SET interactions = (SELECT count(*) FROM interactions WHERE interactions.user_id = users.user_id) "
+    f"WHERE users.user_id IN (SELECT user_id FROM {_INTERACTIONS_IN})"
+)
+_REQUEST_FIELDS = ("user_id", "item_id", "label", "ts", "history", "reason", "stored_at", "version")
+_PG_UPSERT_PENDING_SAMPLES = (
+    "INSERT INTO cot_samples (sample_id, user_id, item_id, label, ts, history, reason, status, stored_at, version) "
+    "SELECT DISTINCT ON (sample_id) sample_id, user_id, item_id, label, ts, history::json, reason, 'pending', "
+    f"%(stored_at)s, version FROM {_PENDING_SAMPLES_IN} ORDER BY sample_id, version DESC, ord "
+    f"ON CONFLICT (sample_id) DO UPDATE SET {_set_excluded(_REQUEST_FIELDS)} "
+    "WHERE cot_samples.version < excluded.version"
+)
+_STAGING_READY = "llmcf_staging_ready"
+
+
+def _ensure_staging(conn: Connection) -> None:
+    """Create this session's staging tables once per database connection, committed on their own: a table created
+    inside a batch's transaction would vanish with that transaction's rollback."""
+    info = conn.connection.info
+    if not info.get(_STAGING_READY):
+        for statement in _STAGING_DDL:
+            conn.exec_driver_sql(statement)
+        conn.commit()
+        info[_STAGING_READY] = True
+
+
+def _pipeline(conn: Connection, statements: Sequence[tuple[str, Mapping[str, Any] | None]]) -> None:
+    """Run `statements` in this transaction in one round trip (psycopg's pipeline mode), errors raised like
+    `_copy_rows`'s."""
+    import psycopg
+
+    driver = conn.connection.driver_connection
+    try:
+        with driver.cursor() as cursor, driver.pipeline():
+            for statement, parameters in statements:
+                cursor.execute(statement, parameters)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance("; ".join(s for s, _ in statements), None, exc, psycopg.Error) from exc
+
+
+def _copy_rows(conn: Connection, staging: str, rows: Iterable[Sequence[Any]]) -> None:
+    """Binary COPY of `rows` (tuples in `_STAGING_COLUMNS` order) into a staging table, in this transaction.
+
+    psycopg's own errors are raised as their `sqlalchemy.exc` counterparts (DataError for a NUL in a string,
+    OperationalError for a lost server), like every other statement of the repository."""
+    import psycopg
+
+    columns = _STAGING_COLUMNS[staging]
+    statement = f"COPY {staging} ({', '.join(name for name, _ in columns)}) FROM STDIN (FORMAT BINARY)"
+    try:
+        with conn.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
+            copy.set_types([kind for _, kind in columns])
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
+
+
 class Repository:
     """Batch upserts and reads over one engine. Thread-safe (the engine pools connections); `close()` releases them."""
 
@@ -203,6 +362,8 @@ class Repository:
         self.engine = engine
         dialect = engine.dialect.name
         self._insert: Callable[[Table], Any] = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        # The COPY road needs psycopg 3 (the driver `normalize_database_url` picks); any other driver takes the other.
+        self._copy_road = dialect == "postgresql" and engine.dialect.driver == "psycopg"
 
     @classmethod
     def from_url(cls, url: str | URL) -> "Repository":
@@ -256,26 +417,23 @@ class Repository:
         Users keep the earliest first_seen_at and latest last_seen_at ever seen; their `interactions` count is
         recounted from the interactions table for the users in the batch, so re-deliveries never inflate it.
         """
-        stored_at = _now()
-        rows = _latest_per_key(
-            (
-                {
-                    "interaction_id": event.interaction_id,
-                    "user_id": event.user_id,
-                    "item_id": event.item_id,
-                    "kind": event.kind,
-                    "label": event.label,
-                    "value": event.value,
-                    "ts": event.ts,
-                    "version": event.version,
-                    "stored_at": stored_at,
-                }
-                for event in interactions
-            ),
-            key="interaction_id",
-        )
-        if not rows:
+        return self.upsert_interaction_rows([InteractionRow.from_event(event) for event in interactions])
+
+    def upsert_interaction_rows(self, interactions: Sequence[InteractionRow]) -> int:
+        """`upsert_interactions` for rows decoded without the event model (the stream worker's hot path)."""
+        if not interactions:
             return 0
+        _require_aware(interactions)
+        stored_at = _now()
+        if self._copy_road:
+            with self.engine.connect() as conn:
+                _ensure_staging(conn)
+                with conn.begin():
+                    _copy_rows(conn, _INTERACTIONS_IN, interactions)
+                    _pipeline(conn, [(_PG_UPSERT_INTERACTIONS, {"stored_at": stored_at}), (_PG_MERGE_USERS, None),
+                                     (_PG_RECOUNT_USERS, None)])
+            return len({row.interaction_id for row in interactions})
+        rows = _latest_per_key(({**row._asdict(), "stored_at": stored_at} for row in interactions), key="interaction_id")
         users: dict[str, dict[str, Any]] = {}
         for row in rows:
             user = users.setdefault(
@@ -299,36 +457,41 @@ class Repository:
         `requested_at` than the one stored; status and CoT fields are never touched, so a sample that is already
         'generated' stays generated whatever order requests and results arrive in.
         """
+        return self.upsert_pending_samples([PendingSampleRow.from_request(request) for request in requests])
+
+    def upsert_pending_samples(self, samples: Sequence[PendingSampleRow]) -> int:
+        """`upsert_cot_samples` for rows built without the `CotRequest` model (the stream worker's hot path)."""
+        if not samples:
+            return 0
+        _require_aware(samples)
         stored_at = _now()
+        if self._copy_road:
+            with self.engine.connect() as conn:
+                _ensure_staging(conn)
+                with conn.begin():
+                    _copy_rows(conn, _PENDING_SAMPLES_IN, (
+                        (r.sample_id, r.user_id, r.item_id, r.label, r.ts, orjson.dumps(_history_json(r.history)).decode(),
+                         r.reason, r.version)
+                        for r in samples
+                    ))
+                    conn.exec_driver_sql(_PG_UPSERT_PENDING_SAMPLES, {"stored_at": stored_at})
+            return len({row.sample_id for row in samples})
         rows = _latest_per_key(
             (
-                {
-                    "sample_id": request.request_id,
-                    "user_id": request.user_id,
-                    "item_id": request.item_id,
-                    "label": request.label,
-                    "ts": request.ts,
-                    "history": [{"item_id": h.item_id, "label": h.label} for h in request.history],
-                    "reason": request.reason,
-                    "status": "pending",
-                    "stored_at": stored_at,
-                    "version": epoch_ms(request.requested_at),
-                }
-                for request in requests
+                {**row._asdict(), "history": _history_json(row.history), "status": "pending", "stored_at": stored_at}
+                for row in samples
             ),
             key="sample_id",
         )
-        if rows:
-            table = CotSample.__table__
-            stmt = self._insert(table)
-            request_fields = ("user_id", "item_id", "label", "ts", "history", "reason", "stored_at", "version")
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["sample_id"],
-                set_={name: stmt.excluded[name] for name in request_fields},
-                where=table.c.version < stmt.excluded.version,
-            )
-            with self.engine.begin() as conn:
-                conn.execute(stmt, rows)
+        table = CotSample.__table__
+        stmt = self._insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["sample_id"],
+            set_={name: stmt.excluded[name] for name in _REQUEST_FIELDS},
+            where=table.c.version < stmt.excluded.version,
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt, rows)
         return len(rows)
 
     def complete_cot_samples(self, results: Sequence[CotResult]) -> int:
@@ -473,6 +636,13 @@ class Repository:
             ).mappings().first()
         return None if row is None else ModelVersionRecord(**row)
 
+    def get_model_version(self, version_id: str) -> ModelVersionRecord | None:
+        """The version `version_id` whatever its status, or None."""
+        table = ModelVersion.__table__
+        with self.engine.connect() as conn:
+            row = conn.execute(select(table).where(table.c.version_id == version_id)).mappings().first()
+        return None if row is None else ModelVersionRecord(**row)
+
     def get_items(self, item_ids: Iterable[str]) -> dict[str, StoredItem]:
         """The stored items among `item_ids`, by id (missing ids are simply absent)."""
         return {row.item_id: row for row in self._get_by_ids(Item.__table__, "item_id", item_ids, StoredItem)}
@@ -492,6 +662,33 @@ class Repository:
         """Every CoT sample (pending and generated) with start <= ts < end, ordered by (ts, sample_id), paged like
         `iter_interactions` (the ranker's training pool)."""
         return self._iter_by_time(CotSample.__table__, "sample_id", StoredCotSample, start, end, batch_size)
+
+    def cot_samples_changed_since(self, moment: datetime | None, batch_size: int = 5_000) -> Iterator[StoredCotSample]:
+        """CoT samples stored (request) or completed (result) at or after `moment` (all, when None), ordered by their
+        latest change (the later of `stored_at` and `cot_stored_at`, then sample_id), keyset-paginated like
+        `iter_interactions`. For replicas of the example pool: `stored_at` is taken before the writing transaction
+        commits, so a follower must re-read with some overlap behind its cursor (re-applying a row is harmless)."""
+        table = CotSample.__table__
+        changed = case(
+            (and_(table.c.cot_stored_at.is_not(None), table.c.cot_stored_at > table.c.stored_at), table.c.cot_stored_at),
+            else_=table.c.stored_at,
+        )
+        position: tuple[datetime, str] | None = None
+        while True:
+            query = select(table)
+            if moment is not None:
+                query = query.where(or_(table.c.stored_at >= moment, table.c.cot_stored_at >= moment))
+            if position is not None:
+                last_changed, last_id = position
+                query = query.where(or_(changed > last_changed, and_(changed == last_changed, table.c.sample_id > last_id)))
+            query = query.order_by(changed, table.c.sample_id).limit(batch_size)
+            with self.engine.connect() as conn:
+                batch = [StoredCotSample(**row) for row in conn.execute(query).mappings()]
+            yield from batch
+            if len(batch) < batch_size:
+                return
+            last = batch[-1]
+            position = (max(last.stored_at, last.cot_stored_at or last.stored_at), last.sample_id)
 
     def user_history(
         self, user_id: str, limit: int = 20, before: datetime | None = None
@@ -545,6 +742,22 @@ class Repository:
             return {
                 table.name: conn.execute(select(func.count()).select_from(table)).scalar_one() for table in TABLES
             }
+
+    def cot_sample_statuses(self) -> dict[str, int]:
+        """CoT samples per status ('pending', 'generated')."""
+        table = CotSample.__table__
+        with self.engine.connect() as conn:
+            return dict(conn.execute(select(table.c.status, func.count()).group_by(table.c.status)).tuples().all())
+
+    def sample_user_and_items(self, n_items: int) -> tuple[str | None, list[str]]:
+        """The most active user and the `n_items` most interacted items (for a demo ranking); (None, []) if empty."""
+        interactions = Interaction.__table__
+        with self.engine.connect() as conn:
+            user = conn.execute(select(interactions.c.user_id).group_by(interactions.c.user_id)
+                                .order_by(func.count().desc(), interactions.c.user_id).limit(1)).scalar()
+            items = conn.execute(select(interactions.c.item_id).group_by(interactions.c.item_id)
+                                 .order_by(func.count().desc(), interactions.c.item_id).limit(n_items)).scalars().all()
+        return user, list(items)
 
     # ---- statements ---------------------------------------------------------------------------------------------
 

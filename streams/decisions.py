@@ -15,7 +15,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
-from llmcf.events import deterministic_id
 from llmcf.settings import Settings
 
 CotReason = Literal["sampled", "cold_start"]
@@ -50,5 +49,6 @@ def sample_fraction(interaction_id: str) -> float:
 
 
 def cot_request_id(interaction_id: str) -> str:
-    """The CoT request (and sample, and vector point) id of an interaction: one interaction, one request, ever."""
-    return deterministic_id("cot-request", interaction_id)
+    """The CoT request (and sample, and vector point) id of an interaction: one interaction, one request, ever.
+    Equal to `deterministic_id("cot-request", interaction_id)`, spelt out because it runs for every sample."""
+    return hashlib.sha256(("cot-request\x1f" + interaction_id).encode()).hexdigest()[:32]

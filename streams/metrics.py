@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 from prometheus_client import Counter, Histogram
+
+from llmcf.metrics import FRESHNESS, FreshnessStage, observe_many
 
 WRITE_FAILURES = Counter(
     "llmcf_worker_write_failures_total",
@@ -26,3 +31,9 @@ COT_DECISIONS = Counter(
     "Samples sent for a chain of thought, by reason (sampled, cold_start).",
     ["reason"],
 )
+
+
+def observe_freshness_ms(stage: FreshnessStage, event_times_ms: np.ndarray) -> None:
+    """`llmcf.metrics.observe_freshness` from event times already in epoch ms (no datetime per event)."""
+    ages = time.time() - event_times_ms / 1000.0
+    observe_many(FRESHNESS.labels(stage=stage), np.maximum(ages, 0.0))

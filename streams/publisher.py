@@ -1,12 +1,11 @@
-"""Publishing CoT requests: an idempotent confluent-kafka producer, keyed by request id, flushed once per batch."""
+"""Publishing CoT requests: an idempotent confluent-kafka producer, keyed by request id, flushed once per batch. The
+requests arrive already serialised (`streams.requests` builds their JSON)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from confluent_kafka import KafkaError, Message, Producer
-
-from llmcf.events import CotRequest
 
 FLUSH_TIMEOUT_S = 30.0
 
@@ -16,7 +15,7 @@ class PublishError(RuntimeError):
 
 
 class RequestPublisher:
-    """Sends a batch of `CotRequest`s to `cot-requests` and returns only once every one is acknowledged. Blocking."""
+    """Sends a batch of CoT requests to `cot-requests` and returns only once every one is acknowledged. Blocking."""
 
     def __init__(self, producer_config: dict[str, object], topic: str):
         self._producer = Producer(producer_config)
@@ -27,16 +26,14 @@ class RequestPublisher:
         if error is not None:
             self._errors.append(error)
 
-    def publish(self, requests: Sequence[CotRequest]) -> None:
-        """Produce every request (key = request id) and flush; `PublishError` if any was not delivered. A retried
-        batch may publish a request twice: consumers dedupe by request id (at-least-once)."""
+    def publish(self, requests: Sequence[tuple[str, bytes]]) -> None:
+        """Produce every (request id, request JSON) with the id as key, and flush; `PublishError` if any was not
+        delivered. A retried batch may publish a request twice: consumers dedupe by request id (at-least-once)."""
         producer = self._producer
-        for request in requests:
+        for request_id, value in requests:
             while True:
                 try:
-                    producer.produce(
-                        self.topic, key=request.request_id.encode(), value=request.to_bytes(), on_delivery=self._on_delivery
-                    )
+                    producer.produce(self.topic, key=request_id.encode(), value=value, on_delivery=self._on_delivery)
                     break
                 except BufferError:  # local queue full: serve delivery reports until there is room
                     producer.poll(0.05)

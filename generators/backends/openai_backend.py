@@ -39,6 +39,7 @@ from generators.backends import (
 )
 from generators.prompt import Prompt
 from llmcf.errors import UserFacingError
+from llmcf.settings import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,12 @@ class OpenAIBackend(CotBackend):
         if api not in ("chat", "completions"):
             raise UserFacingError(f"OpenAI api {api!r} is not 'chat' or 'completions'")
         if not base_url.startswith(("http://", "https://")):
-            raise UserFacingError(f"OpenAI base URL {base_url!r} must start with http:// or https://")
+            raise UserFacingError(f"OpenAI base URL {without_credentials(base_url)!r} must start with http:// or https://")
         if concurrency < 1:
             raise UserFacingError("OpenAI concurrency must be at least 1")
         root = base_url.rstrip("/").removesuffix("/v1")
         self.endpoint = f"{root}/v1/chat/completions" if api == "chat" else f"{root}/v1/completions"
+        self.shown_endpoint = without_credentials(self.endpoint)  # what logs say: never credentials in a URL
         self.model = model
         self.api = api
         self.options = (options or GenerationOptions()).with_max_new_tokens_default(DEFAULT_MAX_NEW_TOKENS)
@@ -97,7 +99,7 @@ class OpenAIBackend(CotBackend):
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="openai-backend")
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(endpoint={self.endpoint!r}, model={self.model!r})"
+        return f"OpenAIBackend(endpoint={self.shown_endpoint!r}, model={self.model!r})"
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
         if not prompts:
@@ -122,10 +124,10 @@ class OpenAIBackend(CotBackend):
             prompt_tokens = int(usage.get("prompt_tokens", 0))
             completion_tokens = int(usage.get("completion_tokens", 0))
         except (KeyError, TypeError, ValueError) as exc:
-            raise BackendError(f"unexpected response from {self.endpoint}: missing {exc}") from None
+            raise BackendError(f"unexpected response from {self.shown_endpoint}: missing {exc}") from None
         texts = [t.strip() for t in texts]
         if not texts:
-            raise BackendError(f"{self.endpoint} returned no choices")
+            raise BackendError(f"{self.shown_endpoint} returned no choices")
         text = texts[0] if len(texts) == 1 else pick_best_candidate(prompt, texts)
         return Generation(text=text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
@@ -156,7 +158,7 @@ class OpenAIBackend(CotBackend):
                 failures += 1
                 if failures > self.max_retries:
                     raise BackendError(
-                        f"{self.endpoint} unreachable after {failures} attempts: {type(exc).__name__}: {exc}"
+                        f"{self.shown_endpoint} unreachable after {failures} attempts: {type(exc).__name__}: {exc}"
                     ) from None
                 self._sleep_backoff(failures, f"{type(exc).__name__}")
                 continue
@@ -165,32 +167,32 @@ class OpenAIBackend(CotBackend):
                 try:
                     return response.json()
                 except ValueError:
-                    raise BackendError(f"{self.endpoint} answered 200 with a body that is not JSON") from None
+                    raise BackendError(f"{self.shown_endpoint} answered 200 with a body that is not JSON") from None
             if status in _BACKPRESSURE_STATUSES:
                 busy_answers += 1
                 wait_s = self._retry_after(response, busy_answers)
                 if busy_answers > self.backpressure_waits:
                     raise BackendSaturated(
                         wait_s,
-                        f"{self.endpoint} answered {status} {busy_answers} times in a row; retry after {wait_s:.1f} s",
+                        f"{self.shown_endpoint} answered {status} {busy_answers} times in a row; retry after {wait_s:.1f} s",
                     )
-                log.info("%s answered %s; waiting %.1f s", self.endpoint, status, wait_s)
+                log.info("%s answered %s; waiting %.1f s", self.shown_endpoint, status, wait_s)
                 time.sleep(wait_s)
                 continue
             if status >= 500:
                 failures += 1
                 if failures > self.max_retries:
                     raise BackendError(
-                        f"{self.endpoint} answered {status} after {failures} attempts: {_snippet(response)}"
+                        f"{self.shown_endpoint} answered {status} after {failures} attempts: {_snippet(response)}"
                     )
                 self._sleep_backoff(failures, f"HTTP {status}")
                 continue
-            raise BackendError(f"{self.endpoint} rejected the request with {status}: {_snippet(response)}")
+            raise BackendError(f"{self.shown_endpoint} rejected the request with {status}: {_snippet(response)}")
 
     def _sleep_backoff(self, attempt: int, why: str) -> None:
         """Exponential backoff with full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
         delay = random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
-        log.warning("%s failed (%s), retry %d/%d in %.2f s", self.endpoint, why, attempt, self.max_retries, delay)
+        log.warning("%s failed (%s), retry %d/%d in %.2f s", self.shown_endpoint, why, attempt, self.max_retries, delay)
         time.sleep(delay)
 
     def _retry_after(self, response: httpx.Response, attempt: int) -> float:

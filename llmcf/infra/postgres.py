@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -131,11 +132,13 @@ class TemporaryPostgres:
             raise
         return self
 
-    def restart(self) -> None:
-        """Stop the server (fast mode) and start it again on the same data directory and port."""
+    def restart(self, downtime_s: float = 0.0) -> None:
+        """Stop the server (fast mode), stay down `downtime_s` seconds (an outage clients must ride out, not just a
+        blip), and start it again on the same data directory and port."""
         if not self._running:
             raise RuntimeError("TemporaryPostgres is not running")
         self._stop_server()
+        time.sleep(downtime_s)
         self._start_server()
 
     def stop(self) -> None:

@@ -405,3 +405,120 @@ def test_grouped_query_sdpa_matches_stock_sdpa_on_a_padded_batch():
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     for stock_logits, grouped_logits in zip(outputs[0].logits, outputs[1].logits, strict=True):
         torch.testing.assert_close(stock_logits, grouped_logits, rtol=1e-5, atol=1e-5)
+
+
+def tiny_llama(eos_token_id: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_prefix_decoder_matches_generate_with_padding_and_rows_that_finish_early():
+    """Shared prefix computed once, own parts of different lengths (left-padded in the batch), one row stopping at its
+    end-of-sequence token before the others: greedy tokens equal transformers' generate on each full prompt alone."""
+    import torch
+
+    from generators.backends.prefix_decoding import PrefixDecoder, Sampling
+
+    prefix_ids = torch.randint(3, 128, (7,), generator=torch.Generator().manual_seed(1)).tolist()
+    own_parts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
+
+    def reference(model, eos: int) -> list[list[int]]:
+        sequences = []
+        for part in own_parts:
+            ids = torch.tensor([prefix_ids + part])
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                     do_sample=False, eos_token_id=eos, pad_token_id=eos)
+            sequences.append(until_eos(out[0, ids.shape[1]:].tolist(), eos))
+        return sequences
+
+    unreachable = reference(tiny_llama(), eos=-1)
+    eos = unreachable[1][3]  # the second prompt's fourth token: that row ends early (others may too)
+    model = tiny_llama(eos)
+    expected = reference(model, eos)
+    assert len(expected[1]) == 4 and expected[1][-1] == eos
+
+    decoder = PrefixDecoder(model, [eos])
+    prefix = decoder.prefix(prefix_ids)
+    outputs = decoder.generate(prefix, own_parts, max_new_tokens=8, sampling=Sampling(temperature=0))
+    assert [candidates[0] for candidates in outputs] == expected
+    # Candidates of one prompt share its prefill; greedy candidates are identical.
+    twice = decoder.generate(prefix, own_parts, max_new_tokens=8, sampling=Sampling(temperature=0), candidates=2)
+    assert [c for candidates in twice for c in candidates] == [s for s in expected for _ in range(2)]
+
+
+def test_sampling_follows_temperature_and_nucleus():
+    import torch
+
+    from generators.backends.prefix_decoding import PrefixDecoder, Sampling
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).expand(4000, -1)
+    torch.manual_seed(3)
+    counts = torch.bincount(PrefixDecoder._sample(logits, Sampling(temperature=1.0)), minlength=4) / 4000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.03, rtol=0)
+    nucleus = torch.bincount(PrefixDecoder._sample(logits, Sampling(temperature=1.0, top_p=0.7)), minlength=4) / 4000
+    assert nucleus[2] == 0 and nucleus[3] == 0 and abs(nucleus[0] - 0.5 / 0.8) < 0.03
+    assert PrefixDecoder._sample(logits[:2], Sampling(temperature=0)).tolist() == [0, 0]
+
+
+@pytest.mark.slow
+def test_prefix_caching_does_not_change_greedy_output_of_the_real_smollm2():
+    """The CPU path (shared instruction prefix computed once, batched own parts) against stock transformers generate on
+    each full prompt alone (SDPA attention, dynamic cache): the same text, token for token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from generators.backends.transformers_backend import resolve_model_dir
+    from llmcf.settings import Settings
+
+    requests = [
+        make_request(label=1, title="The Lion King (1994)"),
+        make_request(label=0, title="Heat (1995)", history=[("Fargo (1996)", ["Crime", "Drama"], 1)]),
+        make_request(label=0, title="Casper (1995)", history=[], tags=()),
+    ]
+    prompts = [build_prompt(r, feedback="rating") for r in requests]
+    backend = create_backend("transformers", temperature=0.0, max_new_tokens=40)
+    try:
+        shared = backend._shared_prefix(prompts[0], *_chat_text_and_ids(backend._tokenizer, prompts[0]))
+        assert len(shared) > 100  # the system message and the instructions
+        generations = backend.generate(prompts)
+        again = backend.generate(prompts[:1])
+        assert list(backend._prefixes) == [shared]  # computed once, reused
+    finally:
+        backend.close()
+    assert again[0] == generations[0]
+
+    model_dir, _ = resolve_model_dir(None, Settings.from_env().home / "models")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", local_files_only=True).eval()
+    for prompt, generation in zip(prompts, generations, strict=True):
+        _, ids = _chat_text_and_ids(tokenizer, prompt)
+        with torch.inference_mode():
+            out = reference.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=40, do_sample=False, pad_token_id=2, eos_token_id=2)
+        expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+        assert generation.text == expected
+        assert generation.prompt_tokens == len(ids)
+
+
+def _chat_text_and_ids(tokenizer, prompt) -> tuple[str, list[int]]:
+    text = tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True, tokenize=False)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -20,7 +20,7 @@ def test_rating_feedback_says_liked():
     text = user_text(build_prompt(make_request(label=0), feedback="rating"))
     assert "The user did not like the target item." in text
     assert "click" not in text
-    assert '- liked: "Toy Story (1995)" [Animation, Children\'s, Comedy]' in text
+    assert "+ Toy Story (1995) | Animation, Children's, Comedy\n- Heat (1995) | Action, Crime, Thriller" in text
 
 
 def test_prompt_has_the_four_parts_history_and_target():
@@ -31,9 +31,29 @@ def test_prompt_has_the_four_parts_history_and_target():
     assert "Tags: Animation, Children's, Musical" in text
     assert "flees his kingdom" in text
     assert "Summary: 3 clicked, 2 did not click." in text
-    assert "Most frequent tags among items clicked: Children's (3), Comedy (3), Animation (2)" in text
+    assert "Frequent tags, clicked: Children's 3, Comedy 3, Animation 2" in text
     positions = [text.index(part) for part in ("1. User profile", "2. Target item", "3. Match", "4. Diversity")]
     assert positions == sorted(positions)
+
+
+def test_instructions_open_the_prompt_and_are_the_same_for_every_request():
+    """Backends may compute the instructions once (the transformers backend caches their KV), so they must come first
+    and must not depend on the sample; the sample's own data comes after them."""
+    first = build_prompt(make_request(label=1))
+    other = build_prompt(make_request(label=0, history=[("Fargo (1996)", ["Crime"], 1)], title="Heat (1995)"))
+    assert first.instructions == other.instructions
+    assert user_text(first).startswith(first.instructions + "\n\n## User history")
+    assert "Heat" not in first.instructions and "The user did not click" not in first.instructions
+    assert build_prompt(make_request(), feedback="rating").instructions != first.instructions  # "liked", not "clicked"
+
+
+def test_a_description_that_only_restates_title_and_tags_is_left_out_but_its_year_is_kept():
+    movielens_item = make_request(title="Heat", text="Heat (1995); Action, Crime, Thriller", tags=("Action", "Crime", "Thriller"))
+    text = user_text(build_prompt(movielens_item))
+    assert "Title: Heat (1995)\nTags: Action, Crime, Thriller" in text
+    assert "Description" not in text
+    described = user_text(build_prompt(make_request(title="Heat", text="Heat (1995); a heist in Los Angeles")))
+    assert "Title: Heat\nDescription: Heat (1995); a heist in Los Angeles" in described
 
 
 def test_history_is_cut_to_the_last_entries_and_texts_are_bounded():
@@ -42,7 +62,7 @@ def test_history_is_cut_to_the_last_entries_and_texts_are_bounded():
     prompt = build_prompt(make_request(history=history, text=long_text), max_history=20, max_text_chars=300)
     text = user_text(prompt)
     assert "Movie 029" not in text and "Movie 030" in text and "Movie 049" in text
-    assert "last 20 of 50 interactions" in text
+    assert "last 20 of 50 items" in text
     description = next(line for line in text.splitlines() if line.startswith("Description: "))
     assert len(description) <= len("Description: ") + 300
     assert description.endswith("…")

@@ -44,6 +44,8 @@ def test_readme_catalogues_every_exported_metric():
     from prometheus_client import REGISTRY
 
     import generators.metrics  # noqa: F401 - registers the generator's metrics
+    import ranker.serving.metrics  # noqa: F401 - registers the ranker's metrics
+    import ranker.updates.metrics  # noqa: F401 - registers the updater's metrics
     import streams.metrics  # noqa: F401 - registers the worker's metrics
 
     exported = {m.name for m in REGISTRY.collect() if m.name.startswith("llmcf_")}

@@ -139,3 +139,30 @@ def test_failed_deliveries_fail_the_replay_loudly(tmp_path, monkeypatch):
     )
     with pytest.raises(UserFacingError, match=rf"were not delivered to {dead}"):
         replay(settings, ReplayOptions(dataset="ml-100k", limit=50, progress=False))
+
+
+def test_resumed_replay_publishes_the_rest_with_the_same_identities(kafka_settings, kafka_broker):
+    """A replay stopped at a checkpoint and resumed from it publishes every event at least once, each restamped
+    interaction keeping the id it would have had, so consumers store each rating once."""
+    checkpoints: list[int] = []
+    first = replay(kafka_settings, ReplayOptions(dataset="ml-100k", limit=300, timestamps="now", progress=False,
+                                                 checkpoint_every=100, on_checkpoint=checkpoints.append))
+    assert checkpoints[-1] == first.events and checkpoints[:-1] == list(range(100, first.events, 100))
+
+    resumed_at = checkpoints[1]
+    second = replay(kafka_settings, ReplayOptions(dataset="ml-100k", limit=300, timestamps="now", progress=False,
+                                                  skip=resumed_at))
+    assert second.events == first.events - resumed_at
+
+    topics = Topics.from_settings(kafka_settings)
+    published = [decode(InteractionEvent, value) for _, _, value in read_topic(kafka_settings, kafka_broker, topics.interactions)]
+    ids = [event.interaction_id for event in published]
+    original_ids = {event.interaction_id for event in replay_window_interactions(300)}
+    assert set(ids) == original_ids
+    assert len(ids) == len(original_ids) + second.interactions
+
+
+def replay_window_interactions(limit: int) -> list[InteractionEvent]:
+    from llmcf import movielens
+
+    return [event for event in movielens.events("ml-100k", limit=limit) if isinstance(event, InteractionEvent)]

@@ -84,3 +84,13 @@ def test_readme_documents_every_setting():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     missing = [s.env for s in SETTINGS if f"`{s.env}`" not in readme]
     assert not missing, f"README settings table lacks {missing}"
+
+
+def test_urls_lose_their_credentials_when_shown():
+    from llmcf.settings import without_credentials
+
+    assert without_credentials("http://vllm:8000/v1") == "http://vllm:8000/v1"
+    assert without_credentials("http://user:s3cret@vllm:8000/v1") == "http://***@vllm:8000/v1"
+    settings = Settings.from_env({"LLMCF_OPENAI_BASE_URL": "https://key:s3cret@api.example/v1",
+                                  "QDRANT_URL": "http://admin:s3cret@qdrant:6333"})
+    assert "s3cret" not in repr(settings.describe())

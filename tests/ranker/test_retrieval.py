@@ -139,3 +139,42 @@ def test_a_cold_start_user_without_history_still_gets_examples_by_item(index: Ed
     assert sorted(found.records[i].label for i in found.slots[0]) == [0, 0, 1, 1]
     assert found.slots[1].tolist() == [-1, -1, -1, -1]
     assert retriever.index_queries == 1
+
+
+def reference_choice(q: ExampleQuery, pool: list[Point], retriever: ExampleRetriever) -> list[tuple[str, ...]]:
+    """The LLM-CF rule written plainly, over the candidates the retriever saw: per label, the best by the full
+    similarity, leak-free, never the sample itself."""
+    chosen = []
+    for label, wanted in ((1, retriever.positives), (0, retriever.negatives)):
+        eligible = [p for p in pool if p.payload["label"] == label and p.key != q.exclude_key
+                    and not (p.payload["user_id"] == q.user_id and p.payload["ts"] > q.ts_ms)]
+        h = lambda p: p.vector[:DIM] / np.linalg.norm(p.vector[:DIM])  # noqa: E731
+        t = lambda p: p.vector[DIM:] / np.linalg.norm(p.vector[DIM:])  # noqa: E731
+        eligible.sort(key=lambda p: -(0.5 * h(p) @ q.history_vector + 0.5 * t(p) @ q.target_vector))
+        chosen.append(tuple(sorted(p.key for p in eligible[:wanted])))
+    return chosen
+
+
+def test_batched_choice_equals_the_plain_rule_when_every_sample_is_a_candidate(index: EdgeIndex) -> None:
+    rng = np.random.default_rng(7)
+    users = [f"u{n}" for n in range(6)]
+    pool = []
+    for n in range(40):  # few enough that both searches return every sample: the choice is then exact
+        history = np.stack([direction(200 + n % 7), ITEMS[f"i{n % 10}"]])
+        pool.append(Point(f"s{n}", sample_vector(history, ITEMS[f"i{n % 5}"]),
+                          {"user_id": users[n % 6], "item_id": f"i{n % 5}", "label": int(rng.integers(2)),
+                           "ts": NOW - 1000 * int(rng.integers(100)), "status": "pending", "history": encode_history(["i0"])}))
+    index.upsert(pool)
+    retriever = ExampleRetriever(index, history_candidates=40, item_candidates=40)
+    queries = []
+    for n in range(30):
+        h = direction(300 + n % 4)
+        queries.append(ExampleQuery(users[n % 6], f"i{n % 5}", NOW - 1000 * int(rng.integers(100)), h, ITEMS[f"i{n % 5}"],
+                                    exclude_key=f"s{n}" if n % 3 == 0 else None))
+
+    found = retriever.retrieve(queries)
+
+    for row, q in enumerate(queries):
+        picked = [found.records[i] for i in found.slots[row] if i >= 0]
+        got = [tuple(sorted(r.key for r in picked if r.label == label)) for label in (1, 0)]
+        assert got == reference_choice(q, pool, retriever), row

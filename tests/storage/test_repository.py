@@ -12,7 +12,14 @@ import pytest
 
 import migrations
 from llmcf.events import CotRequest, CotResult, HistoryEntry, InteractionEvent, ItemEvent, ItemSnapshot, epoch_ms
-from storage.repository import ModelVersionConflict, ModelVersionRecord, Repository, normalize_database_url
+from storage.repository import (
+    InteractionRow,
+    ModelVersionConflict,
+    ModelVersionRecord,
+    PendingSampleRow,
+    Repository,
+    normalize_database_url,
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -189,7 +196,7 @@ def test_a_failing_batch_writes_nothing(repo: Repository) -> None:
     naive = InteractionEvent.model_construct(
         user_id="u1", item_id="bad", kind="click", label=1, value=None, ts=datetime(2024, 1, 1), event_id="bad"
     )
-    with pytest.raises(TypeError, match="offset-naive"):
+    with pytest.raises(ValueError, match="naive datetime"):
         repo.upsert_interactions([interaction("u1", "good", T0), naive])
     assert repo.counts()["interactions"] == 0
     assert repo.counts()["users"] == 0
@@ -202,6 +209,56 @@ def test_large_batch(repo: Repository) -> None:
     assert counts["interactions"] == 3_000
     assert counts["users"] == 100
     assert repo.get_users(["u42"])["u42"].interactions == 30
+
+
+def test_one_batch_repeating_an_interaction_keeps_its_highest_version_and_the_first_on_ties(repo: Repository) -> None:
+    batch = [
+        interaction("u1", "i1", T0 + timedelta(seconds=5), label=1, event_id="e1", value=1.0),
+        interaction("u1", "i1", T0, label=0, event_id="e1"),  # older: loses, and does not count as first seen
+        interaction("u1", "i1", T0 + timedelta(seconds=5), label=0, event_id="e1", value=2.0),  # tie: the first wins
+        interaction("u1", "i2", T0 + timedelta(seconds=7)),
+    ]
+    assert repo.upsert_interactions(batch) == 2
+    first, second = repo.user_history("u1")
+    assert (first.interaction_id, first.label, first.value, first.ts) == ("e1", 1, 1.0, T0 + timedelta(seconds=5))
+    assert second.item_id == "i2"
+    user = repo.get_users(["u1"])["u1"]
+    assert (user.first_seen_at, user.last_seen_at, user.interactions) == (
+        T0 + timedelta(seconds=5), T0 + timedelta(seconds=7), 2,
+    )
+
+
+def test_one_batch_repeating_a_request_keeps_the_latest_and_the_first_on_ties(repo: Repository) -> None:
+    assert repo.upsert_cot_samples([
+        cot_request("r1", T0, history=("i0",)),
+        cot_request("r1", T0 + timedelta(seconds=1), history=("i0", "i1")),
+        cot_request("r1", T0 + timedelta(seconds=1), history=()),
+        cot_request("r2", T0, history=()),
+    ]) == 2
+    samples = repo.get_cot_samples(["r1", "r2"])
+    assert samples["r1"].history == [{"item_id": "i0", "label": 0}, {"item_id": "i1", "label": 0}]
+    assert samples["r1"].version == epoch_ms(T0 + timedelta(seconds=1))
+    assert (samples["r2"].history, samples["r2"].status) == ([], "pending")
+
+
+def test_refused_rows_on_postgresql_raise_sqlalchemy_data_errors_and_write_nothing(pg_database_url: str) -> None:
+    from sqlalchemy.exc import DataError
+
+    migrations.upgrade(pg_database_url)
+    with Repository.from_url(pg_database_url) as repo:
+        good = interaction("u1", "i1", T0)
+        with pytest.raises(DataError, match="0x00"):  # refused while copying
+            repo.upsert_interactions([good, interaction("u1", "bad\x00item", T0)])
+        with pytest.raises(DataError, match="too long"):  # refused by the upsert (the server)
+            repo.upsert_interaction_rows([InteractionRow.from_event(good), InteractionRow("e2", "u" * 129, "i1", "click", 1, None,
+                                                                                      T0, epoch_ms(T0))])
+        with pytest.raises(DataError, match="0x00"):
+            repo.upsert_pending_samples([PendingSampleRow("r1", "u1", "i\x009", 1, T0, [("i0", 0)], "sampled", 1)])
+        assert (repo.counts()["interactions"], repo.counts()["users"], repo.counts()["cot_samples"]) == (0, 0, 0)
+
+        repo.upsert_interactions([good])  # the session's staging table was left empty by the rollbacks
+        repo.upsert_cot_samples([cot_request("r1", T0)])
+        assert (repo.counts()["interactions"], repo.counts()["users"], repo.counts()["cot_samples"]) == (1, 1, 1)
 
 
 # ---- CoT samples ----------------------------------------------------------------------------------------------------
@@ -278,6 +335,22 @@ def test_newer_request_replaces_request_fields_only(repo: Repository) -> None:
     assert set(samples) == {"r1", "r2"}
 
 
+def test_cot_samples_changed_since_sees_new_requests_and_completions_in_change_order(repo: Repository) -> None:
+    repo.upsert_cot_samples([cot_request("r1", T0), cot_request("r2", T0), cot_request("r3", T0)])
+    everything = list(repo.cot_samples_changed_since(None, batch_size=2))  # pages of 2: the keyset carries over
+    assert sorted(s.sample_id for s in everything) == ["r1", "r2", "r3"]
+    cursor = max(s.stored_at for s in everything)
+
+    later = cursor + timedelta(microseconds=1)
+    assert list(repo.cot_samples_changed_since(later)) == []
+    repo.complete_cot_samples([cot_result("r2", "because", T0 + timedelta(seconds=5))])
+    repo.upsert_cot_samples([cot_request("r4", T0)])
+    changed = list(repo.cot_samples_changed_since(later, batch_size=1))
+    assert [s.sample_id for s in changed] == ["r2", "r4"]  # r2 completed first, then r4 stored
+    assert changed[0].status == "generated" and changed[0].cot_stored_at >= later
+    assert [s.sample_id for s in repo.cot_samples_changed_since(changed[0].cot_stored_at + timedelta(microseconds=1))] == ["r4"]
+
+
 # ---- model versions -------------------------------------------------------------------------------------------------
 
 
@@ -322,7 +395,14 @@ def test_model_version_id_cannot_name_another_artifact(repo: Repository) -> None
     )
     with pytest.raises(ModelVersionConflict):
         repo.record_model_version(clash)
-    assert repo.latest_model_version("deepfm+ict", status="candidate").checksum == sha("v1")
+
+
+def test_get_model_version_reads_one_version_whatever_its_status(repo: Repository) -> None:
+    repo.record_model_version(model("v1", T0))
+    repo.set_model_status("v1", "rejected", notes="auc -0.02")
+    found = repo.get_model_version("v1")
+    assert (found.version_id, found.status, found.notes, found.checksum) == ("v1", "rejected", "auc -0.02", sha("v1"))
+    assert repo.get_model_version("v2") is None
 
 
 def test_model_status_and_checksum_are_validated(repo: Repository) -> None:

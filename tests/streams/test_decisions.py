@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llmcf.events import deterministic_id
 from streams.decisions import CotPolicy, cot_request_id, sample_fraction
 
 DAY_MS = 86_400_000
@@ -31,3 +32,8 @@ def test_rate_bounds() -> None:
 def test_request_ids_are_deterministic_and_distinct() -> None:
     assert cot_request_id("a") == cot_request_id("a")
     assert cot_request_id("a") != cot_request_id("b")
+
+
+def test_request_ids_are_the_deterministic_ids_of_the_interactions() -> None:
+    for interaction_id in ("a", "e-1", "ü\x1f", "0" * 128):
+        assert cot_request_id(interaction_id) == deterministic_id("cot-request", interaction_id)

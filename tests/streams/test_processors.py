@@ -151,3 +151,27 @@ def test_an_interaction_on_an_unknown_item_is_stored_and_its_sample_dead_lettere
     assert parts.repository.counts()["interactions"] == 1
     [letter] = [decode(DeadLetter, value) for _, value in parts.read(parts.topics.dead_letters)]
     assert letter.reason == "processing_failed" and "never-published" in letter.error
+
+
+def test_a_sample_whose_interaction_postgresql_refuses_is_neither_requested_nor_left_in_the_index(
+    kafka_settings: Settings, pg_database_url: str, tmp_path: Path
+) -> None:
+    parts = Parts(kafka_settings, pg_database_url, tmp_path / "shard")
+    try:
+        asyncio.run(parts.items.process(records(parts.topics.items, [item("new", T0)])))
+        good = interaction("new", T0 + timedelta(minutes=1))
+        refused = InteractionEvent(user_id="u\x00", item_id="new", kind="rating", label=1, ts=T0)  # no NUL in PostgreSQL
+        batch = records(parts.topics.interactions, [good.to_bytes(), refused.to_bytes()])
+        asyncio.run(parts.interactions.process(batch, parts.histories))
+
+        assert parts.repository.counts()["interactions"] == 1
+        assert set(parts.repository.get_cot_samples([cot_request_id(good.interaction_id),
+                                                     cot_request_id(refused.interaction_id)])) == {
+            cot_request_id(good.interaction_id)}
+        assert parts.index.count() == 1  # the refused interaction's point was indexed with the batch, then removed
+        published = [decode(CotRequest, value).request_id for _, value in parts.read(parts.topics.cot_requests)]
+        assert published == [cot_request_id(good.interaction_id)]
+        [letter] = [decode(DeadLetter, value) for _, value in parts.read(parts.topics.dead_letters)]
+        assert (letter.reason, letter.offset) == ("processing_failed", 1) and "store interactions" in letter.error
+    finally:
+        parts.close()

@@ -1,0 +1,433 @@
+"""`llmcf evaluate`: the offline comparison of the four ranker variants and the streaming replay on new items.
+
+Offline (the paper's table): MovieLens, the time-ordered split of `llmcf train` (80/10/10; the latest
+`max_train_samples` training rows, uniform samples of `max_eval_samples` validation and test rows), DeepFM, DeepFM+ICT,
+DIN, DIN+ICT, `seeds` seeds each; AUC and LogLoss on the test rows, mean and sample standard deviation. The corpus,
+split, CoT pool (uniform `pool_rate` of the training rows, CoTs from `cot_backend`) and retrieved examples are built
+once (and cached on disk) and shared by every run: only the model's initialisation and the batch order depend on the
+seed. The split and the pool use seed 0 whatever the run's seed, so runs differ by training alone.
+An +ICT variant "beats" its backbone when its mean AUC exceeds the backbone's by more than two standard deviations
+(the larger of the two variants' standard deviations).
+
+Streaming (`streaming=True`): day 0 is the start of the UTC day on which the corpus passes `start_fraction` of its
+interactions (MovieLens introduces almost no new items at its very end, where the catalogue is complete, so the replay
+sits where new items still arrive). A `stream_kind` model is trained on the time before day 0 (its last 10% is the
+validation slice) with a pool of a uniform `pool_rate` of that time's rows. Then each of `days` days is scored, on
+that day's interactions with RECENTLY INTRODUCED items (the item's first interaction in the corpus is at most
+`new_item_window_days` before this one) and, for context, on all of that day's interactions (a uniform sample of at
+most `max_day_rows` of them, fixed per day, plus every recent-item row), by:
+(a) the frozen model with the frozen pool (day 0's), (b) the frozen model with the live pool, (c) the model fine-tuned
+after every day with `ranker.updates.finetune.fine_tune` (the code `llmcf update` runs: the last `update_window_days`
+of data, its newest 10% as validation, at most `update_max_samples` rows) with the live pool. After each day the live
+pool gains that day's samples the stream worker would have sent to the generator pool (`streams.decisions.CotPolicy`:
+every interaction on an item younger than LLMCF_COLD_START_WINDOW_S, plus a `pool_rate` hash sample), with their CoTs
+from `cot_backend`.
+
+Reports: `offline.md`/`offline.csv` and `streaming.md`/`streaming.csv` under `out` (default `$LLMCF_HOME/reports/`),
+each naming the CoT backend of the pool and the caps used; the Markdown is printed too.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmcf.errors import UserFacingError
+from llmcf.samples import SAMPLE_DIMENSION
+from llmcf.settings import Settings
+from ranker.data import Corpus, movielens_corpus
+from ranker.model import ModelConfig, RankerModel
+from ranker.retrieval import ExampleRetriever
+from ranker.train import (
+    SPLIT,
+    Batches,
+    CotPool,
+    ExampleTable,
+    FitOptions,
+    Samples,
+    Split,
+    Stepper,
+    auc,
+    build_cot_pool,
+    build_feature_space,
+    evaluate,
+    fit,
+    generate_cot_vectors,
+    index_pool,
+    predict,
+    retrieve_examples,
+    time_split,
+)
+from ranker.updates.finetune import fine_tune
+
+VARIANTS = ("deepfm", "deepfm+ict", "din", "din+ict")
+DAY_MS = 86_400_000
+STREAM_CASES = {
+    "a": "frozen model, frozen pool (day 0)",
+    "b": "frozen model, live pool",
+    "c": "model fine-tuned daily, live pool",
+}
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """Caps and schedules of `llmcf evaluate` (defaults: see `--help`). The defaults are sized for 2 shared CPU cores,
+    where one +ICT epoch cost 10-30 ms per training row while other jobs shared them: the 20 offline runs on ml-1m
+    then take about half an hour, and so does the streaming replay."""
+
+    dataset: str = "ml-1m"
+    seeds: int = 5
+    variants: tuple[str, ...] = VARIANTS
+    max_train_samples: int | None = 6_000
+    max_eval_samples: int | None = 2_000
+    max_epochs: int = 2
+    patience: int = 2
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+    reconstruction_weight: float = 1.0
+    pool_rate: float = 0.1
+    cot_backend: str = "template"
+    threads: int = 2
+    offline: bool = True
+    streaming: bool = False
+    days: int = 3
+    start_fraction: float = 0.3
+    new_item_window_days: float = 30.0
+    stream_kind: str = "deepfm+ict"
+    update_window_days: float = 7.0
+    update_max_samples: int = 2_000
+    max_day_rows: int = 1_000
+    update_epochs: int = 1
+    update_learning_rate: float = 5e-4
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in (*self.variants, self.stream_kind) if v not in VARIANTS]
+        if unknown:
+            raise UserFacingError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+        if not 0 < self.start_fraction < 1:
+            raise UserFacingError(f"start fraction {self.start_fraction} must be in (0, 1)")
+        if self.seeds < 1 or self.days < 1:
+            raise UserFacingError("seeds and days must be at least 1")
+
+    def caps(self) -> str:
+        def cap(value: int | None) -> str:
+            return "all" if value is None else f"{value:,}"
+
+        return (f"train rows: latest {cap(self.max_train_samples)}; validation and test rows: {cap(self.max_eval_samples)} "
+                f"each; at most {self.max_epochs} epochs (early stopping, patience {self.patience}); batch "
+                f"{self.batch_size}; Adam lr {self.learning_rate:g}; CoT pool: uniform {self.pool_rate:g} of train")
+
+
+@dataclass
+class RunResult:
+    variant: str
+    seed: int
+    auc: float
+    logloss: float
+    epochs: int
+    best_epoch: int
+    seconds: float
+
+
+@dataclass
+class StreamRow:
+    day: int
+    date: str
+    case: str
+    recent_rows: int
+    recent_auc: float | None
+    all_rows: int
+    all_auc: float | None
+    pool_size: int
+
+
+@dataclass
+class Report:
+    offline: list[RunResult] = field(default_factory=list)
+    streaming: list[StreamRow] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    markdown: str = ""
+
+
+def run_evaluation(options: EvaluationOptions, settings: Settings, out: Path | None = None,
+                   log: Callable[[str], None] = print) -> Report:
+    """Run the parts `options` asks for, write their reports under `out` and return them."""
+    torch.set_num_threads(options.threads)
+    out = out or settings.home / "reports"
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report()
+    step = Stepper(log)
+    corpus = movielens_corpus(options.dataset)
+    samples = Samples.of(corpus, settings.home / "cache" / "ranker")
+    sections = []
+    if options.offline:
+        report.offline = evaluate_offline(samples, options, settings, step)
+        sections.append(_write_offline(report.offline, options, out, report.files))
+    if options.streaming:
+        report.streaming = evaluate_streaming(samples, options, settings, step)
+        sections.append(_write_streaming(report.streaming, options, settings, out, report.files))
+    report.markdown = "\n\n".join(sections)
+    return report
+
+
+# ---- offline ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Settings, step: Stepper) -> list[RunResult]:
+    corpus = samples.corpus
+    cache_dir = settings.home / "cache" / "ranker"
+    splits = time_split(corpus, options.max_train_samples, options.max_eval_samples, seed=0)
+    train_split, valid_split, test_split = splits
+    step(f"offline: {corpus.source}, train {len(train_split.rows):,}, valid {len(valid_split.rows):,}, "
+         f"test {len(test_split.rows):,} (time-ordered split {'/'.join(str(int(s * 100)) for s in SPLIT)})")
+    records = []
+    if any(v.endswith("+ict") for v in options.variants):
+        pool = build_cot_pool(samples, train_split.rows, options.pool_rate, options.cot_backend, 0, cache_dir, step)
+        records = retrieve_examples(samples, pool, list(splits), cache_dir, step)
+    space = build_feature_space(samples, train_split.rows)
+    batches = {ict: Batches(samples, space, records, with_examples=ict) for ict in (False, True)}
+    results = []
+    quiet = Stepper(lambda _line: None)
+    for variant in options.variants:
+        backbone, ict = variant.split("+")[0], variant.endswith("+ict")
+        for seed in range(options.seeds):
+            started = time.perf_counter()
+            torch.manual_seed(seed)
+            model = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags))  # type: ignore[arg-type]
+            fit_options = FitOptions(options.max_epochs, options.patience, options.batch_size, options.learning_rate,
+                                     options.reconstruction_weight, seed)
+            history = fit(model, batches[ict], train_split, valid_split, fit_options, quiet)
+            test = evaluate(model, batches[ict], test_split)
+            result = RunResult(variant, seed, test["auc"], test["logloss"], len(history),
+                               int(np.argmax([h["valid_auc"] for h in history])) + 1, time.perf_counter() - started)
+            results.append(result)
+            step(f"{variant:<10} seed {seed}: test AUC {result.auc:.4f}, LogLoss {result.logloss:.4f} "
+                 f"({result.epochs} epochs, best {result.best_epoch}, {result.seconds:.0f} s)")
+    return results
+
+
+def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, float]]:
+    """Per variant: runs, mean and sample std of AUC and LogLoss (std 0 for a single run), mean seconds."""
+    summary = {}
+    for variant in dict.fromkeys(r.variant for r in results):
+        runs = [r for r in results if r.variant == variant]
+        aucs, losses = np.array([r.auc for r in runs]), np.array([r.logloss for r in runs])
+        ddof = 1 if len(runs) > 1 else 0
+        summary[variant] = {"runs": len(runs), "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=ddof)),
+                            "logloss_mean": float(losses.mean()), "logloss_std": float(losses.std(ddof=ddof)),
+                            "seconds_mean": float(np.mean([r.seconds for r in runs]))}
+    return summary
+
+
+def ict_gains(summary: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """For each backbone with both variants: the AUC gain of +ICT and whether it exceeds two standard deviations."""
+    gains = []
+    for backbone in ("deepfm", "din"):
+        base, ict = summary.get(backbone), summary.get(f"{backbone}+ict")
+        if base is None or ict is None:
+            continue
+        gain = ict["auc_mean"] - base["auc_mean"]
+        threshold = 2 * max(base["auc_std"], ict["auc_std"])
+        gains.append({"backbone": backbone, "gain": gain, "two_std": threshold, "beats": gain > threshold})
+    return gains
+
+
+def _write_offline(results: list[RunResult], options: EvaluationOptions, out: Path, files: list[Path]) -> str:
+    summary = summarise(results)
+    csv_path = out / "offline.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["variant", "seed", "auc", "logloss", "epochs", "best_epoch", "seconds", "dataset", "cot_backend"])
+        for r in results:
+            writer.writerow([r.variant, r.seed, f"{r.auc:.6f}", f"{r.logloss:.6f}", r.epochs, r.best_epoch,
+                             f"{r.seconds:.1f}", options.dataset, options.cot_backend])
+    lines = [
+        f"## Offline evaluation: {options.dataset}, {options.seeds} seed(s) per variant",
+        "",
+        f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. CoT pool backend: **{_backend_label(options.cot_backend)}**. "
+        f"Caps: {options.caps()}. Split and pool fixed (seed 0); the seed varies model initialisation and batch order.",
+        "",
+        "| variant | runs | AUC (mean ± std) | LogLoss (mean ± std) | s/run |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for variant, s in summary.items():
+        lines.append(f"| {variant} | {s['runs']} | {s['auc_mean']:.4f} ± {s['auc_std']:.4f} | "
+                     f"{s['logloss_mean']:.4f} ± {s['logloss_std']:.4f} | {s['seconds_mean']:.0f} |")
+    gains = ict_gains(summary)
+    if gains:
+        lines += ["", "| +ICT vs backbone | AUC gain | 2 std | beats by > 2 std |", "| --- | --- | --- | --- |"]
+        lines += [f"| {g['backbone']}+ict vs {g['backbone']} | {g['gain']:+.4f} | {g['two_std']:.4f} | "
+                  f"{'yes' if g['beats'] else 'no'} |" for g in gains]
+    markdown = "\n".join(lines)
+    md_path = out / "offline.md"
+    md_path.write_text(markdown + "\n")
+    files += [md_path, csv_path]
+    return markdown
+
+
+# ---- streaming -------------------------------------------------------------------------------------------------------
+
+
+def evaluate_streaming(samples: Samples, options: EvaluationOptions, settings: Settings, step: Stepper) -> list[StreamRow]:
+    from storage.vectors.edge import EdgeIndex
+    from streams.decisions import CotPolicy
+
+    corpus = samples.corpus
+    cache_dir = settings.home / "cache" / "ranker"
+    n = len(corpus)
+    day0 = int(corpus.ts_ms[int(n * options.start_fraction)]) // DAY_MS * DAY_MS
+    before = np.flatnonzero(corpus.ts_ms < day0)
+    valid_n = max(1, len(before) // 10)
+    train_rows = before[:-valid_n]
+    if options.max_train_samples is not None:
+        train_rows = train_rows[-options.max_train_samples :]
+    valid_rows = before[-valid_n:]
+    if options.max_eval_samples is not None and len(valid_rows) > options.max_eval_samples:
+        valid_rows = np.sort(np.random.default_rng(0).choice(valid_rows, options.max_eval_samples, replace=False))
+    train_split, valid_split = Split("train", train_rows), Split("valid", valid_rows)
+    step(f"streaming: day 0 = {_date(day0)}; frozen {options.stream_kind} trained on {len(train_rows):,} rows before it")
+
+    backbone, ict = options.stream_kind.split("+")[0], options.stream_kind.endswith("+ict")
+    pool0 = build_cot_pool(samples, train_rows, options.pool_rate, options.cot_backend, 0, cache_dir, step)
+    records = retrieve_examples(samples, pool0, [train_split, valid_split], cache_dir, step) if ict else []
+    space = build_feature_space(samples, train_rows)
+    torch.manual_seed(0)
+    frozen = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags))  # type: ignore[arg-type]
+    fit(frozen, Batches(samples, space, records, ict), train_split, valid_split,
+        FitOptions(options.max_epochs, options.patience, options.batch_size, options.learning_rate,
+                   options.reconstruction_weight, 0), step)
+
+    first_seen = np.full(len(corpus.item_ids), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_seen, corpus.item, corpus.ts_ms)
+    policy = CotPolicy(rate=options.pool_rate, cold_start_window_s=settings.cold_start_window_s)
+    update_fit = FitOptions(options.update_epochs, 1, options.batch_size, options.update_learning_rate,
+                            options.reconstruction_weight, 0)
+    rows_out: list[StreamRow] = []
+    updated, updated_space = frozen, space
+    live_size = len(pool0.rows)
+    workdir = Path(tempfile.mkdtemp(prefix="stream-pools-", dir=cache_dir))
+    try:
+        with EdgeIndex(workdir / "frozen", SAMPLE_DIMENSION) as frozen_index, \
+                EdgeIndex(workdir / "live", SAMPLE_DIMENSION) as live_index:
+            for index in (frozen_index, live_index):
+                index_pool(index, samples, pool0)
+            retrievers = {"frozen": ExampleRetriever(frozen_index, item_cache_ttl_s=None),
+                          "live": ExampleRetriever(live_index, item_cache_ttl_s=0.0)}
+            for day in range(options.days):
+                start, end = day0 + day * DAY_MS, day0 + (day + 1) * DAY_MS
+                day_rows = np.flatnonzero((corpus.ts_ms >= start) & (corpus.ts_ms < end))
+                recent = day_rows[corpus.ts_ms[day_rows] - first_seen[corpus.item[day_rows]] <= options.new_item_window_days * DAY_MS]
+                scored = day_rows
+                if len(day_rows) > options.max_day_rows:
+                    sampled = np.random.default_rng(day).choice(day_rows, options.max_day_rows, replace=False)
+                    scored = np.union1d(sampled, recent)
+                for case, model, case_space, pool_name in (("a", frozen, space, "frozen"), ("b", frozen, space, "live"),
+                                                            ("c", updated, updated_space, "live")):
+                    scores = _score(samples, model, case_space, retrievers[pool_name] if ict else None, scored)
+                    recent_scores = scores[np.isin(scored, recent)]
+                    rows_out.append(StreamRow(day, _date(start), case, len(recent), _auc_or_none(corpus, recent, recent_scores),
+                                              len(scored), _auc_or_none(corpus, scored, scores),
+                                              len(pool0.rows) if pool_name == "frozen" else live_size))
+                    step(f"day {day} ({_date(start)}) {case}: recent items {len(recent):,} rows, AUC "
+                         f"{_fmt(rows_out[-1].recent_auc)}; all (sample) {len(scored):,} rows, AUC {_fmt(rows_out[-1].all_auc)}")
+                if day == options.days - 1:
+                    break
+                chosen = np.array([r for r in day_rows.tolist() if policy.reason(
+                    corpus.sample_key(r), int(corpus.ts_ms[r]), int(first_seen[corpus.item[r]])) is not None], dtype=np.int64)
+                if len(chosen):
+                    vectors = generate_cot_vectors(samples, chosen, options.cot_backend, cache_dir)
+                    index_pool(live_index, samples, CotPool(chosen, list(vectors), options.cot_backend))
+                    live_size += len(chosen)
+                updated, updated_space = _update(samples, updated, updated_space, retrievers["live"] if ict else None,
+                                                 end, options, update_fit, step)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rows_out
+
+
+def _update(samples: Samples, model: RankerModel, space: Any, retriever: ExampleRetriever | None, until_ms: int,
+            options: EvaluationOptions, fit_options: FitOptions, step: Stepper) -> tuple[RankerModel, Any]:
+    """(c): fine-tune on the last `update_window_days` before `until_ms`, as `llmcf update` does."""
+    corpus = samples.corpus
+    rows = np.flatnonzero((corpus.ts_ms >= until_ms - options.update_window_days * DAY_MS) & (corpus.ts_ms < until_ms))
+    rows = rows[-options.update_max_samples :]
+    valid_n = max(1, len(rows) // 10)
+    train_split, valid_split = Split("train", rows[:-valid_n]), Split("valid", rows[-valid_n:])
+    if min(len(np.unique(corpus.label[s.rows])) for s in (train_split, valid_split)) < 2:
+        step("update skipped: a split with a single label")
+        return model, space
+    table = ExampleTable()
+    if retriever is not None:
+        for split in (train_split, valid_split):
+            split.slots = table.retrieve(retriever, samples, split.rows)
+    tuned = fine_tune(model, space, samples, table.records, train_split, valid_split, fit_options, Stepper(lambda _line: None))
+    step(f"updated: {len(train_split.rows):,} rows, +{tuned.new_users} users, +{tuned.new_items} items, valid AUC "
+         f"{max(h['valid_auc'] for h in tuned.history):.4f}")
+    return tuned.model, tuned.space
+
+
+def _score(samples: Samples, model: RankerModel, space: Any, retriever: ExampleRetriever | None, rows: np.ndarray) -> np.ndarray:
+    split = Split("day", rows)
+    table = ExampleTable()
+    if retriever is not None:
+        split.slots = table.retrieve(retriever, samples, rows)
+    return predict(model, Batches(samples, space, table.records, retriever is not None), split)
+
+
+def _auc_or_none(corpus: Corpus, rows: np.ndarray, scores: np.ndarray) -> float | None:
+    labels = corpus.label[rows]
+    return auc(labels, scores) if len(np.unique(labels)) == 2 else None
+
+
+def _write_streaming(rows: list[StreamRow], options: EvaluationOptions, settings: Settings, out: Path,
+                     files: list[Path]) -> str:
+    csv_path = out / "streaming.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["day", "date", "case", "recent_rows", "recent_auc", "all_rows", "all_auc", "pool_size", "cot_backend"])
+        for r in rows:
+            writer.writerow([*asdict(r).values(), options.cot_backend])
+    lines = [
+        f"## Streaming replay: {options.dataset}, {options.days} day(s) from the day the data passes "
+        f"{options.start_fraction:g} of its interactions, {options.stream_kind}",
+        "",
+        f"CoT pool backend: **{_backend_label(options.cot_backend)}**. Recently introduced item: first interaction in the "
+        f"data at most {options.new_item_window_days:g} days earlier. Live pool: + each previous day's samples chosen "
+        f"as the stream worker chooses them (cold start {settings.cold_start_window_s:g} s, rate {options.pool_rate:g}). "
+        f"Daily update: last {options.update_window_days:g} days, at most {options.update_max_samples:,} rows, "
+        f"{options.update_epochs} epoch(s), lr {options.update_learning_rate:g}. Frozen model caps: {options.caps()}.",
+        "",
+        "| day | date | case | recent-item rows | AUC (recent items) | all rows (sample) | AUC (all) | pool |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [f"| {r.day} | {r.date} | ({r.case}) {STREAM_CASES[r.case]} | {r.recent_rows:,} | {_fmt(r.recent_auc)} | "
+              f"{r.all_rows:,} | {_fmt(r.all_auc)} | {r.pool_size:,} |" for r in rows]
+    markdown = "\n".join(lines)
+    md_path = out / "streaming.md"
+    md_path.write_text(markdown + "\n")
+    files += [md_path, csv_path]
+    return markdown
+
+
+def _backend_label(backend: str) -> str:
+    return "template (deterministic rationale, not an LLM)" if backend == "template" else backend
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def _date(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
+
