@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from functools import partial
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from sqlalchemy.exc import DataError, IntegrityError
 
@@ -51,6 +51,18 @@ def decode_records(model: type[E], records: Iterable[SourceRecord], policy: Dead
         for event in decode_batch(model, (record,), policy):
             consumed.append(Consumed(record, event))
     return consumed
+
+
+def latest_per_key(consumed: Iterable[Consumed[E]], key: Callable[[E], str], version: Callable[[E], Any]
+                   ) -> list[Consumed[E]]:
+    """One entry per key: the highest `version` (the first of equals), in order of each key's first appearance. A batch
+    may carry several versions of one row; storage keeps the newest anyway, so writing the others is wasted work."""
+    latest: dict[str, Consumed[E]] = {}
+    for entry in consumed:
+        current = latest.get(key(entry.event))
+        if current is None or version(entry.event) > version(current.event):
+            latest[key(entry.event)] = entry
+    return list(latest.values())
 
 
 class Writer:

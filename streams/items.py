@@ -22,7 +22,7 @@ from llmcf.embeddings import TextEmbedder
 from llmcf.events import ItemEvent, ItemSnapshot, epoch_ms
 from llmcf.metrics import EVENTS
 from storage.repository import Repository
-from streams.batch import Consumed, Writer, decode_records
+from streams.batch import Writer, decode_records, latest_per_key
 from streams.catalogue import Catalogue, CatalogueItem
 
 EMBED_CHUNK = 256
@@ -57,14 +57,9 @@ class ItemBatchProcessor:
     async def process(self, records: Sequence[SourceRecord]) -> None:
         consumed = decode_records(ItemEvent, records, self.writer.policy)
         EVENTS.labels(topic=self.topic, outcome="dead_lettered").inc(len(records) - len(consumed))
-        latest: dict[str, Consumed[ItemEvent]] = {}
-        for entry in consumed:
-            current = latest.get(entry.event.item_id)
-            if current is None or entry.event.version > current.event.version:
-                latest[entry.event.item_id] = entry
         stored = await self.writer.each_good(
             "store items",
-            list(latest.values()),
+            latest_per_key(consumed, lambda item: item.item_id, lambda item: item.version),
             lambda batch: self.repository.upsert_items([c.event for c in batch]),
             lambda c: c.record,
         )

@@ -19,7 +19,7 @@ from llmcf.events import CotResult
 from llmcf.metrics import EVENTS, observe_freshness
 from storage.repository import Repository
 from storage.vectors import VectorIndex
-from streams.batch import Consumed, Writer, decode_records
+from streams.batch import Writer, decode_records, latest_per_key
 
 
 class ResultBatchProcessor:
@@ -34,14 +34,9 @@ class ResultBatchProcessor:
     async def process(self, records: Sequence[SourceRecord]) -> None:
         consumed = decode_records(CotResult, records, self.writer.policy)
         EVENTS.labels(topic=self.topic, outcome="dead_lettered").inc(len(records) - len(consumed))
-        latest: dict[str, Consumed[CotResult]] = {}
-        for entry in consumed:
-            current = latest.get(entry.event.request_id)
-            if current is None or entry.event.generated_at > current.event.generated_at:
-                latest[entry.event.request_id] = entry
         stored = await self.writer.each_good(
             "store cot results",
-            list(latest.values()),
+            latest_per_key(consumed, lambda result: result.request_id, lambda result: result.generated_at),
             lambda batch: self.repository.complete_cot_samples([c.event for c in batch]),
             lambda c: c.record,
         )
