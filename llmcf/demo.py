@@ -278,6 +278,7 @@ class _Interrupted(Exception):
 def run_demo(settings: Settings, options: DemoOptions) -> int:
     import migrations
     from llmcf import movielens
+    from llmcf.events import InteractionEvent
     from llmcf.infra import broker
 
     paths = DemoPaths(settings)
@@ -296,7 +297,7 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
 
     window = movielens.events(options.dataset, limit=options.limit)
     window_events = len(window)
-    window_interactions = sum(1 for event in window if hasattr(event, "user_id"))
+    window_interactions = sum(1 for event in window if isinstance(event, InteractionEvent))
     position = ReplayPosition.load(paths.state, options.dataset, options.limit)
 
     print("== 2/4 processes (logs in " + str(paths.logs) + ")")
@@ -327,21 +328,24 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     print()
 
     if outcome == "interrupted":
-        _stop_pids({c.name: c.process.pid for c in children if c.process})
-        paths.processes.unlink(missing_ok=True)
+        _stop_children(children, paths)
         print(f"stopped at event {replayer.position.published:,} of {window_events:,}; run the demo again to resume")
         return 130
     if outcome.startswith("failed"):
-        _stop_pids({c.name: c.process.pid for c in children if c.process})
-        paths.processes.unlink(missing_ok=True)
+        _stop_children(children, paths)
         raise UserFacingError(f"the demo stopped: {outcome}")
 
     _summary(settings, options, paths, replayer, window_interactions, series, outcome)
     if options.stop_at_end:
-        _stop_pids({c.name: c.process.pid for c in children if c.process})
-        paths.processes.unlink(missing_ok=True)
+        _stop_children(children, paths)
         print("stopped the demo's processes (--stop-at-end)")
     return 0
+
+
+def _stop_children(children: list[Child], paths: DemoPaths) -> None:
+    """Stop this run's children and forget them (nothing is left for `--stop`)."""
+    _stop_pids({c.name: c.process.pid for c in children if c.process})
+    paths.processes.unlink(missing_ok=True)
 
 
 def _children(options: DemoOptions) -> list[Child]:
