@@ -5,7 +5,8 @@ Agents (raw bytes in, decoded by the processors through the dead-letter policy):
 - `interactions`: `InteractionBatchProcessor` with the `history` table (last N items per user, changelog-backed; the
   topic is keyed by user id, so table and topic are co-partitioned and nothing is repartitioned);
 - `cot-results`: `ResultBatchProcessor` (complete samples in PostgreSQL and the index).
-A timer publishes consumer lag, committed and end offsets per partition every few seconds.
+A timer publishes consumer lag, committed and end offsets per partition every few seconds, and rewinds a partition
+whose committed offset stalled behind processed records (`streams.stalls`: a faust-streaming rebalance bug).
 
 Lifecycle contract of every agent: it takes batches with `stream.take_events(batch_size, within)` and awaits the
 processor until the batch is durable. Faust acks a batch when the body returns, even if it raised, and commits acked
@@ -21,6 +22,7 @@ import asyncio
 import gc
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from functools import partial
 
 import faust
 from confluent_kafka import Consumer, TopicPartition
+from faust.types import TP
 
 from llmcf import kafka
 from llmcf.dead_letters import DeadLetterPolicy, KafkaDeadLetterSink, SourceRecord
@@ -43,9 +46,10 @@ from streams.decisions import CotPolicy
 from streams.history import HistoryItem, from_stored, to_stored
 from streams.interactions import InteractionBatchProcessor
 from streams.items import ItemBatchProcessor
-from streams.metrics import BATCH_RECORDS, BATCH_SECONDS, WRITE_FAILURES
+from streams.metrics import BATCH_RECORDS, BATCH_SECONDS, PARTITION_REWINDS, WRITE_FAILURES
 from streams.publisher import RequestPublisher
 from streams.results import ResultBatchProcessor
+from streams.stalls import StallGuard
 
 log = logging.getLogger(__name__)
 
@@ -227,12 +231,15 @@ def create_app(
         Writer(executors["results"], policy(f"{group}/cot-results")),
     )
     histories = TableHistories(history_table)
+    stall_guard = StallGuard()
 
     async def consume(stream: faust.StreamT, topic: str, process: Callable[[list[SourceRecord]], Awaitable[None]]):
         async for events in stream.take_events(options.batch_size, within=options.batch_within_s):
             records = source_records(events)
             BATCH_RECORDS.labels(topic=topic).observe(len(records))
+            stall_guard.taken(records)
             await until_processed(topic, partial(process, records))
+            stall_guard.processed(records)
 
     @app.agent(raw_topic(topics.items), name="items")
     async def consume_items(stream: faust.StreamT) -> None:
@@ -251,21 +258,26 @@ def create_app(
 
     @app.timer(LAG_INTERVAL_S)
     async def report_lag() -> None:
-        """Lag, committed and end offsets per consumed partition."""
+        """Lag, committed and end offsets per consumed partition; rewinds stalled partitions."""
         assigned = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in consumed_topics)
         if not assigned:
             return
         committed = await asyncio.get_running_loop().run_in_executor(None, lag_probe.committed, assigned)
-        for tp in app.consumer.assignment():
-            if tp.topic not in consumed_topics:
-                continue
-            labels = {"group": group, "topic": tp.topic, "partition": str(tp.partition)}
-            position = committed.get((tp.topic, tp.partition), 0)
+        # None until the first fetch of that partition.
+        ends = {(topic, partition): app.consumer.highwater(TP(topic, partition)) for topic, partition in assigned}
+        for (topic, partition), end in ends.items():
+            labels = {"group": group, "topic": topic, "partition": str(partition)}
+            position = committed.get((topic, partition), 0)
             COMMITTED_OFFSET.labels(**labels).set(position)
-            end = app.consumer.highwater(tp)  # None until the first fetch of that partition
             if end is not None:
                 END_OFFSET.labels(**labels).set(end)
                 CONSUMER_LAG.labels(**labels).set(max(0, end - position))
+        for (topic, partition), offset in stall_guard.stalled(committed, ends, time.monotonic()).items():
+            log.warning("%s[%d] has been committed at offset %d for %.0f s with records after it and none in hand "
+                        "(records dropped around a rebalance): consuming it again from there", topic, partition,
+                        offset, stall_guard.patience_s)
+            PARTITION_REWINDS.labels(topic=topic).inc()
+            await app.consumer.seek(TP(topic, partition), offset)
 
     def close() -> None:
         publisher.close()

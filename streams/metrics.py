@@ -26,6 +26,11 @@ BATCH_RECORDS = Histogram(
     ["topic"],
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
 )
+PARTITION_REWINDS = Counter(
+    "llmcf_worker_partition_rewinds_total",
+    "Partitions consumed again from their committed offset because it stalled behind processed records, by topic.",
+    ["topic"],
+)
 COT_DECISIONS = Counter(
     "llmcf_worker_cot_requests_total",
     "Samples sent for a chain of thought, by reason (sampled, cold_start).",

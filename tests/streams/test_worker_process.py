@@ -46,7 +46,15 @@ def wait_until_caught_up(repository: Repository, expected: Expected, worker: Llm
             expected.request_ids
         )
 
-    wait_while_running(caught_up, [worker], CAUGHT_UP_TIMEOUT_S, "the worker to store the whole window")
+    def diagnose() -> str:
+        counts = repository.counts()
+        progress = [line for line in worker.metrics().splitlines()
+                    if line.startswith(("llmcf_consumer_", "llmcf_partition_end_offset", "llmcf_events_total"))]
+        return (f"stored {counts['interactions']}/{len(expected.interaction_ids)} interactions, "
+                f"{counts['cot_samples']}/{len(expected.request_ids)} samples\n" + "\n".join(progress))
+
+    wait_while_running(caught_up, [worker], CAUGHT_UP_TIMEOUT_S, "the worker to store the whole window",
+                       diagnose=diagnose)
 
 
 def assert_stored_exactly_once(settings: Settings, repository: Repository, expected: Expected) -> Counter[str]:
