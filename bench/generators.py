@@ -1,13 +1,14 @@
 """Generator pool throughput: CoTs/s and tokens/s by backend and batch size, and the embedder's sentences/s.
 
-    python -m bench.generators [--prompts 16] [--max-new-tokens 64] [--batches 1,4,16] [--repeats 1] [--threads N]
+    python -m bench.generators [--prompts 16] [--max-new-tokens N] [--batches 1,4,16] [--repeats 1] [--threads N]
                                [--device cpu]
 
 Transformer runs use the same prompts at every batch size, in two sets: "llmcf" (the real LLM-CF prompt over real
 MovieLens-100k samples with 20-item histories, `movielens_requests`: ~530 tokens, of which ~160 are the shared
 instructions that the CPU backend prefills once per process) and "short" (the same requests cut to 2 history items),
-with the production decoding (sampling at T=0.6, one candidate, fixed seed); tokens/s counts the tokens actually
-generated. `--repeats` interleaves the batch sizes. The figure to read is the batch-16 / batch-1 ratio per set: a batch
+with the production decoding (sampling at T=0.6, one candidate, fixed seed, and by default the backend's own
+`max_new_tokens`: 96 on CPU, 256 on a GPU, as `llmcf generate` runs); tokens/s counts the tokens actually generated.
+`--repeats` interleaves the batch sizes. The figure to read is the batch-16 / batch-1 ratio per set: a batch
 shares each decoding step's weight reads, while each prompt's own prefill is compute-bound and gains nothing from
 batching, so the longer a prompt's own part against its completion, the smaller the ratio. Other processes on the
 machine skew every figure: the load average is printed before each run, and each row's process CPU time beside its
@@ -163,7 +164,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per transformer run (default 16)")
     parser.add_argument("--batches", default="1,4,16", help="transformer batch sizes (default 1,4,16)")
     parser.add_argument("--prompt-sets", default="llmcf,short", help="llmcf and/or short (default both)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help="completion length cap (default: the backend's own, as `llmcf generate` uses: 96 on CPU, 256 on a GPU)",
+    )
     parser.add_argument(
         "--repeats", type=int, default=1, help="rounds over the batch sizes, interleaved (1, 4, 16, 1, 4, 16, ...)"
     )
@@ -213,7 +217,7 @@ def main() -> None:
             for batch in batches:
                 print(
                     f"transformers {prompt_set} prompts, batch {batch}, round {round_number}/{args.repeats}: "
-                    f"{args.prompts} CoTs, {args.max_new_tokens} new tokens max (load avg {load_average()})",
+                    f"{args.prompts} CoTs, {backend.options.max_new_tokens} new tokens max (load avg {load_average()})",
                     flush=True,
                 )
                 runs[batch].append(run_backend(backend, prompt_sets[prompt_set], batch, prompt_set))
