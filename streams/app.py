@@ -237,7 +237,6 @@ def create_app(
         async for events in stream.take_events(options.batch_size, within=options.batch_within_s):
             records = source_records(events)
             BATCH_RECORDS.labels(topic=topic).observe(len(records))
-            stall_guard.taken(records)
             await until_processed(topic, partial(process, records))
             stall_guard.processed(records)
 
@@ -263,17 +262,18 @@ def create_app(
         if not assigned:
             return
         committed = await asyncio.get_running_loop().run_in_executor(None, lag_probe.committed, assigned)
-        # None until the first fetch of that partition.
-        ends = {(topic, partition): app.consumer.highwater(TP(topic, partition)) for topic, partition in assigned}
-        for (topic, partition), end in ends.items():
-            labels = {"group": group, "topic": topic, "partition": str(partition)}
-            position = committed.get((topic, partition), 0)
+        for tp in app.consumer.assignment():
+            if tp.topic not in consumed_topics:
+                continue
+            labels = {"group": group, "topic": tp.topic, "partition": str(tp.partition)}
+            position = committed.get((tp.topic, tp.partition), 0)
             COMMITTED_OFFSET.labels(**labels).set(position)
+            end = app.consumer.highwater(tp)  # None until the first fetch of that partition
             if end is not None:
                 END_OFFSET.labels(**labels).set(end)
                 CONSUMER_LAG.labels(**labels).set(max(0, end - position))
-        for (topic, partition), offset in stall_guard.stalled(committed, ends, time.monotonic()).items():
-            log.warning("%s[%d] has been committed at offset %d for %.0f s with records after it and none in hand "
+        for (topic, partition), offset in stall_guard.stalled(committed, assigned, time.monotonic()).items():
+            log.warning("%s[%d] has been committed at offset %d for %.0f s although later records were processed "
                         "(records dropped around a rebalance): consuming it again from there", topic, partition,
                         offset, stall_guard.patience_s)
             PARTITION_REWINDS.labels(topic=topic).inc()
