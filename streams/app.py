@@ -146,6 +146,7 @@ class OrderedBatches:
         BATCH_RECORDS.labels(topic=self.topic).observe(len(records))
         for event in events:
             event.message.incref()
+        self.stall_guard.taken(self.topic)
         if self._runner is None:
             self._runner = asyncio.ensure_future(self._run())
         await self._queue.put((events, records))
@@ -159,7 +160,7 @@ class OrderedBatches:
         while True:
             events, records = await self._queue.get()
             await until_processed(self.topic, partial(self.process, records))
-            self.stall_guard.processed(records)
+            self.stall_guard.processed(self.topic, records, time.monotonic())
             for event in events:
                 event.ack()
             self._queue.task_done()
@@ -307,20 +308,19 @@ def create_app(
         if not assigned:
             return
         committed = await asyncio.get_running_loop().run_in_executor(None, lag_probe.committed, assigned)
-        for tp in app.consumer.assignment():
-            if tp.topic not in consumed_topics:
-                continue
-            labels = {"group": group, "topic": tp.topic, "partition": str(tp.partition)}
-            position = committed.get((tp.topic, tp.partition), 0)
+        # None until the first fetch of that partition.
+        ends = {(topic, partition): app.consumer.highwater(TP(topic, partition)) for topic, partition in assigned}
+        for (topic, partition), end in ends.items():
+            labels = {"group": group, "topic": topic, "partition": str(partition)}
+            position = committed.get((topic, partition), 0)
             COMMITTED_OFFSET.labels(**labels).set(position)
-            end = app.consumer.highwater(tp)  # None until the first fetch of that partition
             if end is not None:
                 END_OFFSET.labels(**labels).set(end)
                 CONSUMER_LAG.labels(**labels).set(max(0, end - position))
-        for (topic, partition), offset in stall_guard.stalled(committed, assigned, time.monotonic()).items():
-            log.warning("%s[%d] has been committed at offset %d for %.0f s although later records were processed "
-                        "(records dropped around a rebalance): consuming it again from there", topic, partition,
-                        offset, stall_guard.patience_s)
+        for (topic, partition), offset in stall_guard.stalled(committed, ends, time.monotonic()).items():
+            log.warning("%s[%d] has been committed at offset %d for %.0f s with later records processed, or waiting "
+                        "while its agent is idle (records dropped around a rebalance): consuming it again from there",
+                        topic, partition, offset, stall_guard.patience_s)
             PARTITION_REWINDS.labels(topic=topic).inc()
             await app.consumer.seek(TP(topic, partition), offset)
 

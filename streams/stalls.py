@@ -7,16 +7,20 @@ so the partition's committed offset then stays at the first dropped record for g
 processed: the dropped ones would wait for the next restart, and the lag never drains. Seen after a kill -9 and
 restart of a worker (tests/streams/test_worker_process.py); see faust-streaming issues #216, #221, #312.
 
-`StallGuard` notices this from outside Faust's bookkeeping: a partition whose committed offset has not moved for
-`patience_s` although a completed batch processed a record at or after it (a completed batch is acknowledged, and
-Faust commits acknowledged offsets every second). The worker then seeks the partition back to its committed offset, so
-every record after it is consumed again; the processors are idempotent, so a record processed twice changes nothing.
-A rewind that raced with an in-flight fetch simply shows up as stalled again. Records dropped at the very end of a
-partition are noticed once a later record there is processed.
+`StallGuard` notices this from outside Faust's bookkeeping. A partition is stalled once its committed offset has not
+moved for `patience_s` although either
+- a completed batch processed a record at or after it (a completed batch is acknowledged, and Faust commits
+  acknowledged offsets every second), or
+- records at or after it exist (its end offset, as last fetched, is past it) while its agent had no batch in hand for
+  that whole time: the dropped records were the partition's last ones, and nothing later will arrive to show it.
+The worker then seeks the partition back to its committed offset, so every record after it is consumed again; the
+processors are idempotent, so a record processed twice changes nothing. A rewind that raced with an in-flight fetch
+simply shows up as stalled again.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -34,34 +38,51 @@ class _Watch:
 
 
 class StallGuard:
-    """Remembers what completed batches processed and how long each partition's committed offset has stood still."""
+    """Remembers what completed batches processed, which agents have a batch in hand and since when they are idle, and
+    how long each partition's committed offset has stood still."""
 
     def __init__(self, patience_s: float = STALL_PATIENCE_S):
         self.patience_s = patience_s
         self._processed_through: dict[Partition, int] = {}
         self._watches: dict[Partition, _Watch] = {}
+        self._in_hand: Counter[str] = Counter()
+        self._last_busy: dict[str, float] = {}
 
-    def processed(self, records: Iterable[SourceRecord]) -> None:
-        """Record a completed batch."""
+    def taken(self, topic: str) -> None:
+        """A batch of `topic` is in hand until `processed` is called for it."""
+        self._in_hand[topic] += 1
+
+    def processed(self, topic: str, records: Iterable[SourceRecord], now: float) -> None:
+        """One batch of `topic` taken earlier is processed (batches of a topic complete in the order taken)."""
         through = self._processed_through
         for r in records:
             key = (r.topic, r.partition)
             if r.offset > through.get(key, -1):
                 through[key] = r.offset
+        self._in_hand[topic] -= 1
+        self._last_busy[topic] = now
 
-    def stalled(self, committed: Mapping[Partition, int], assigned: Iterable[Partition], now: float) -> dict[Partition, int]:
-        """The assigned partitions to rewind, each with its committed offset (0 where the group never committed one).
-        A rewound partition is watched afresh: it can stall again only once a record after the rewind is processed."""
+    def stalled(self, committed: Mapping[Partition, int], ends: Mapping[Partition, int | None], now: float
+                ) -> dict[Partition, int]:
+        """Of the assigned partitions (the keys of `ends`: their end offsets as last fetched, None before the first
+        fetch), those to rewind, each with its committed offset (0 where the group never committed one). A rewound
+        partition is watched afresh."""
         rewind: dict[Partition, int] = {}
-        for key in assigned:
+        for key, end in ends.items():
             offset = committed.get(key, 0)
-            if self._processed_through.get(key, -1) < offset:
+            processed_past = self._processed_through.get(key, -1) >= offset
+            if not processed_past and (end is None or end <= offset):
                 self._watches.pop(key, None)
                 continue
             watch = self._watches.get(key)
             if watch is None or watch.committed != offset:
                 self._watches[key] = _Watch(offset, now)
-            elif now - watch.since >= self.patience_s:
+                continue
+            if now - watch.since < self.patience_s:
+                continue
+            topic = key[0]
+            idle = self._in_hand[topic] == 0 and now - self._last_busy.get(topic, float("-inf")) >= self.patience_s
+            if processed_past or idle:
                 rewind[key] = offset
                 del self._watches[key]
                 self._processed_through[key] = offset - 1
