@@ -28,7 +28,7 @@ BATCH_RECORDS = Histogram(
 )
 PARTITION_REWINDS = Counter(
     "llmcf_worker_partition_rewinds_total",
-    "Partitions consumed again from their committed offset because it stalled behind processed records, by topic.",
+    "Partitions consumed again from their committed offset because it stood still behind later records, by topic.",
     ["topic"],
 )
 COT_DECISIONS = Counter(
