@@ -8,15 +8,12 @@ Agents (raw bytes in, decoded by the processors through the dead-letter policy):
 A timer publishes consumer lag, committed and end offsets per partition every few seconds, and rewinds a partition
 whose committed offset stalled behind processed records (`streams.stalls`: a faust-streaming rebalance bug).
 
-Lifecycle contract of every agent: it takes batches with `stream.take_events(batch_size, within)` and hands each to
-its `OrderedBatches`, which processes them one at a time, in order, on a task of its own: while a batch waits on
-PostgreSQL, the index or Kafka, Faust gathers the next one (its per-event work needs the GIL, the writes mostly wait on
-sockets). Faust acks a batch's events when the body returns; the hand-over holds one more reference to each message, so
-that ack does not make them committable: they are acknowledged for good only once the batch is processed. Faust commits
-acknowledged offsets every `broker_commit_interval` after flushing its own producer (the table changelog). Processing
-never raises: an unexpected error processes the whole (idempotent) batch again after a pause, and a shutdown lets the
-batches handed over finish before the agent stops. Offsets are therefore committed only after PostgreSQL, the vector
-index, the `cot-requests` producer and the dead letters have all confirmed the batch.
+Lifecycle contract of every agent: it takes batches with `stream.take_events(batch_size, within)` and awaits the
+processor until the batch is durable. Faust acks a batch when the body returns, even if it raised, and commits acked
+offsets every `broker_commit_interval` after flushing its own producer (the table changelog), so the body never raises:
+an unexpected error processes the whole (idempotent) batch again after a pause, and a shutdown lets the batch in hand
+finish before the agent stops. Offsets are therefore committed only after PostgreSQL, the vector index, the
+`cot-requests` producer and the dead letters have all confirmed the batch.
 """
 
 from __future__ import annotations
@@ -57,7 +54,7 @@ from streams.stalls import StallGuard
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
-MAX_POLL_RECORDS = 2000
+MAX_POLL_RECORDS = 500
 HISTORY_TABLE = "history"
 
 
@@ -106,7 +103,7 @@ def source_records(events: Sequence[faust.EventT]) -> list[SourceRecord]:
 
 async def until_processed(topic: str, process: Callable[[], Awaitable[None]]) -> None:
     """Run `process()` until it completes. Unexpected errors process the batch again (its writes are idempotent); a
-    cancellation (shutdown) waits for the batch in hand to finish first."""
+    cancellation (shutdown) waits for the batch in hand to finish first, since Faust acks it on the way out."""
     delay = 1.0
     while True:
         with BATCH_SECONDS.labels(topic=topic).time():
@@ -123,47 +120,6 @@ async def until_processed(topic: str, process: Callable[[], Awaitable[None]]) ->
                 log.exception("processing a %s batch failed; processing it again in %.0f s", topic, delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, RETRY_MAX_DELAY_S)
-
-
-class OrderedBatches:
-    """One agent's consumed batches, processed one at a time in hand-over order on a task of its own.
-
-    `hand_over(events)` holds one more reference to each event's message (Faust's ack when the agent body returns then
-    leaves them unacknowledged), queues the batch, and returns once at most one other batch waits behind the one being
-    processed. After `process(records)` completes, the batch's messages are acknowledged: Faust may commit them. The
-    histories a batch merges are written before the next batch starts, so batches see each other's effects in order.
-    `drain()` waits until every batch handed over is processed (shutdown)."""
-
-    def __init__(self, topic: str, process: Callable[[list[SourceRecord]], Awaitable[None]], stall_guard: StallGuard):
-        self.topic = topic
-        self.process = process
-        self.stall_guard = stall_guard
-        self._queue: asyncio.Queue[tuple[Sequence[faust.EventT], list[SourceRecord]]] = asyncio.Queue(maxsize=1)
-        self._runner: asyncio.Task | None = None
-
-    async def hand_over(self, events: Sequence[faust.EventT]) -> None:
-        records = source_records(events)
-        BATCH_RECORDS.labels(topic=self.topic).observe(len(records))
-        for event in events:
-            event.message.incref()
-        self.stall_guard.taken(self.topic)
-        if self._runner is None:
-            self._runner = asyncio.ensure_future(self._run())
-        await self._queue.put((events, records))
-
-    async def drain(self) -> None:
-        await asyncio.shield(self._queue.join())
-        if self._runner is not None:
-            self._runner.cancel()
-
-    async def _run(self) -> None:
-        while True:
-            events, records = await self._queue.get()
-            await until_processed(self.topic, partial(self.process, records))
-            self.stall_guard.processed(self.topic, records, time.monotonic())
-            for event in events:
-                event.ack()
-            self._queue.task_done()
 
 
 class TableHistories:
@@ -278,13 +234,12 @@ def create_app(
     stall_guard = StallGuard()
 
     async def consume(stream: faust.StreamT, topic: str, process: Callable[[list[SourceRecord]], Awaitable[None]]):
-        batches = OrderedBatches(topic, process, stall_guard)
-        try:
-            async for events in stream.take_events(options.batch_size, within=options.batch_within_s):
-                await batches.hand_over(events)
-        finally:
-            log.info("stopping: finishing the %s batches handed over first", topic)
-            await batches.drain()
+        async for events in stream.take_events(options.batch_size, within=options.batch_within_s):
+            records = source_records(events)
+            BATCH_RECORDS.labels(topic=topic).observe(len(records))
+            stall_guard.taken(topic)
+            await until_processed(topic, partial(process, records))
+            stall_guard.processed(topic, records, time.monotonic())
 
     @app.agent(raw_topic(topics.items), name="items")
     async def consume_items(stream: faust.StreamT) -> None:

@@ -18,8 +18,7 @@ Lifecycle of one batch (`InteractionBatchProcessor.process`), in this order:
    has seen it. A point whose interaction or row was refused is removed from the index again;
 6. publish the requests to `cot-requests` and flush the producer;
 7. flush the dead letters, then write the merged histories to the table, and return.
-Only after `process` returns is the batch acknowledged (`streams.app.OrderedBatches`); Faust flushes the table's
-changelog before it commits the offsets.
+Only after the body returns does Faust ack the batch; it flushes the table's changelog before it commits the offsets.
 Every step on the event loop works on plain tuples (`InteractionRow`, `HistoryItem`, `Sample`), never on pydantic
 models: the loop is shared with Faust, whose own per-event work is the worker's floor (bench/worker.py).
 
