@@ -5,8 +5,9 @@ Agents (raw bytes in, decoded by the processors through the dead-letter policy):
 - `interactions`: `InteractionBatchProcessor` with the `history` table (last N items per user, changelog-backed; the
   topic is keyed by user id, so table and topic are co-partitioned and nothing is repartitioned);
 - `cot-results`: `ResultBatchProcessor` (complete samples in PostgreSQL and the index).
-A timer publishes consumer lag, committed and end offsets per partition every few seconds, and rewinds a partition
-whose committed offset stalled behind processed records (`streams.stalls`: a faust-streaming rebalance bug).
+A timer publishes consumer lag, committed and end offsets per partition every few seconds, and resolves a partition
+whose committed offset stalled behind processed records (`streams.stalls`, `streams.commits`: faust-streaming drops
+records around a rebalance): consumed again from there, or committed past offsets that hold no record.
 
 Lifecycle contract of every agent: it takes batches with `stream.take_events(batch_size, within)` and awaits the
 processor until the batch is durable. Faust acks a batch when the body returns, even if it raised, and commits acked
@@ -42,6 +43,7 @@ from storage.repository import Repository
 from storage.vectors import VectorIndex
 from streams.batch import RETRY_MAX_DELAY_S, Writer
 from streams.catalogue import Catalogue
+from streams.commits import ExactCommitApp
 from streams.decisions import CotPolicy
 from streams.history import HistoryItem, from_stored, to_stored
 from streams.interactions import InteractionBatchProcessor
@@ -54,6 +56,7 @@ from streams.stalls import StallGuard
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
+PROBE_TIMEOUT_S = 3.0
 MAX_POLL_RECORDS = 500
 HISTORY_TABLE = "history"
 
@@ -139,16 +142,31 @@ class TableHistories:
         self.table.send_changelog(partition, user_id, stored)
 
 
-class LagProbe:
-    """Committed offsets of the worker's group, read with OffsetFetch (no group join). End offsets come from the
-    Faust consumer's fetch high watermarks instead: Tansu answers ListOffsets wrongly."""
+class OffsetProbe:
+    """Asks the broker directly, outside the worker's group membership: committed offsets of the group (OffsetFetch,
+    no join) and where the next record of a partition is. End offsets come from the Faust consumer's fetch high
+    watermarks instead: Tansu answers ListOffsets wrongly."""
 
     def __init__(self, settings: Settings, bootstrap: str, group: str):
-        self._consumer = Consumer(kafka.consumer_config(settings, bootstrap, group, "llmcf-worker-lag"))
+        self._consumer = Consumer(kafka.consumer_config(settings, bootstrap, group, "llmcf-worker-probe")
+                                  | {"isolation.level": "read_uncommitted"})  # as Faust's own consumer reads
 
     def committed(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=5.0)
         return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0}
+
+    def first_offset_from(self, topic: str, partition: int, offset: int) -> int | None:
+        """The offset of the first record at or after `offset` (larger where offsets hold transaction markers or
+        compacted records), None if there is none yet. Assigned, never subscribed or committed: the group's
+        membership and offsets stay the worker's."""
+        self._consumer.assign([TopicPartition(topic, partition, offset)])
+        try:
+            for message in self._consumer.consume(1, timeout=PROBE_TIMEOUT_S):
+                if message.error() is None:
+                    return message.offset()
+            return None
+        finally:
+            self._consumer.unassign()
 
     def close(self) -> None:
         self._consumer.close()
@@ -170,7 +188,7 @@ def create_app(
     topics = Topics.from_settings(settings)
     partitions = settings.topic_partitions
     group = app_id(settings)
-    app = faust.App(
+    app = ExactCommitApp(
         group,
         broker=[f"kafka://{server.strip()}" for server in bootstrap.split(",")],
         broker_credentials=broker_credentials(settings),
@@ -253,16 +271,16 @@ def create_app(
     async def consume_results(stream: faust.StreamT) -> None:
         await consume(stream, topics.cot_results, results.process)
 
-    lag_probe = LagProbe(settings, bootstrap, group)
+    offset_probe = OffsetProbe(settings, bootstrap, group)
     consumed_topics = {topics.items, topics.interactions, topics.cot_results}
 
     @app.timer(LAG_INTERVAL_S)
     async def report_lag() -> None:
-        """Lag, committed and end offsets per consumed partition; rewinds stalled partitions."""
+        """Lag, committed and end offsets per consumed partition; resolves stalled partitions."""
         assigned = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in consumed_topics)
         if not assigned:
             return
-        committed = await asyncio.get_running_loop().run_in_executor(None, lag_probe.committed, assigned)
+        committed = await asyncio.get_running_loop().run_in_executor(None, offset_probe.committed, assigned)
         # None until the first fetch of that partition.
         ends = {(topic, partition): app.consumer.highwater(TP(topic, partition)) for topic, partition in assigned}
         for (topic, partition), end in ends.items():
@@ -273,15 +291,29 @@ def create_app(
                 END_OFFSET.labels(**labels).set(end)
                 CONSUMER_LAG.labels(**labels).set(max(0, end - position))
         for (topic, partition), offset in stall_guard.stalled(committed, ends, time.monotonic()).items():
+            await resolve_stall(TP(topic, partition), offset)
+
+    async def resolve_stall(tp: TP, offset: int) -> None:
+        """A commit standing still at `offset`: consume again from there if a record is there (Faust dropped it),
+        commit past the offsets before the next record if none is (transaction markers, compaction)."""
+        first = await asyncio.get_running_loop().run_in_executor(
+            None, offset_probe.first_offset_from, tp.topic, tp.partition, offset)
+        if first is None:
+            log.debug("%s[%d] committed at %d: no record there yet", tp.topic, tp.partition, offset)
+        elif first > offset:
+            log.info("%s[%d]: offsets %d to %d hold no record (transaction markers or compacted records): committing "
+                     "past them", tp.topic, tp.partition, offset, first - 1)
+            app.consumer.skip_absent(tp, offset, first)
+        else:
             log.warning("%s[%d] has been committed at offset %d for %.0f s with later records processed, or waiting "
                         "while its agent is idle (records dropped around a rebalance): consuming it again from there",
-                        topic, partition, offset, stall_guard.patience_s)
-            PARTITION_REWINDS.labels(topic=topic).inc()
-            await app.consumer.seek(TP(topic, partition), offset)
+                        tp.topic, tp.partition, offset, stall_guard.patience_s)
+            PARTITION_REWINDS.labels(topic=tp.topic).inc()
+            await app.consumer.seek(tp, offset)
 
     def close() -> None:
         publisher.close()
-        lag_probe.close()
+        offset_probe.close()
         for executor in executors.values():
             executor.shutdown(wait=True)
 

@@ -4,8 +4,9 @@ Why: faust-streaming can drop records fetched while a rebalance changes the cons
 joins an existing group with a new generation, and records fetched under the old one are discarded on their way to
 the stream) after the fetch position has moved past them. Faust commits only a gap-free run of acknowledged offsets,
 so the partition's committed offset then stays at the first dropped record for good, while later records are still
-processed: the dropped ones would wait for the next restart, and the lag never drains. Seen after a kill -9 and
-restart of a worker (tests/streams/test_worker_process.py); see faust-streaming issues #216, #221, #312.
+processed: the dropped ones would wait for the next restart, and the lag never drains (Faust's own rule even committed
+past one dropped record at the committed offset; `streams.commits` makes it exact). Seen after a kill -9 and restart
+of a worker (tests/streams/test_worker_process.py); see faust-streaming issues #216, #221, #312.
 
 `StallGuard` notices this from outside Faust's bookkeeping. A partition is stalled once its committed offset has not
 moved for `patience_s` although either
@@ -13,9 +14,11 @@ moved for `patience_s` although either
   acknowledged offsets every second), or
 - records at or after it exist (its end offset, as last fetched, is past it) while its agent had no batch in hand for
   that whole time: the dropped records were the partition's last ones, and nothing later will arrive to show it.
-The worker then seeks the partition back to its committed offset, so every record after it is consumed again; the
-processors are idempotent, so a record processed twice changes nothing. A rewind that raced with an in-flight fetch
-simply shows up as stalled again.
+The worker then asks the broker what is at the committed offset (`streams.app.resolve_stall`): if a record is, it
+seeks the partition back there, so every record after it is consumed again (the processors are idempotent, so a
+record processed twice changes nothing); if the offsets up to the next record hold none (transaction markers,
+compacted records, which the exact commit rule of `streams.commits` waits on), it commits past them. A rewind that
+raced with an in-flight fetch simply shows up as stalled again.
 """
 
 from __future__ import annotations

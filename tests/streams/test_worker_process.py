@@ -20,6 +20,9 @@ from storage.models import CotSample, Interaction
 from storage.repository import Repository
 from storage.vectors import Filter, Match
 from storage.vectors.edge import EdgeIndex
+from streams.app import app_id
+from streams.stalls import STALL_PATIENCE_S
+from tests.fixtures.kafka import partitions_behind
 from tests.fixtures.processes import LlmcfProcess, ProcessStarter, wait_while_running
 from tests.fixtures.windows import Expected, expected_window
 
@@ -122,3 +125,53 @@ def test_worker_killed_mid_stream_loses_and_duplicates_nothing_after_restart(
         wait_until_caught_up(repository, expected, second)
         assert second.stop() == 0, second.log_tail()
         assert_stored_exactly_once(kafka_settings, repository, expected)
+
+
+def republish_in_a_transaction(settings: Settings, records: list[tuple[bytes | None, bytes | None]], name: str) -> None:
+    """As a transactional upstream would: each partition written gets a transaction marker after its records."""
+    producer = Producer(producer_config(settings, settings.kafka_bootstrap_servers or "")
+                        | {"transactional.id": f"{settings.topic_prefix}{name}"})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for key, value in records:
+        producer.produce(Topics.from_settings(settings).interactions, key=key, value=value)
+    producer.commit_transaction(30)
+
+
+def test_transaction_markers_never_hold_the_commit_back(
+    kafka_settings: Settings, pg_database_url: str, tmp_path: Path, llmcf_processes: ProcessStarter
+) -> None:
+    """The exact commit rule (streams.commits) waits on offsets that hold no record: a marker between fetched records
+    counts as a gap at once, and one at the committed offset after a restart is found by asking the broker."""
+    limit = 300
+    expected = expected_window(kafka_settings, limit)
+    replay(kafka_settings, ReplayOptions(limit=limit, progress=False))
+    topic = Topics.from_settings(kafka_settings).interactions
+    group = app_id(kafka_settings)
+
+    def wait_committed(worker: LlmcfProcess, within_s: float, what: str) -> None:
+        wait_while_running(lambda: partitions_behind(kafka_settings, group, topic) == {}, [worker], within_s, what,
+                           diagnose=lambda: f"behind: {partitions_behind(kafka_settings, group, topic)}")
+
+    log_path = tmp_path / "worker.log"
+    worker = llmcf_processes.start("worker", kafka_settings, log_path, database_url=pg_database_url)
+    with Repository.from_url(pg_database_url) as repository:
+        wait_until_caught_up(repository, expected, worker)
+        wait_committed(worker, 30, "the replayed window to be committed")
+        records = [(m.key(), m.value()) for m in read_to_end(kafka_settings, kafka_settings.kafka_bootstrap_servers,
+                                                                topic)]
+        republish_in_a_transaction(kafka_settings, records, "first")
+        wait_committed(worker, 20, "the first transaction to be committed (a marker at the committed offset)")
+        republish_in_a_transaction(kafka_settings, records, "second")
+        # Fetched after the commit landed on the first transaction's marker: Faust's own gap started past it.
+        wait_committed(worker, STALL_PATIENCE_S - 5, "the second transaction to be committed, well within the "
+                       "stall guard's patience")
+        assert worker.stop() == 0, worker.log_tail()
+
+        republish_in_a_transaction(kafka_settings, records, "third")
+        worker = llmcf_processes.start("worker", kafka_settings, log_path, database_url=pg_database_url)
+        # Restarted at the second transaction's marker: only the broker can tell it from a dropped record.
+        wait_committed(worker, STALL_PATIENCE_S + 90, "the third transaction to be committed after a restart")
+        assert "hold no record (transaction markers or compacted records)" in log_path.read_text()
+        assert worker.stop() == 0, worker.log_tail()
+        assert repository.counts()["interactions"] == len(expected.interaction_ids)

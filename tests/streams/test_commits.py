@@ -1,0 +1,82 @@
+"""`ExactCommitConsumer`: which offset a partition's commit may advance to, given what the stream acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from faust.transport.drivers import aiokafka as faust_kafka
+from faust.types import TP
+
+from streams.commits import ExactCommitApp, ExactCommitConsumer
+
+TP0 = TP("interactions", 0)
+
+
+@pytest.fixture
+def consumer() -> ExactCommitConsumer:
+    app = ExactCommitApp("test-commits", broker="kafka://127.0.0.1:1", autodiscover=False)
+    assert isinstance(app.consumer, ExactCommitConsumer)
+    return app.consumer
+
+
+def acknowledge(consumer: faust_kafka.Consumer, *offsets: int) -> None:
+    consumer._acked[TP0].extend(offsets)
+    consumer._acked_index[TP0].update(offsets)
+
+
+def test_a_record_missing_at_the_committed_offset_holds_the_commit(consumer: ExactCommitConsumer) -> None:
+    consumer._committed_offset[TP0] = 10
+    acknowledge(consumer, 11, 12)
+    assert consumer._new_offset(TP0) is None
+    acknowledge(consumer, 10)
+    assert consumer._new_offset(TP0) == 13
+
+
+def test_faust_s_own_rule_commits_past_it(consumer: ExactCommitConsumer) -> None:
+    # The reason for ExactCommitConsumer: if this starts failing, faust-streaming fixed its rule upstream.
+    consumer._committed_offset[TP0] = 10
+    acknowledge(consumer, 11, 12)
+    assert faust_kafka.Consumer._new_offset(consumer, TP0) == 13
+
+
+def test_the_commit_advances_over_the_first_contiguous_run_only(consumer: ExactCommitConsumer) -> None:
+    consumer._committed_offset[TP0] = 10
+    acknowledge(consumer, 10, 11, 12, 14, 15)
+    assert consumer._new_offset(TP0) == 13
+    consumer._committed_offset[TP0] = 13
+    assert consumer._new_offset(TP0) is None
+    acknowledge(consumer, 13)
+    assert consumer._new_offset(TP0) == 16
+
+
+def test_a_group_that_never_committed_starts_at_offset_zero(consumer: ExactCommitConsumer) -> None:
+    acknowledge(consumer, 1, 2)
+    assert consumer._new_offset(TP0) is None
+    acknowledge(consumer, 0)
+    assert consumer._new_offset(TP0) == 3
+
+
+def test_offsets_without_records_between_fetched_ones_count_as_acknowledged(consumer: ExactCommitConsumer) -> None:
+    consumer._committed_offset[TP0] = 10
+    acknowledge(consumer, 10)
+    asyncio.run(consumer._add_gap(TP0, 11, 13))  # records 10 and 13 fetched: 11 and 12 hold none
+    acknowledge(consumer, 13)
+    assert consumer._new_offset(TP0) == 14
+
+
+def test_a_marker_right_at_the_committed_offset_is_a_gap_too(consumer: ExactCommitConsumer) -> None:
+    # Record 9 was committed (commit 10); offset 10 is a transaction marker, so the next record fetched is 11.
+    consumer._committed_offset[TP0] = 10
+    asyncio.run(consumer._add_gap(TP0, 10, 11))
+    acknowledge(consumer, 11)
+    assert consumer._new_offset(TP0) == 12
+
+
+def test_skip_absent_commits_past_offsets_the_stream_never_sees(consumer: ExactCommitConsumer) -> None:
+    # After a seek to 10 Faust cannot tell a marker at 10 from a dropped record: the worker asked the broker.
+    consumer._committed_offset[TP0] = 10
+    acknowledge(consumer, 11, 12)
+    assert consumer._new_offset(TP0) is None
+    consumer.skip_absent(TP0, 10, 11)
+    assert consumer._new_offset(TP0) == 13
