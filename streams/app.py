@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import faust
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 from faust.types import TP
 
 from llmcf import kafka
@@ -56,7 +56,7 @@ from streams.stalls import StallGuard
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
-PROBE_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 30.0
 MAX_POLL_RECORDS = 2000
 HISTORY_TABLE = "history"
 
@@ -144,26 +144,38 @@ class TableHistories:
 
 class OffsetProbe:
     """Asks the broker directly, outside the worker's group membership: committed offsets of the group (OffsetFetch,
-    no join) and where the next record of a partition is. End offsets come from the Faust consumer's fetch high
-    watermarks instead: Tansu answers ListOffsets wrongly."""
+    no join) and the records of an offset range. End offsets come from the Faust consumer's fetch high watermarks
+    instead: Tansu answers ListOffsets wrongly."""
 
     def __init__(self, settings: Settings, bootstrap: str, group: str):
-        self._consumer = Consumer(kafka.consumer_config(settings, bootstrap, group, "llmcf-worker-probe")
-                                  | {"isolation.level": "read_uncommitted"})  # as Faust's own consumer reads
+        self._consumer = Consumer(kafka.consumer_config(settings, bootstrap, group, "llmcf-worker-probe") | {
+            "isolation.level": "read_uncommitted",  # as Faust's own consumer reads
+            "enable.partition.eof": True,
+        })
 
     def committed(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         found = self._consumer.committed([TopicPartition(t, p) for t, p in partitions], timeout=5.0)
         return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0}
 
-    def first_offset_from(self, topic: str, partition: int, offset: int) -> int | None:
-        """The offset of the first record at or after `offset` (larger where offsets hold transaction markers or
-        compacted records), None if there is none yet. Assigned, never subscribed or committed: the group's
-        membership and offsets stay the worker's."""
-        self._consumer.assign([TopicPartition(topic, partition, offset)])
+    def read(self, topic: str, partition: int, start: int, end: int) -> list[SourceRecord] | None:
+        """The records at offsets `start` to `end - 1` (fewer where offsets hold transaction markers or compacted
+        records); None if the broker did not deliver them within `READ_TIMEOUT_S`. Assigned, never subscribed or
+        committed: the group's membership and offsets stay the worker's."""
+        self._consumer.assign([TopicPartition(topic, partition, start)])
+        records: list[SourceRecord] = []
+        deadline = time.monotonic() + READ_TIMEOUT_S
         try:
-            for message in self._consumer.consume(1, timeout=PROBE_TIMEOUT_S):
-                if message.error() is None:
-                    return message.offset()
+            while time.monotonic() < deadline:
+                for message in self._consumer.consume(1000, timeout=0.5):
+                    error = message.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            return records
+                        continue
+                    if message.offset() >= end:
+                        return records
+                    records.append(SourceRecord(value=message.value(), key=message.key(), topic=topic,
+                                                partition=partition, offset=message.offset()))
             return None
         finally:
             self._consumer.unassign()
@@ -252,25 +264,35 @@ def create_app(
     histories = TableHistories(history_table)
     stall_guard = StallGuard()
 
-    async def consume(stream: faust.StreamT, topic: str, process: Callable[[list[SourceRecord]], Awaitable[None]]):
+    processors: dict[str, Callable[[list[SourceRecord]], Awaitable[None]]] = {
+        topics.items: items.process,
+        topics.interactions: lambda records: interactions.process(records, histories),
+        topics.cot_results: results.process,
+    }
+    # One batch of a topic at a time, whether the agent took it or a stalled partition's repair read it: a batch
+    # merges histories and catalogue entries that the next one reads.
+    processing = {topic: asyncio.Lock() for topic in processors}
+
+    async def consume(stream: faust.StreamT, topic: str) -> None:
         async for events in stream.take_events(options.batch_size, within=options.batch_within_s):
             records = source_records(events)
             BATCH_RECORDS.labels(topic=topic).observe(len(records))
             stall_guard.taken(topic)
-            await until_processed(topic, partial(process, records))
+            async with processing[topic]:
+                await until_processed(topic, partial(processors[topic], records))
             stall_guard.processed(topic, records, time.monotonic())
 
     @app.agent(raw_topic(topics.items), name="items")
     async def consume_items(stream: faust.StreamT) -> None:
-        await consume(stream, topics.items, items.process)
+        await consume(stream, topics.items)
 
     @app.agent(raw_topic(topics.interactions), name="interactions")
     async def consume_interactions(stream: faust.StreamT) -> None:
-        await consume(stream, topics.interactions, lambda records: interactions.process(records, histories))
+        await consume(stream, topics.interactions)
 
     @app.agent(raw_topic(topics.cot_results), name="cot-results")
     async def consume_results(stream: faust.StreamT) -> None:
-        await consume(stream, topics.cot_results, results.process)
+        await consume(stream, topics.cot_results)
 
     offset_probe = OffsetProbe(settings, bootstrap, group)
     consumed_topics = {topics.items, topics.interactions, topics.cot_results}
@@ -294,23 +316,32 @@ def create_app(
         for (topic, partition), offset in stall_guard.stalled(committed, ends, time.monotonic()).items():
             await resolve_stall(TP(topic, partition), offset)
 
-    async def resolve_stall(tp: TP, offset: int) -> None:
-        """A commit standing still at `offset`: consume again from there if a record is there (Faust dropped it),
-        commit past the offsets before the next record if none is (transaction markers, compaction)."""
-        first = await asyncio.get_running_loop().run_in_executor(
-            None, offset_probe.first_offset_from, tp.topic, tp.partition, offset)
-        if first is None:
-            log.debug("%s[%d] committed at %d: no record there yet", tp.topic, tp.partition, offset)
-        elif first > offset:
-            log.info("%s[%d]: offsets %d to %d hold no record (transaction markers or compacted records): committing "
-                     "past them", tp.topic, tp.partition, offset, first - 1)
-            app.consumer.skip_absent(tp, offset, first)
-        else:
+    async def resolve_stall(tp: TP, committed: int) -> None:
+        """A commit standing still at `committed`: read the records from there up to the next acknowledged offset
+        (or the partition's end) from the broker, process them, and acknowledge that range, so the commit passes it.
+        Offsets without records (transaction markers, compaction) are simply acknowledged."""
+        consumer = app.consumer
+        end = consumer.first_acknowledged_after(tp, committed) or consumer.highwater(tp)
+        if end is None or end <= committed:
+            return
+        records = await asyncio.get_running_loop().run_in_executor(
+            None, offset_probe.read, tp.topic, tp.partition, committed, end)
+        if records is None:
+            log.warning("%s[%d]: could not read offsets %d to %d to repair a stalled commit; trying again later",
+                        tp.topic, tp.partition, committed, end - 1)
+            return
+        if records:
             log.warning("%s[%d] has been committed at offset %d for %.0f s with later records processed, or waiting "
-                        "while its agent is idle (records dropped around a rebalance): consuming it again from there",
-                        tp.topic, tp.partition, offset, stall_guard.patience_s)
+                        "while its agent is idle (records dropped around a rebalance): processing the %d records of "
+                        "offsets %d to %d again", tp.topic, tp.partition, committed, stall_guard.patience_s,
+                        len(records), committed, end - 1)
             PARTITION_REWINDS.labels(topic=tp.topic).inc()
-            await app.consumer.seek(tp, offset)
+            async with processing[tp.topic]:
+                await until_processed(tp.topic, partial(processors[tp.topic], records))
+        else:
+            log.info("%s[%d]: offsets %d to %d hold no record (transaction markers or compacted records): committing "
+                     "past them", tp.topic, tp.partition, committed, end - 1)
+        consumer.acknowledge(tp, committed, end)
 
     def close() -> None:
         publisher.close()

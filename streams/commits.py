@@ -10,10 +10,12 @@ allows the off-by-one on purpose: right after a seek it cannot tell a dropped re
 transaction marker, a compacted record), and it would otherwise wait forever for the latter.
 
 With the exact rule, both show up as a commit standing still behind processed records, which `streams.stalls`
-notices; the worker then asks the broker what is at the committed offset (`OffsetProbe.first_offset_from`): a record
-(it was dropped: consume again from there, `seek`) or nothing up to the next record (`skip_absent`: commit past the
-empty offsets). A transactional upstream therefore costs the stall guard's patience once after a restart that lands
-on a marker, instead of a lost record.
+notices; the worker then reads the records between the committed offset and the next acknowledged one from the broker
+itself, processes them, and `acknowledge`s that range (`streams.app`): dropped records are processed, offsets holding
+none are passed. A transactional upstream therefore costs the stall guard's patience once after a restart that lands
+on a marker, instead of a lost record. (The worker never seeks Faust's consumer for this: records of a fetch already
+in Faust's hands at the moment of a seek are still delivered afterwards, and their offsets, past the seek's, make Faust
+count everything in between as a gap, which it then commits unprocessed.)
 """
 
 from __future__ import annotations
@@ -66,6 +68,19 @@ class ExactCommitConsumer(faust_kafka.Consumer):
         gaps = self._gap[tp]
         gaps.addi(start, end)
         gaps.merge_overlaps()
+
+    def first_acknowledged_after(self, tp: TP, offset: int) -> int | None:
+        """The lowest offset of `tp` above `offset` acknowledged but not committed yet, None if there is none."""
+        return min((acked for acked in self._acked[tp] if acked > offset), default=None)
+
+    def acknowledge(self, tp: TP, start: int, end: int) -> None:
+        """Offsets `start` to `end - 1` of `tp` are done (processed, or holding no record), though never delivered
+        to the stream: the next commit may pass them."""
+        committed = self._committed_offset[tp] or 0
+        index = self._acked_index[tp]
+        fresh = [offset for offset in range(max(start, committed), end) if offset not in index]
+        index.update(fresh)
+        self._acked[tp].extend(fresh)
 
 
 class ExactCommitTransport(faust_kafka.Transport):

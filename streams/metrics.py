@@ -28,7 +28,8 @@ BATCH_RECORDS = Histogram(
 )
 PARTITION_REWINDS = Counter(
     "llmcf_worker_partition_rewinds_total",
-    "Partitions consumed again from their committed offset because it stood still behind later records, by topic.",
+    "Stalled partitions repaired: records from the committed offset, which stood still behind later records, read "
+    "again and processed, by topic.",
     ["topic"],
 )
 COT_DECISIONS = Counter(

@@ -14,11 +14,10 @@ moved for `patience_s` although either
   acknowledged offsets every second), or
 - records at or after it exist (its end offset, as last fetched, is past it) while its agent had no batch in hand for
   that whole time: the dropped records were the partition's last ones, and nothing later will arrive to show it.
-The worker then asks the broker what is at the committed offset (`streams.app.resolve_stall`): if a record is, it
-seeks the partition back there, so every record after it is consumed again (the processors are idempotent, so a
-record processed twice changes nothing); if the offsets up to the next record hold none (transaction markers,
-compacted records, which the exact commit rule of `streams.commits` waits on), it commits past them. A rewind that
-raced with an in-flight fetch simply shows up as stalled again.
+The worker then repairs it (`streams.app`): it reads the records from the committed offset up to the next
+acknowledged one (or the partition's end) from the broker itself, processes them like any batch (the processors are
+idempotent, so a record processed twice changes nothing), and acknowledges that range, offsets without records
+(transaction markers, compacted records, which the exact commit rule of `streams.commits` waits on) included.
 """
 
 from __future__ import annotations

@@ -80,3 +80,21 @@ def test_skip_absent_commits_past_offsets_the_stream_never_sees(consumer: ExactC
     assert consumer._new_offset(TP0) is None
     consumer.skip_absent(TP0, 10, 11)
     assert consumer._new_offset(TP0) == 13
+
+
+def test_a_repaired_range_is_committed_even_with_nothing_acknowledged_after_it(consumer: ExactCommitConsumer) -> None:
+    # The dropped records were the partition's last: the worker read and processed offsets 10-14 itself.
+    consumer._committed_offset[TP0] = 10
+    assert consumer.first_acknowledged_after(TP0, 10) is None
+    consumer.acknowledge(TP0, 10, 15)
+    assert consumer._new_offset(TP0) == 15
+
+
+def test_a_repair_fills_the_hole_up_to_the_first_acknowledged_offset(consumer: ExactCommitConsumer) -> None:
+    consumer._committed_offset[TP0] = 10
+    acknowledge(consumer, 13, 14, 20)
+    assert consumer.first_acknowledged_after(TP0, 10) == 13
+    consumer.acknowledge(TP0, 10, 13)
+    consumer.acknowledge(TP0, 12, 14)  # overlapping what the stream acknowledged changes nothing
+    assert consumer._new_offset(TP0) == 15
+    assert consumer._acked[TP0] == [20]
