@@ -465,6 +465,19 @@ def test_prefix_decoder_matches_generate_with_padding_and_rows_that_finish_early
     assert [c for candidates in twice for c in candidates] == [s for s in expected for _ in range(2)]
 
 
+def test_few_rows_linear_computes_the_module_s_own_product_for_any_row_count():
+    import torch
+
+    from generators.backends.prefix_decoding import few_rows_linear
+
+    for bias in (False, True):
+        module = torch.nn.Linear(24, 40, bias=bias)
+        for rows in range(1, 18):
+            x = torch.randn(rows, 1, 24)
+            with torch.inference_mode():
+                assert torch.allclose(few_rows_linear(module, x), module(x), atol=1e-5), (bias, rows)
+
+
 def test_sampling_follows_temperature_and_nucleus():
     import torch
 
