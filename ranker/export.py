@@ -90,12 +90,17 @@ def parity(model: RankerModel, session: Any, inputs: dict[str, np.ndarray]) -> f
     return float(np.max(np.abs(onnx_out - torch_scores(model, feeds)))) if len(onnx_out) else 0.0
 
 
-def check_parity(model: RankerModel, path: Path, batches: list[dict[str, np.ndarray]]) -> float:
+def worst_parity(model: RankerModel, path: Path, batches: list[dict[str, np.ndarray]]) -> float:
     """The worst parity over random inputs (all id ranges, masks, missing and pending examples) and the given real
-    batches; raises `ParityError` above `PARITY_TOLERANCE`."""
+    batches."""
     session = onnx_session(path)
     candidates = [random_inputs(model.config, batch=257, seed=seed) for seed in (11, 12)] + batches
-    worst = max(parity(model, session, inputs) for inputs in candidates)
+    return max(parity(model, session, inputs) for inputs in candidates)
+
+
+def check_parity(model: RankerModel, path: Path, batches: list[dict[str, np.ndarray]]) -> float:
+    """`worst_parity`; raises `ParityError` above `PARITY_TOLERANCE`."""
+    worst = worst_parity(model, path, batches)
     if worst > PARITY_TOLERANCE:
         raise ParityError(f"{path}: onnxruntime and torch differ by {worst:.3g} > {PARITY_TOLERANCE:g}")
     return worst

@@ -14,7 +14,8 @@ A round, for the model kind the server serves (`LLMCF_RANKER_KIND`):
 6. Both models score the same holdout rows with the same examples (the serving model through its own vocabulary, as
    it serves). A candidate whose AUC is lower than the serving model's by more than `max_auc_drop` is recorded as
    'rejected' with the numbers in `notes`; otherwise it is recorded (parent_version = the serving version) and promoted
-   in one transaction (the previous version becomes 'retired'). Either way it is exported to ONNX with the parity check.
+   in one transaction (the previous version becomes 'retired'). Either way it is exported to ONNX with the parity
+   check, which only a promoted candidate must pass (a rejected one records its figure).
 
 Lifecycle: any exception leaves the database as it was (a version row is written only after its artifact is complete,
 and promotion is one transaction); the caller counts the round as failed. Too little data (a split with one label) is
@@ -206,7 +207,7 @@ def _fine_tune_round(corpus: Corpus, settings: Settings, options: UpdateOptions,
                 "data": {"source": corpus.source, "window": "train / valid / holdout by event time"},
                 "cot_pool": pool.describe() if options.ict else None}
     artifact = export_artifact(tuned.model, tuned.space, tuned.batches.arrays(holdout, np.arange(min(PARITY_ROWS, len(holdout.rows)))),
-                               metrics, manifest, settings)
+                               metrics, manifest, settings, require_parity=accepted)
     result = TrainResult(artifact.version_id, options.kind, artifact.directory, artifact.onnx_path, artifact.checksum,
                          artifact.metrics, tuned.history, artifact.created_at)
     report = dict(version_id=result.version_id, parent_version=serving.version_id, candidate_auc=candidate["auc"],

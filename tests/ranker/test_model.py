@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from ranker.export import PARITY_TOLERANCE, check_parity, export_onnx, onnx_session, parity, random_inputs
+from ranker.export import (
+    PARITY_TOLERANCE,
+    ParityError,
+    check_parity,
+    export_onnx,
+    onnx_session,
+    parity,
+    random_inputs,
+    worst_parity,
+)
 from ranker.model import ModelConfig, RankerModel
 
 torch.set_num_threads(1)
@@ -127,3 +136,12 @@ def test_onnx_matches_torch(backbone: str, ict: bool, tmp_path: Path) -> None:
     for batch, seed in ((1, 20), (100, 21), (1000, 22)):
         assert parity(model, session, random_inputs(model.config, batch, seed)) <= PARITY_TOLERANCE
     assert check_parity(model, path, []) <= PARITY_TOLERANCE
+
+
+def test_an_artifact_that_is_not_the_model_fails_the_parity_check(tmp_path: Path) -> None:
+    path = export_onnx(make_model(seed=8), tmp_path / "model.onnx")
+    other = make_model(seed=9)
+    worst = worst_parity(other, path, [])
+    assert worst > PARITY_TOLERANCE
+    with pytest.raises(ParityError, match="onnxruntime and torch differ"):
+        check_parity(other, path, [])
