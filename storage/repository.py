@@ -747,7 +747,7 @@ class Repository:
         """CoT samples per status ('pending', 'generated')."""
         table = CotSample.__table__
         with self.engine.connect() as conn:
-            return dict(conn.execute(select(table.c.status, func.count()).group_by(table.c.status)).tuples().all())
+            return dict(conn.execute(select(table.c.status, func.count()).group_by(table.c.status)).all())
 
     def sample_user_and_items(self, n_items: int) -> tuple[str | None, list[str]]:
         """The most active user and the `n_items` most interacted items (for a demo ranking); (None, []) if empty."""

@@ -35,7 +35,7 @@ class ExactCommitConsumer(faust_kafka.Consumer):
         acked = self._acked[tp]
         if not acked:
             return None
-        # Offsets Faust saw no record for between two fetched ones (and those `skip_absent` added) count as acked.
+        # Offsets Faust saw no record for between two fetched ones (`_add_gap`) count as acked.
         gaps = self._gap[tp]
         if gaps:
             max_offset = max(acked)
@@ -60,14 +60,10 @@ class ExactCommitConsumer(faust_kafka.Consumer):
         committed = self._committed_offset[tp]
         start = offset_from if committed is None else max(offset_from, committed)
         if start < offset_to:
-            self.skip_absent(tp, start, offset_to)
+            gaps = self._gap[tp]
+            gaps.addi(start, offset_to)
+            gaps.merge_overlaps()
             await asyncio.sleep(0)  # as Faust's own: a long run of gaps yields to the event loop
-
-    def skip_absent(self, tp: TP, start: int, end: int) -> None:
-        """Offsets `start` to `end - 1` of `tp` hold no record the stream will ever see: commit past them."""
-        gaps = self._gap[tp]
-        gaps.addi(start, end)
-        gaps.merge_overlaps()
 
     def first_acknowledged_after(self, tp: TP, offset: int) -> int | None:
         """The lowest offset of `tp` above `offset` acknowledged but not committed yet, None if there is none."""
