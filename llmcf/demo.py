@@ -4,8 +4,9 @@
 2. Processes, each the same `llmcf` sub-command an operator runs, as a child with its log under
    `$LLMCF_HOME/demo/logs/`: `worker`, `generate` (SmolLM2 on the CPU, or the first GPU), `update` (continuous
    fine-tuning that promotes versions) and `serve` (the ranker on `--port`).
-3. A MovieLens window replayed at `--rate` events/s with event times set to publish times (so freshness is real), from
-   where the last run stopped (`$LLMCF_HOME/demo/state.json`).
+3. Once the worker consumes (it reports its partitions' offsets), a MovieLens window replayed at `--rate` events/s
+   with event times set to publish times (so freshness is real), from where the last run stopped
+   (`$LLMCF_HOME/demo/state.json`).
 4. A live status line until the window is stored, a model serves `/v1/rank` and the LLM has written its first chains
    of thought (or `--timeout-s` passes); then a summary, the freshness plot (`$LLMCF_HOME/demo/freshness.png`) and the
    URLs to try.
@@ -39,6 +40,7 @@ from llmcf.settings import Settings
 
 STOP_GRACE_S = 20.0
 STATUS_EVERY_S = 2.0
+WORKER_READY_TIMEOUT_S = 180.0
 FRESHNESS_STAGES: tuple[str, ...] = get_args(FreshnessStage)
 COLD_START_EVENTS = 1_000
 """Replayed at publish time, every item of the window is new, so the cold-start window (a day of event time in
@@ -314,17 +316,20 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     replayer = _Replayer(settings, options, position, paths, stop)
     series = FreshnessSeries()
     try:
-        print(f"== 3/4 replay {options.dataset}: {options.limit:,} interactions at {options.rate:g} events/s, "
-              f"from event {position.published:,} of {window_events:,}")
-        replayer.start()
-        print("== 4/4 running (Ctrl-C stops everything; running the demo again resumes)")
-        outcome = _watch(settings, options, children, replayer, window_events, window_interactions, series, stop)
+        outcome = wait_for_worker(options, children, stop)
+        if outcome is None:
+            print(f"== 3/4 replay {options.dataset}: {options.limit:,} interactions at {options.rate:g} events/s, "
+                  f"from event {position.published:,} of {window_events:,}")
+            replayer.start()
+            print("== 4/4 running (Ctrl-C stops everything; running the demo again resumes)")
+            outcome = _watch(settings, options, children, replayer, window_events, window_interactions, series, stop)
     except KeyboardInterrupt:
         stop.set()
         outcome = "interrupted"
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    replayer.join()
+    if replayer.ident is not None:
+        replayer.join()
     print()
 
     if outcome == "interrupted":
@@ -395,6 +400,23 @@ class _Replayer(threading.Thread):
             self.done = not self.stop.is_set()
         except BaseException as error:  # reported by the watcher, which owns the terminal
             self.error = error
+
+
+def wait_for_worker(options: DemoOptions, children: list[Child], stop: threading.Event) -> str | None:
+    """Wait until the worker reports the offsets of its partitions (it has joined its group and consumes), so that the
+    replay's event times, set when published, do not count the processes' start-up; None once it does, else
+    'interrupted' or 'failed: why'."""
+    worker = next(child for child in children if child.name == "worker")
+    print("waiting for the worker to join its consumer group ...", flush=True)
+    deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+    while not stop.wait(1.0):
+        if worker.exited() is not None:
+            return f"failed: llmcf worker exited with status {worker.exited()} (see worker.log)"
+        if scrape(options.worker_metrics_port).get("llmcf_consumer_committed_offset"):
+            return None
+        if time.monotonic() > deadline:
+            return f"failed: the worker reported no partition within {WORKER_READY_TIMEOUT_S:g} s (see worker.log)"
+    return "interrupted"
 
 
 def _watch(settings: Settings, options: DemoOptions, children: list[Child], replayer: _Replayer, window_events: int,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -16,7 +18,16 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmcf import movielens
-from llmcf.demo import DemoPaths, FreshnessSeries, ReplayPosition, freshness_buckets, histogram_quantile
+from llmcf.demo import (
+    Child,
+    DemoOptions,
+    DemoPaths,
+    FreshnessSeries,
+    ReplayPosition,
+    freshness_buckets,
+    histogram_quantile,
+    wait_for_worker,
+)
 from llmcf.events import InteractionEvent
 from llmcf.infra import free_port
 from llmcf.metrics import FRESHNESS_BUCKETS
@@ -140,3 +151,10 @@ def test_demo_resumes_after_ctrl_c_runs_to_its_summary_and_leaves_a_ranker_that_
         stored = repository.counts()["interactions"]
     window = [e for e in movielens.events("ml-100k", limit=1500) if isinstance(e, InteractionEvent)]
     assert stored == len({e.interaction_id for e in window}) == 1500
+
+
+def test_the_replay_waits_for_a_worker_that_exits_and_says_so(tmp_path):
+    worker = Child("worker", ["worker", "--no-such-flag"])
+    worker.start(DemoPaths(Settings.from_env({"LLMCF_HOME": str(tmp_path)})), dict(os.environ))
+    outcome = wait_for_worker(DemoOptions(metrics_port_base=free_port()), [worker], threading.Event())
+    assert outcome == "failed: llmcf worker exited with status 2 (see worker.log)"
