@@ -678,7 +678,8 @@ def export_artifact(model: RankerModel, space: FeatureSpace, parity_inputs: dict
 
     `require_parity=False` (a candidate already refused, kept for the record) measures the figure without enforcing
     it: a model wrecked by a destructive step has logits of 1e4 and more, and near the decision boundary the float32
-    rounding of such sums differs between the two runtimes by more than the tolerance."""
+    rounding of such sums differs between the two runtimes by more than the tolerance. The server refuses to load a
+    version whose recorded figure is above the tolerance (`ranker.serving.models.load_bundle`)."""
     created_at = datetime.now(timezone.utc)
     staging = settings.home / "models" / f".staging-{created_at:%Y%m%dT%H%M%S%fZ}"
     onnx_path = export_onnx(model, staging / MODEL_ONNX)

@@ -10,9 +10,10 @@ Choosing the version (kind = `LLMCF_RANKER_KIND`, or pinned with `--version`):
   first deployment: `llmcf train` then `llmcf serve` just works); later promotions are `llmcf update`'s business.
 `poll()` runs every `LLMCF_RANKER_MODEL_POLL_S` on a daemon thread and swaps when the serving row names another version
 (a newer one, or an older one rolled back to). Loading = read the row, check the ONNX file's sha256 against the row's
-checksum, open the session with pinned threads, load the feature space and manifest, run a warm-up batch; only then
-swap. If any step fails the old bundle stays, the failure is logged and counted (`llmcf_ranker_model_swaps_total
-{outcome="failed"}`), and that version is retried after `RETRY_FAILED_S`.
+checksum and the parity recorded at export against the tolerance, open the session with pinned threads, load the
+feature space and manifest, run a warm-up batch; only then swap. If any step fails the old bundle stays, the failure
+is logged and counted (`llmcf_ranker_model_swaps_total{outcome="failed"}`), and that version is retried after
+`RETRY_FAILED_S`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ranker.export import MANIFEST, OUTPUT_NAME, onnx_session, random_inputs, sha256_file
+from ranker.export import MANIFEST, OUTPUT_NAME, PARITY_TOLERANCE, onnx_session, random_inputs, sha256_file
 from ranker.features import FeatureSpace
 from ranker.model import ModelConfig
 from ranker.serving.metrics import MODEL_AGE, MODEL_INFO, MODEL_SWAPS
@@ -76,6 +77,11 @@ def load_bundle(record: ModelVersionRecord, threads: int) -> ModelBundle:
     if checksum != record.checksum:
         raise ModelLoadError(f"model version {record.version_id}: {onnx_path} has sha256 {checksum[:12]}..., "
                              f"the model_versions row says {record.checksum[:12]}...")
+    parity_at_export = record.metrics.get("onnx_parity_max_abs_diff")
+    if parity_at_export is not None and parity_at_export > PARITY_TOLERANCE:
+        # Only a candidate the updater refused is exported without the parity check (`ranker.updates.rounds`).
+        raise ModelLoadError(f"model version {record.version_id} is not servable: its ONNX scores differed from torch's "
+                             f"by {parity_at_export:.3g} > {PARITY_TOLERANCE:g} at export")
     directory = onnx_path.parent
     try:
         manifest = json.loads((directory / MANIFEST).read_text())

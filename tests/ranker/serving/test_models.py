@@ -95,3 +95,15 @@ def test_a_version_that_fails_its_checks_is_not_swapped_in(
     assert service.holder.current.version_id == versions["ict_a"].version_id
     assert swaps("failed") - failed_before == 2
     assert "sha256" in (service.holder.last_error or "")
+
+
+def test_a_version_exported_above_the_parity_tolerance_is_refused(
+        make_service: Callable[..., RankerService], versions: dict[str, TrainResult]) -> None:
+    service = make_service("deepfm+ict")
+    repository: Repository = service.scorer.repository
+    good = repository.get_model_version(versions["ict_b"].version_id)
+    drifted = dataclasses.replace(good, version_id=good.version_id + "-drifted", status="rejected",
+                                  metrics={**good.metrics, "onnx_parity_max_abs_diff": 3.06e-05})
+    repository.record_model_version(drifted)
+    with pytest.raises(ModelLoadError, match="not servable: its ONNX scores differed from torch's by 3.06e-05"):
+        service.holder.load(drifted.version_id)
