@@ -223,7 +223,8 @@ def create_app(
         # already fetched (up to max_poll_records) into it, and a full buffer blocks delivery for EVERY topic. The
         # interactions agent may wait for the items agent, so the last 20% must hold a whole fetch, or the wait
         # could starve the very items it waits for. Polls of 2,000 records rather than 500: fewer, larger deliveries
-        # leave more of the GIL to the batches (bench/worker.py: ~61% -> ~68% of the bare agent, median of runs).
+        # leave more of the GIL to the batches (bench/worker.py, quiet machine: 58-67% of the bare agent with 500, 71-75%
+        # with 2,000).
         broker_max_poll_records=MAX_POLL_RECORDS,
         stream_buffer_maxsize=max(4096, 3 * options.batch_size, 10 * MAX_POLL_RECORDS),
     )

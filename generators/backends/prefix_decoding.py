@@ -14,8 +14,8 @@ and in a batch the decoding steps are dominated by moving the KV cache, not by t
   for which it repacks every weight at every step.
 The arithmetic is the model's own (its modules and weights: norms, projections, rotary positions, Llama's MLP, head);
 only the order of floating-point operations in attention and in a decoding step's products differs from transformers'
-path, so greedy output matches
-`model.generate` token for token in practice (tests/generators/test_backends.py checks it on the real SmolLM2).
+path, so greedy output matches `model.generate` token for token in practice (tests/generators/test_backends.py checks
+it on the real SmolLM2).
 
 Layout of a batch's cache, per layer: rows x key/value heads x (longest own part + max_new_tokens) x head_dim. Own
 parts are right-aligned (left padding, masked), so the token of decoding step t goes to the same column in every row.
