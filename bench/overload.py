@@ -9,7 +9,9 @@
 3. Overload: OPEN loop at 2x capacity for `--overload-s` seconds (request i sent at start + i / rate whatever the
    earlier ones do; latency counted from that scheduled moment), then 0.5x capacity for `--recovery-s` seconds.
 4. Print capacity, offered rates, answered 200 / shed 503 / other per phase, p50 / p99 / max latency of the 200s and of
-   the 503s, and the error rate of the 0.5x phase (recovery: it should be 0).
+   the 503s, and recovery: when the last request of the 0.5x phase that was not answered 200 was sent (the 2x phase's
+   requests still in flight when the load drops are shed a moment longer) and the error rate after the 0.5x phase's
+   first second, which should be 0.
 The client runs on the same machine as the server: its CPU use is in the figures, which are noisy on a shared machine.
 """
 
@@ -38,10 +40,14 @@ class Phase:
     outcomes: Counter[str] = field(default_factory=Counter)
     ok_ms: list[float] = field(default_factory=list)
     shed_ms: list[float] = field(default_factory=list)
+    scheduled_at_s: list[float] = field(default_factory=list)
+    """When each request is sent, in seconds from the phase's start; `failed_at_s` for those not answered 200."""
+    failed_at_s: list[float] = field(default_factory=list)
+    starts_at: float = 0.0
 
-    def error_rate(self) -> float:
-        total = sum(self.outcomes.values())
-        return (total - self.outcomes["200"]) / total if total else float("nan")
+    def after(self, seconds: float) -> tuple[int, int]:
+        """(requests not answered 200, requests) among those sent `seconds` or more into the phase."""
+        return (sum(1 for at in self.failed_at_s if at >= seconds), sum(1 for at in self.scheduled_at_s if at >= seconds))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -77,17 +83,22 @@ async def open_loop(url: str, bodies: list[dict[str, object]], phases: list[tupl
                 answer = await client.post(url, json=body)
             except httpx.HTTPError as exc:
                 phase.outcomes[type(exc).__name__] += 1
+                phase.failed_at_s.append(at - phase.starts_at)
                 return
             latency_ms = (time.perf_counter() - at) * 1000
             phase.outcomes[str(answer.status_code)] += 1
             if answer.status_code == 200:
                 phase.ok_ms.append(latency_ms)
-            elif answer.status_code == 503 and answer.headers.get("retry-after") == "1":
+                return
+            phase.failed_at_s.append(at - phase.starts_at)
+            if answer.status_code == 503 and answer.headers.get("retry-after") == "1":
                 phase.shed_ms.append(latency_ms)
 
         schedule, at, index = [], time.perf_counter() + 0.2, 0
         for phase, seconds in phases:
+            phase.starts_at = at
             for _ in range(int(phase.rate * seconds)):
+                phase.scheduled_at_s.append(at - phase.starts_at)
                 schedule.append(one(phase, bodies[index % len(bodies)], at))
                 at += 1 / phase.rate
                 index += 1
@@ -138,7 +149,10 @@ def main() -> None:
               f"{percentile(phase.ok_ms, 0.5):>8.1f} {percentile(phase.ok_ms, 0.99):>7.1f} {max(phase.ok_ms, default=float('nan')):>7.1f} "
               f"{percentile(phase.shed_ms, 0.5):>8.1f} {percentile(phase.shed_ms, 0.99):>7.1f} "
               f"{max(phase.shed_ms, default=float('nan')):>7.1f}")
-    print(f"recovery: error rate in the 0.5x phase {recovery.error_rate():.2%} (target 0)")
+    last_failure = f", the last sent {max(recovery.failed_at_s):.2f} s after the load dropped" if recovery.failed_at_s else ""
+    failed_later, sent_later = recovery.after(1.0)
+    print(f"recovery: {len(recovery.failed_at_s)} of {len(recovery.scheduled_at_s)} requests in the 0.5x phase not answered "
+          f"200{last_failure}; after its first second {failed_later} of {sent_later} (target 0)")
 
 
 if __name__ == "__main__":
