@@ -164,8 +164,8 @@ def main() -> None:
           f"200{last_failure}; after its first second {failed_later} of {sent_later} (target 0)")
     unanswered = sum(count for outcome, count in overload.outcomes.items() if outcome not in ("200", "503"))
     print(f"load held at 2x: {overload.outcomes['200'] / args.overload_s:.1f} requests/s answered 200 "
-          f"({overload.outcomes['200'] / args.overload_s / capacity:.0%} of capacity), the rest shed with 503; "
-          f"{unanswered} of {sum(overload.outcomes.values())} requests without an answer (target 0)")
+          f"({overload.outcomes['200'] / args.overload_s / capacity:.0%} of capacity), {overload.outcomes['503']} shed "
+          f"with 503; {unanswered} of {sum(overload.outcomes.values())} requests without an answer (target 0)")
 
 
 if __name__ == "__main__":
