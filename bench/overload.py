@@ -12,8 +12,8 @@
 4. Print capacity, offered rates, answered 200 / shed 503 / other per phase, p50 / p99 / max latency of the 200s and of
    the 503s, and recovery: when the last request of the 0.5x phase that was not answered 200 was sent (the 2x phase's
    requests still in flight when the load drops are shed a moment longer) and the error rate after the 0.5x phase's
-   first second, which should be 0; and the load held at 2x: 200s per second as a share of capacity, and whether
-   every request got an answer (200 or 503) rather than a timeout or a broken connection.
+   first second, which should be 0; and the load held at 2x: 200s per second as a share of capacity, and the
+   requests neither answered 200 nor shed with 503 (another status, a timeout, a broken connection), which should be 0.
 The client runs on the same machine as the server: its CPU use is in the figures, which are noisy on a shared machine.
 """
 
@@ -47,6 +47,10 @@ class Phase:
     """When each request is sent, in seconds from the phase's start; `failed_at_s` for those not answered 200."""
     failed_at_s: list[float] = field(default_factory=list)
     starts_at: float = 0.0
+
+    def others(self) -> Counter[str]:
+        """Outcomes neither answered 200 nor shed with 503: other statuses and client errors by exception name."""
+        return Counter({outcome: count for outcome, count in self.outcomes.items() if outcome not in ("200", "503")})
 
     def after(self, seconds: float) -> tuple[int, int]:
         """(requests not answered 200, requests) among those sent `seconds` or more into the phase."""
@@ -153,7 +157,7 @@ def main() -> None:
     print(f"{'phase':<6} {'offered/s':>9} {'s':>4} {'200':>6} {'503':>6} {'other':<16} {'200 p50':>8} {'p99':>7} {'max':>7} "
           f"{'503 p50':>8} {'p99':>7} {'max':>7}  (ms, from the scheduled send)")
     for phase, seconds in ((overload, args.overload_s), (recovery, args.recovery_s)):
-        other = ", ".join(f"{k}: {v}" for k, v in sorted(phase.outcomes.items()) if k not in ("200", "503")) or "0"
+        other = ", ".join(f"{k}: {v}" for k, v in sorted(phase.others().items())) or "0"
         print(f"{phase.name:<6} {phase.rate:>9.1f} {seconds:>4g} {phase.outcomes['200']:>6} {phase.outcomes['503']:>6} {other:<16} "
               f"{percentile(phase.ok_ms, 0.5):>8.1f} {percentile(phase.ok_ms, 0.99):>7.1f} {max(phase.ok_ms, default=float('nan')):>7.1f} "
               f"{percentile(phase.shed_ms, 0.5):>8.1f} {percentile(phase.shed_ms, 0.99):>7.1f} "
@@ -162,10 +166,10 @@ def main() -> None:
     failed_later, sent_later = recovery.after(1.0)
     print(f"recovery: {len(recovery.failed_at_s)} of {len(recovery.scheduled_at_s)} requests in the 0.5x phase not answered "
           f"200{last_failure}; after its first second {failed_later} of {sent_later} (target 0)")
-    unanswered = sum(count for outcome, count in overload.outcomes.items() if outcome not in ("200", "503"))
-    print(f"load held at 2x: {overload.outcomes['200'] / args.overload_s:.1f} requests/s answered 200 "
-          f"({overload.outcomes['200'] / args.overload_s / capacity:.0%} of capacity), {overload.outcomes['503']} shed "
-          f"with 503; {unanswered} of {sum(overload.outcomes.values())} requests without an answer (target 0)")
+    held = overload.outcomes["200"] / args.overload_s
+    print(f"load held at 2x: {held:.1f} requests/s answered 200 ({held / capacity:.0%} of capacity), "
+          f"{overload.outcomes['503']} shed with 503; {overload.others().total()} of {overload.outcomes.total()} "
+          f"requests neither 200 nor 503 (target 0)")
 
 
 if __name__ == "__main__":
