@@ -67,8 +67,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLMCF_RANKER_MAX_BODY_BYTES", "262144", "`llmcf serve`: largest `/v1/rank` request body; larger ones get 413."),
     Setting("LLMCF_RANKER_MODEL_POLL_S", "5", "`llmcf serve`: seconds between checks for a newer 'serving' model version "
             "(hot swap)."),
-    Setting("LLMCF_RANKER_POOL_SYNC_S", "1", "`llmcf serve` on the embedded index: seconds between syncs of the ranker's own "
-            "replica shard (`$LLMCF_HOME/ranker-index/`) from the stored CoT samples."),
+    Setting("LLMCF_RANKER_POOL_SYNC_S", "1", "`llmcf serve`: seconds between syncs of the ranker's in-memory example pool "
+            "from the stored CoT samples (a new sample is retrievable within about this long)."),
+    Setting("LLMCF_RANKER_POOL_MAX_SAMPLES", "500000", "`llmcf serve`: CoT samples the in-memory example pool keeps (about "
+            "3 KB each); beyond, the oldest by event time are dropped down to 90% of this."),
     Setting("LLMCF_API_TOKEN", None, "`llmcf serve`: when set, `/v1/rank` requires `Authorization: Bearer <token>` "
             "(`/healthz`, `/readyz`, `/metrics` stay open).", secret=True),
     Setting("LLMCF_UPDATE_INTERVAL_S", "300", "`llmcf update`: seconds between update rounds."),
@@ -163,10 +165,11 @@ class Settings:
     ranker_port: int = 8000
     ranker_kind: str = "deepfm+ict"
     ranker_threads: int = 1
-    ranker_max_inflight: int = 64
+    ranker_max_inflight: int = 8
     ranker_max_body_bytes: int = 262_144
     ranker_model_poll_s: float = 5.0
     ranker_pool_sync_s: float = 1.0
+    ranker_pool_max_samples: int = 500_000
     api_token: str | None = None
     update_interval_s: float = 300.0
     update_window_s: float = 604_800.0
@@ -215,6 +218,7 @@ class Settings:
             ranker_max_body_bytes=_integer(env, "LLMCF_RANKER_MAX_BODY_BYTES", 1024),
             ranker_model_poll_s=_number(env, "LLMCF_RANKER_MODEL_POLL_S", 0.05),
             ranker_pool_sync_s=_number(env, "LLMCF_RANKER_POOL_SYNC_S", 0.05),
+            ranker_pool_max_samples=_integer(env, "LLMCF_RANKER_POOL_MAX_SAMPLES", 100),
             api_token=_value(env, "LLMCF_API_TOKEN"),
             update_interval_s=_number(env, "LLMCF_UPDATE_INTERVAL_S", 1.0),
             update_window_s=_number(env, "LLMCF_UPDATE_WINDOW_S", 60.0),

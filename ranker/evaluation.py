@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import csv
 import math
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,31 +42,16 @@ import numpy as np
 import torch
 
 from llmcf.errors import UserFacingError
-from llmcf.samples import SAMPLE_DIMENSION
 from llmcf.settings import Settings
+from ranker.cot_pool import CotPool, build_cot_pool, generate_cot_vectors
 from ranker.data import Corpus, movielens_corpus
+from ranker.dataset import SPLIT, Samples, Split, build_feature_space, time_split
+from ranker.examples import pool_samples, retrieve_examples, retrieve_rows, sample_pool
+from ranker.fitting import Batches, FitOptions, evaluate, fit, predict
+from ranker.metrics import auc
 from ranker.model import ModelConfig, RankerModel
-from ranker.retrieval import ExampleRetriever
-from ranker.train import (
-    SPLIT,
-    Batches,
-    CotPool,
-    ExampleTable,
-    FitOptions,
-    Samples,
-    Split,
-    Stepper,
-    auc,
-    build_cot_pool,
-    build_feature_space,
-    evaluate,
-    fit,
-    generate_cot_vectors,
-    index_pool,
-    predict,
-    retrieve_examples,
-    time_split,
-)
+from ranker.progress import Stepper
+from ranker.retrieval import ExactRetriever, SamplePool
 from ranker.updates.finetune import fine_tune
 
 VARIANTS = ("deepfm", "deepfm+ict", "din", "din+ict")
@@ -280,7 +263,6 @@ def _write_offline(results: list[RunResult], options: EvaluationOptions, out: Pa
 
 
 def evaluate_streaming(samples: Samples, options: EvaluationOptions, settings: Settings, step: Stepper) -> list[StreamRow]:
-    from storage.vectors.edge import EdgeIndex
     from streams.decisions import CotPolicy
 
     corpus = samples.corpus
@@ -315,48 +297,46 @@ def evaluate_streaming(samples: Samples, options: EvaluationOptions, settings: S
                             options.reconstruction_weight, 0)
     rows_out: list[StreamRow] = []
     updated, updated_space = frozen, space
-    live_size = len(pool0.rows)
-    workdir = Path(tempfile.mkdtemp(prefix="stream-pools-", dir=cache_dir))
-    try:
-        with EdgeIndex(workdir / "frozen", SAMPLE_DIMENSION) as frozen_index, \
-                EdgeIndex(workdir / "live", SAMPLE_DIMENSION) as live_index:
-            for index in (frozen_index, live_index):
-                index_pool(index, samples, pool0)
-            retrievers = {"frozen": ExampleRetriever(frozen_index, item_cache_ttl_s=None),
-                          "live": ExampleRetriever(live_index, item_cache_ttl_s=0.0)}
-            for day in range(options.days):
-                start, end = day0 + day * DAY_MS, day0 + (day + 1) * DAY_MS
-                day_rows = np.flatnonzero((corpus.ts_ms >= start) & (corpus.ts_ms < end))
-                recent = day_rows[corpus.ts_ms[day_rows] - first_seen[corpus.item[day_rows]] <= options.new_item_window_days * DAY_MS]
-                scored = day_rows
-                if len(day_rows) > options.max_day_rows:
-                    sampled = np.random.default_rng(day).choice(day_rows, options.max_day_rows, replace=False)
-                    scored = np.union1d(sampled, recent)
-                for case, model, case_space, pool_name in (("a", frozen, space, "frozen"), ("b", frozen, space, "live"),
-                                                            ("c", updated, updated_space, "live")):
-                    scores = _score(samples, model, case_space, retrievers[pool_name] if ict else None, scored)
-                    recent_scores = scores[np.isin(scored, recent)]
-                    rows_out.append(StreamRow(day, _date(start), case, len(recent), _auc_or_none(corpus, recent, recent_scores),
-                                              len(scored), _auc_or_none(corpus, scored, scores),
-                                              len(pool0.rows) if pool_name == "frozen" else live_size))
-                    step(f"day {day} ({_date(start)}) {case}: recent items {len(recent):,} rows, AUC "
-                         f"{_fmt(rows_out[-1].recent_auc)}; all (sample) {len(scored):,} rows, AUC {_fmt(rows_out[-1].all_auc)}")
-                if day == options.days - 1:
-                    break
-                chosen = np.array([r for r in day_rows.tolist() if policy.reason(
-                    corpus.sample_key(r), int(corpus.ts_ms[r]), int(first_seen[corpus.item[r]])) is not None], dtype=np.int64)
-                if len(chosen):
-                    vectors = generate_cot_vectors(samples, chosen, options.cot_backend, cache_dir)
-                    index_pool(live_index, samples, CotPool(chosen, list(vectors), options.cot_backend))
-                    live_size += len(chosen)
-                updated, updated_space = _update(samples, updated, updated_space, retrievers["live"] if ict else None,
-                                                 end, options, update_fit, step)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    frozen_pool, live_pool = sample_pool(samples, pool0), sample_pool(samples, pool0)
+    pools = {"frozen": frozen_pool, "live": live_pool}
+    for day in range(options.days):
+        start, end = day0 + day * DAY_MS, day0 + (day + 1) * DAY_MS
+        day_rows = np.flatnonzero((corpus.ts_ms >= start) & (corpus.ts_ms < end))
+        recent = day_rows[corpus.ts_ms[day_rows] - first_seen[corpus.item[day_rows]] <= options.new_item_window_days * DAY_MS]
+        scored = day_rows
+        if len(day_rows) > options.max_day_rows:
+            sampled = np.random.default_rng(day).choice(day_rows, options.max_day_rows, replace=False)
+            scored = np.union1d(sampled, recent)
+        for case, model, case_space, pool_name in (("a", frozen, space, "frozen"), ("b", frozen, space, "live"),
+                                                    ("c", updated, updated_space, "live")):
+            scores = _score(samples, model, case_space, pools[pool_name] if ict else None, scored)
+            recent_scores = scores[np.isin(scored, recent)]
+            rows_out.append(StreamRow(day, _date(start), case, len(recent), _auc_or_none(corpus, recent, recent_scores),
+                                      len(scored), _auc_or_none(corpus, scored, scores), len(pools[pool_name])))
+            step(f"day {day} ({_date(start)}) {case}: recent items {len(recent):,} rows, AUC "
+                 f"{_fmt(rows_out[-1].recent_auc)}; all (sample) {len(scored):,} rows, AUC {_fmt(rows_out[-1].all_auc)}")
+        if day == options.days - 1:
+            break
+        chosen = np.array([r for r in day_rows.tolist() if policy.reason(
+            corpus.sample_key(r), int(corpus.ts_ms[r]), int(first_seen[corpus.item[r]])) is not None], dtype=np.int64)
+        if len(chosen):
+            vectors = generate_cot_vectors(samples, chosen, options.cot_backend, cache_dir)
+            live_pool.add(pool_samples(samples, CotPool(chosen, list(vectors), options.cot_backend)))
+        updated, updated_space = _update(samples, updated, updated_space, live_pool if ict else None,
+                                         end, options, update_fit, step)
     return rows_out
 
 
-def _update(samples: Samples, model: RankerModel, space: Any, retriever: ExampleRetriever | None, until_ms: int,
+def _examples(samples: Samples, pool: SamplePool, splits: Sequence[Split]) -> list[Any]:
+    """Set the splits' slots from the pool as it is now; returns the records they point into."""
+    view = pool.view
+    retriever = ExactRetriever(pool)
+    for split in splits:
+        split.slots = retrieve_rows(retriever, view, samples, split.rows)
+    return view.records(range(view.n))
+
+
+def _update(samples: Samples, model: RankerModel, space: Any, pool: SamplePool | None, until_ms: int,
             options: EvaluationOptions, fit_options: FitOptions, step: Stepper) -> tuple[RankerModel, Any]:
     """(c): fine-tune on the last `update_window_days` before `until_ms`, as `llmcf update` does."""
     corpus = samples.corpus
@@ -367,22 +347,17 @@ def _update(samples: Samples, model: RankerModel, space: Any, retriever: Example
     if min(len(np.unique(corpus.label[s.rows])) for s in (train_split, valid_split)) < 2:
         step("update skipped: a split with a single label")
         return model, space
-    table = ExampleTable()
-    if retriever is not None:
-        for split in (train_split, valid_split):
-            split.slots = table.retrieve(retriever, samples, split.rows)
-    tuned = fine_tune(model, space, samples, table.records, train_split, valid_split, fit_options, Stepper(lambda _line: None))
+    records = _examples(samples, pool, [train_split, valid_split]) if pool is not None else []
+    tuned = fine_tune(model, space, samples, records, train_split, valid_split, fit_options, Stepper(lambda _line: None))
     step(f"updated: {len(train_split.rows):,} rows, +{tuned.new_users} users, +{tuned.new_items} items, valid AUC "
          f"{max(h['valid_auc'] for h in tuned.history):.4f}")
     return tuned.model, tuned.space
 
 
-def _score(samples: Samples, model: RankerModel, space: Any, retriever: ExampleRetriever | None, rows: np.ndarray) -> np.ndarray:
+def _score(samples: Samples, model: RankerModel, space: Any, pool: SamplePool | None, rows: np.ndarray) -> np.ndarray:
     split = Split("day", rows)
-    table = ExampleTable()
-    if retriever is not None:
-        split.slots = table.retrieve(retriever, samples, rows)
-    return predict(model, Batches(samples, space, table.records, retriever is not None), split)
+    records = _examples(samples, pool, [split]) if pool is not None else []
+    return predict(model, Batches(samples, space, records, pool is not None), split)
 
 
 def _auc_or_none(corpus: Corpus, rows: np.ndarray, scores: np.ndarray) -> float | None:

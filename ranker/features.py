@@ -11,8 +11,8 @@ Conventions:
   mean), the same h the vector index holds, so retrieval and features agree.
 - An item unknown to the vocabulary gets index 0; its text embedding is the one the caller provides (a new item's text,
   embedded with `TextEmbedder`), else zeros; its tags are looked up in the tag vocabulary (unknown tags are dropped).
-- Examples come from the vector index: their history and target text embeddings are the two halves of the stored sample
-  vector, so a freshly indexed example about a brand-new item still carries its item's text.
+- Examples come from the example pool (`ranker.retrieval`): their history and target text embeddings are the pool's h
+  and t of the sample, so a fresh example about a brand-new item still carries its item's text.
 
 The space is saved beside the ONNX model as `features.json` (vocabularies, sizes) and `features.npz` (embeddings).
 """
@@ -239,21 +239,6 @@ class FeatureSpace:
             "history_text": np.ascontiguousarray(history_text, dtype=np.float32),
         }
 
-    def encode_indexed_samples(self, users: np.ndarray, items: np.ndarray, history: np.ndarray,
-                               history_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """The `SAMPLE_INPUTS` arrays from vocabulary indices (the training path: every id is known, so no new-item
-        texts are needed). Gives the same numbers as `encode_samples` on the same ids."""
-        text = self.item_text[history] * history_mask[..., None]
-        return {
-            "user": users.astype(np.int64, copy=False),
-            "item": items.astype(np.int64, copy=False),
-            "item_tags": self.item_tags[items],
-            "item_text": self.item_text[items],
-            "history": history.astype(np.int64, copy=False),
-            "history_mask": history_mask.astype(np.float32, copy=False),
-            "history_text": _normalise_rows(text.sum(axis=1)),
-        }
-
     # ---- examples -------------------------------------------------------------------------------------------------
 
     def encode_examples(self, records: Sequence[ExampleRecord]) -> ExamplePool:
@@ -327,12 +312,18 @@ def gather_examples(pool: ExamplePool, slots: np.ndarray) -> dict[str, np.ndarra
         "ex_label": pool.label[rows],
         "ex_cot_ready": pool.cot_ready[rows],
     }
+    return absent_as_zeros(fields, present)
+
+
+def absent_as_zeros(fields: dict[str, np.ndarray], present: np.ndarray) -> dict[str, np.ndarray]:
+    """Example input arrays with zeros in every absent slot (so nothing about them depends on which pool row stood in
+    for them), plus `ex_present`."""
+    out = {}
     for name, values in fields.items():
-        # Absent slots carry zeros everywhere, so nothing about them depends on which pool row 0 happens to be.
         mask = present.reshape(present.shape + (1,) * (values.ndim - present.ndim))
-        fields[name] = np.where(mask, values, np.zeros((), dtype=values.dtype))
-    fields["ex_present"] = present.astype(np.float32)
-    return fields
+        out[name] = np.ascontiguousarray(np.where(mask, values, np.zeros((), dtype=values.dtype)))
+    out["ex_present"] = present.astype(np.float32)
+    return out
 
 
 def _empty_examples(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -347,9 +338,3 @@ def _tag_row(tags: Sequence[str], tag_index: Mapping[str, int]) -> np.ndarray:
     row = np.zeros(MAX_TAGS, dtype=np.int64)
     row[: len(known)] = known
     return row
-
-
-def _normalise_rows(matrix: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit norm (the normalised mean equals the normalised sum); all-zero rows stay zero."""
-    norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
-    return np.where(norms > 0, matrix / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)

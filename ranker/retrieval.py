@@ -1,68 +1,71 @@
-"""Retrieval of in-context examples for the ICT module: the same code at training and at serving.
+"""Exact retrieval of in-context examples, the one engine behind `llmcf train`, `evaluate`, `update` and `serve`.
 
-LLM-CF picks, for a sample with history embedding h and target embedding t, the top 2 positive and top 2 negative stored
-samples by similarity 0.5<h,h'> + 0.5<t,t'>, shuffled, never one of the same user at a later time (nor the sample itself).
+The rule (LLM-CF, ../shared/docs/llm-cf.md, stricter on leakage): for a query with history vector h (the normalised
+mean of its history items' text embeddings) and target vector t (its item's), every pool sample j scores
+s_j = 0.5<h, H_j> + 0.5<t, T_item(j)>; the query gets the 2 best positives and the 2 best negatives, never a sample of
+the same user at or after the query in stream order (event time, ties broken by `seq`; a training query is its own
+pool sample, so it never retrieves itself). Ties in score go to the later sample in stream order (the fresher one):
+the result is a function of the pool's content, not of its layout or arrival order. A query with neither a history
+nor a target vector (an unknown user on an item without text) is similar to nothing: it gets no examples.
 
-A filtered top-k query per candidate would cost ~100 index queries per ranking request, far over the serving budget, so
-retrieval is batched and split by the two halves of the similarity:
-- history half: one pair of queries (positives, negatives) on [h; 0] per group of queries that share a user and nearly
-  the same history (cosine >= `history_group_cosine` to the group's first): a serving request (one user, many candidates)
-  is one group; at training, a user's consecutive samples share a group. These queries carry the no-leak filter
-  (not this user after the group's latest time) and the label.
-- target half: one unfiltered query on [0; t] per distinct target item, cached for `item_cache_ttl_s` seconds (shared
-  by every request and user, so the cache is user-independent; short enough that fresh examples still appear).
-Hits come back with their stored vectors and the small payload fields only; the union of a sample's history-group
-hits and its item hits is re-ranked exactly by the full similarity in numpy, the no-leak and not-itself rules are
-applied exactly per sample, and 2+2 are picked. The history ids and CoT embeddings of the picked examples are then read
-by key (`get_payloads`; cached once generated, as a generated sample never changes): converting a 384-float payload for
-every candidate hit costs more than the searches. It is approximate where the true top examples are in neither
-candidate list (top `history_candidates` by h, top `item_candidates` by t); `bench/ranker_model.py` measures the cost.
+Why it is exact and cheap (the algebra): every sample of one item shares the item term, and <h, H_j> <= |h| max|H|
+(= 1 for unit vectors). So for a query whose target's similarity row c_i = <t, T_i> is sorted in decreasing order,
+items are scanned best-first and the scan stops as soon as the second-best score found for each label is strictly
+above 0.5 |h| max|H| + 0.5 c_next: no sample of any item not scanned can reach it. On MovieLens-1M with a 1/10 pool
+the candidate's own item settles 9 queries in 10 (`bench/retrieval.py` prints the scan sizes). The similarity rows
+depend only on the target item and the pool's item table, so they are cached per item (`_Neighbours`) and extended
+when new items join the pool.
 
-What the index holds (written by the stream worker, or by training for its private pool): vector = `sample_vector` =
-[h; t]/sqrt(2), key = the sample (CoT request) id, payload `user_id`, `item_id`, `label`, `ts` (event time, epoch ms),
-`status` ('pending' | 'generated'), `history` (item ids, oldest first, `llmcf.samples.encode_history`) and, once
-generated, `cot_embedding` (384 floats).
+Two executions of the same rule, both checked against brute force in the tests:
+- many queries sharing a target item with their own histories (training, evaluation, updates): one matrix product per
+  target item over the rows of the items scanned (`top_rows`);
+- one history and many targets (a serving request: one user, many candidates): the history term is computed once per
+  pool row the request touches and shared by every candidate (`top_rows_for_history`).
+
+The pool (`SamplePool`) holds the samples in contiguous arrays; writers (`add`, `set_cots`) publish an immutable
+`PoolView` after each change by swapping one reference, so a reader (a request) works on one consistent snapshot
+while samples keep arriving. Rows only ever append until `compact` (the retention policy) rebuilds the arrays.
 """
 
 from __future__ import annotations
 
 import itertools
-import time
+import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from llmcf.embeddings import EMBEDDING_DIMENSION
-from llmcf.samples import decode_history
-from storage.vectors import Filter, Hit, Match, Range, VectorIndex, all_of
 
-COT_EMBEDDING_FIELD = "cot_embedding"
-GENERATED = "generated"
-CANDIDATE_FIELDS = ("user_id", "item_id", "label", "ts", "status")
-DETAIL_FIELDS = ("history", COT_EMBEDDING_FIELD)
-_PERMUTATIONS_OF_4 = np.array(list(itertools.permutations(range(4))), dtype=np.int64)
+POSITIVES = 2
+NEGATIVES = 2
+K = POSITIVES + NEGATIVES
+LATEST_SEQ = np.iinfo(np.int64).max  # a query's seq when it is not itself a pool sample (serving)
+_PERMUTATIONS_OF_4 = np.array(list(itertools.permutations(range(K))), dtype=np.int64)
+_NORM_SLACK = 1e-4  # float32 dot products may exceed |a||b| by rounding; the bound must never be below the truth
+_MAX_SCORE_CELLS = 4_000_000  # queries x rows scored at once (16 MB of float32)
 
 
 @dataclass(frozen=True)
 class ExampleQuery:
-    """One sample to find examples for: who, which item, when (event time, epoch ms), and its two text embeddings.
-    `exclude_key` is the sample's own key when it may itself be in the index (training)."""
+    """One sample to find examples for: who, which item, when (event time, epoch ms, and `seq`, its place among
+    samples of the same time: a training row's own pool `seq`), and its two text embeddings."""
 
     user_id: str
     item_id: str
     ts_ms: int
     history_vector: np.ndarray
     target_vector: np.ndarray
-    exclude_key: str | None = None
+    seq: int = LATEST_SEQ
 
 
 @dataclass(frozen=True)
 class ExampleRecord:
-    """A stored sample as retrieved: payload fields, the two halves of its vector, whether its CoT is generated, and
-    its CoT embedding (filled for the examples picked; None while pending)."""
+    """A pool sample as the model encodes it: ids, label, event time, its two text embeddings, whether its CoT is
+    generated, its history item ids and its CoT embedding (None while pending)."""
 
     key: str
     user_id: str
@@ -94,299 +97,536 @@ class Retrieval:
         return None if freshest is None else max(0.0, (now_ms - freshest) / 1000.0)
 
 
-@dataclass
-class _Block:
-    """The hits of one search as arrays, for exact re-ranking; records are built only for the hits picked."""
-
-    keys: np.ndarray  # (n,) object
-    items: np.ndarray  # (n,) object
-    history: np.ndarray  # (n, 384) unit rows (or zeros)
-    target: np.ndarray  # (n, 384)
-    label: np.ndarray  # (n,)
-    ts: np.ndarray  # (n,)
-    user: np.ndarray  # (n,) object
-    generated: np.ndarray  # (n,) bool
-
-    @classmethod
-    def from_hits(cls, hits: list[Hit]) -> _Block:
-        n = len(hits)
-        if n and any(h.vector is None for h in hits):
-            raise ValueError("example hits must be searched with_vectors=True")
-        vectors = np.stack([h.vector for h in hits]) if n else np.zeros((0, 2 * EMBEDDING_DIMENSION), np.float32)
-        return cls(
-            keys=np.array([h.key for h in hits], dtype=object),
-            items=np.array([str(h.payload["item_id"]) for h in hits], dtype=object),
-            history=_unit_rows(vectors[:, :EMBEDDING_DIMENSION]),
-            target=_unit_rows(vectors[:, EMBEDDING_DIMENSION:]),
-            label=np.fromiter((int(h.payload["label"]) for h in hits), dtype=np.int64, count=n),
-            ts=np.fromiter((int(h.payload["ts"]) for h in hits), dtype=np.int64, count=n),
-            user=np.array([str(h.payload["user_id"]) for h in hits], dtype=object),
-            generated=np.fromiter((h.payload.get("status") == GENERATED for h in hits), dtype=bool, count=n),
-        )
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @classmethod
-    def concatenate(cls, blocks: Sequence[_Block]) -> _Block:
-        return cls(*(np.concatenate([getattr(b, name) for b in blocks]) for name in _BLOCK_FIELDS))
-
-    def record(self, i: int) -> ExampleRecord:
-        return ExampleRecord(
-            key=str(self.keys[i]),
-            user_id=str(self.user[i]),
-            item_id=str(self.items[i]),
-            label=int(self.label[i]),
-            ts_ms=int(self.ts[i]),
-            history_vector=self.history[i],
-            target_vector=self.target[i],
-            generated=bool(self.generated[i]),
-        )
+# ---- the pool ----------------------------------------------------------------------------------------------------
 
 
-_BLOCK_FIELDS = ("keys", "items", "history", "target", "label", "ts", "user", "generated")
+@dataclass(frozen=True)
+class PoolView:
+    """An immutable snapshot of the pool: rows [0, n) of the arrays (later rows may be written by the pool after this
+    view was taken; nothing below n ever changes except a pending CoT landing, written before its `generated` flag)."""
 
-
-class ExampleRetriever:
-    """Batched, balanced (positives + negatives), leak-free example retrieval over a `VectorIndex` of samples.
-
-    Not thread-safe (the item cache is shared state): one retriever per serving worker thread, or a lock around it.
-    `item_cache_ttl_s=None` keeps item results forever (training, where the pool does not change).
-    """
-
-    def __init__(
-        self,
-        index: VectorIndex,
-        positives: int = 2,
-        negatives: int = 2,
-        history_candidates: int = 16,
-        item_candidates: int = 16,
-        item_cache_ttl_s: float | None = 5.0,
-        item_cache_size: int = 20_000,
-        details_cache_size: int = 100_000,
-        history_group_cosine: float = 0.95,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if positives + negatives != 4:
-            raise ValueError("the ICT module takes K = 4 examples: positives + negatives must be 4")
-        if index.dim != 2 * EMBEDDING_DIMENSION:
-            raise ValueError(f"the example index must hold {2 * EMBEDDING_DIMENSION}-d sample vectors, not {index.dim}-d")
-        self.index = index
-        self.positives = positives
-        self.negatives = negatives
-        self.history_candidates = history_candidates
-        self.item_candidates = item_candidates
-        self.item_cache_ttl_s = item_cache_ttl_s
-        self.item_cache_size = item_cache_size
-        self.history_group_cosine = history_group_cosine
-        self._clock = clock
-        self.details_cache_size = details_cache_size
-        self._item_cache: OrderedDict[str, tuple[float, _Block]] = OrderedDict()
-        self._details_cache: OrderedDict[str, tuple[tuple[str, ...], np.ndarray | None]] = OrderedDict()
-        self.index_queries = 0  # queries sent to the index so far (for benchmarks and metrics)
+    n: int
+    keys: list[str]
+    history: np.ndarray  # (cap, D) float32 history vectors h
+    item: np.ndarray  # (cap,) int64 code into item_ids / item_vectors
+    label: np.ndarray  # (cap,) int8
+    user: np.ndarray  # (cap,) int64 code into user_ids
+    ts: np.ndarray  # (cap,) int64 event time, epoch ms
+    seq: np.ndarray  # (cap,) int64 order among samples of the same event time
+    generated: np.ndarray  # (cap,) bool
+    cot: np.ndarray  # (cap, D) float32, zeros while pending
+    histories: list[tuple[str, ...]]
+    item_ids: list[str]
+    item_vectors: np.ndarray  # (item cap, D) float32 target vectors t
+    item_rows: list[np.ndarray]  # per item code: its rows (< n)
+    user_ids: list[str]
+    user_codes: dict[str, int]
+    max_history_norm: float
+    version: int
+    generation: int
 
     @property
-    def k(self) -> int:
-        return self.positives + self.negatives
+    def n_items(self) -> int:
+        return len(self.item_rows)
 
-    def retrieve(self, queries: Sequence[ExampleQuery]) -> Retrieval:
-        """K examples for each query, in a deterministic shuffled order."""
-        groups, group_of = self._history_groups(queries)
-        group_blocks = self._search_history_groups(groups)
-        item_blocks = self._search_items(queries)
-        table, rows = _candidate_rows(queries, group_blocks, group_of, item_blocks)
-        picked = self._choose(queries, table, rows)  # (B, K) rows of `table`, -1 = none
+    def user_code(self, user_id: str) -> int:
+        return self.user_codes.get(user_id, -1)
 
-        records: list[ExampleRecord] = []
-        position: dict[int, int] = {}
-        slots = np.full((len(queries), self.k), -1, dtype=np.int64)
-        for row, query in enumerate(queries):
-            order = _PERMUTATIONS_OF_4[_seed(query) % len(_PERMUTATIONS_OF_4)]
-            for slot, chosen in zip(order.tolist(), picked[row].tolist(), strict=True):
-                if chosen < 0:
-                    continue
-                if chosen not in position:
-                    position[chosen] = len(records)
-                    records.append(table.record(chosen))
-                slots[row, slot] = position[chosen]
-        return Retrieval(self._with_details(records), slots)
+    def record(self, row: int) -> ExampleRecord:
+        generated = bool(self.generated[row])
+        return ExampleRecord(
+            key=self.keys[row], user_id=self.user_ids[int(self.user[row])], item_id=self.item_ids[int(self.item[row])],
+            label=int(self.label[row]), ts_ms=int(self.ts[row]), history_vector=self.history[row],
+            target_vector=self.item_vectors[int(self.item[row])], generated=generated, history=self.histories[row],
+            cot=self.cot[row].copy() if generated else None,
+        )
 
-    def _with_details(self, records: list[ExampleRecord]) -> list[ExampleRecord]:
-        """The picked records with their history ids and CoT embeddings, read by key. A generated sample never changes,
-        so its details are cached; a pending one is read again each time (its CoT may have landed)."""
-        wanted = [r.key for r in records if r.key not in self._details_cache]
-        fetched = self.index.get_payloads(wanted, DETAIL_FIELDS) if wanted else {}
-        detailed = []
-        for record in records:
-            details = self._details_cache.get(record.key)
-            if details is None:
-                payload = fetched.get(record.key, {})
-                cot = payload.get(COT_EMBEDDING_FIELD)
-                details = (decode_history(payload.get("history")),
-                           None if cot is None else np.asarray(cot, dtype=np.float32))
-                if record.generated and details[1] is not None:
-                    self._details_cache[record.key] = details
-            detailed.append(replace(record, history=details[0], cot=details[1] if record.generated else None))
-        while len(self._details_cache) > self.details_cache_size:
-            self._details_cache.popitem(last=False)
-        return detailed
+    def records(self, rows: Sequence[int]) -> list[ExampleRecord]:
+        return [self.record(int(r)) for r in rows]
 
-    # ---- candidate searches ---------------------------------------------------------------------------------------
+    def rows_of(self, items: np.ndarray) -> np.ndarray:
+        """The rows of these item codes (in item order for a few items, in row order for many)."""
+        if len(items) > 64:  # one pass over the rows beats hundreds of small concatenations
+            wanted = np.zeros(self.n_items, dtype=bool)
+            wanted[items] = True
+            return np.flatnonzero(wanted[self.item[: self.n]])
+        parts = [self.item_rows[i] for i in items.tolist()]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def _history_groups(self, queries: Sequence[ExampleQuery]) -> tuple[list[list[ExampleQuery]], list[int]]:
-        """Queries grouped by user and near-identical history (in input order); cold-start histories (zero vectors)
-        form groups that search nothing."""
-        groups: list[list[ExampleQuery]] = []
-        group_of = [0] * len(queries)
-        open_group: dict[str, int] = {}
-        for row, query in enumerate(queries):
-            current = open_group.get(query.user_id)
-            if current is not None:
-                anchor = groups[current][0].history_vector
-                if float(np.dot(anchor, query.history_vector)) >= self.history_group_cosine or (
-                    not anchor.any() and not query.history_vector.any()
-                ):
-                    groups[current].append(query)
-                    group_of[row] = current
-                    continue
-            open_group[query.user_id] = len(groups)
-            group_of[row] = len(groups)
-            groups.append([query])
-        return groups, group_of
 
-    def _search_history_groups(self, groups: list[list[ExampleQuery]]) -> list[_Block]:
-        vectors, filters, owners = [], [], []
-        for number, members in enumerate(groups):
-            anchor = members[0]
-            if not anchor.history_vector.any():
+@dataclass
+class PoolSample:
+    """One sample to add: `seq` orders it among samples of the same event time (the stream order)."""
+
+    key: str
+    user_id: str
+    item_id: str
+    label: int
+    ts_ms: int
+    seq: int
+    history_vector: np.ndarray
+    target_vector: np.ndarray
+    history: tuple[str, ...] = ()
+    cot: np.ndarray | None = None
+
+
+class SamplePool:
+    """The example pool in memory: contiguous arrays, appended to by one writer at a time (a lock), read through
+    `view` snapshots without locking. A key added again updates its CoT (pending -> generated) and nothing else: a
+    stored sample's content never changes, only its CoT arrives. An item's target vector is the one it first came
+    with (an item's text embedding is written once)."""
+
+    def __init__(self, dim: int = EMBEDDING_DIMENSION, capacity: int = 1024) -> None:
+        self.dim = dim
+        self._lock = threading.Lock()
+        self._version = 0
+        self._generation = -1
+        self._reset(capacity)
+        self.view = self._publish()
+
+    def _reset(self, capacity: int) -> None:
+        """Empty arrays and vocabularies (new objects: views taken before keep the old ones)."""
+        dim = self.dim
+        self._generation += 1  # item codes are renumbered: cached similarity rows of older generations are void
+        self._cap = max(1, capacity)
+        self._history = np.zeros((self._cap, dim), dtype=np.float32)
+        self._cot = np.zeros((self._cap, dim), dtype=np.float32)
+        self._item = np.zeros(self._cap, dtype=np.int64)
+        self._label = np.zeros(self._cap, dtype=np.int8)
+        self._user = np.zeros(self._cap, dtype=np.int64)
+        self._ts = np.zeros(self._cap, dtype=np.int64)
+        self._seq = np.zeros(self._cap, dtype=np.int64)
+        self._generated = np.zeros(self._cap, dtype=bool)
+        self._keys: list[str] = []
+        self._row_of: dict[str, int] = {}
+        self._histories: list[tuple[str, ...]] = []
+        self._item_ids: list[str] = []
+        self._item_code: dict[str, int] = {}
+        self._item_vectors = np.zeros((16, dim), dtype=np.float32)
+        self._item_rows: list[np.ndarray] = []
+        self._user_ids: list[str] = []
+        self._user_code: dict[str, int] = {}
+        self._max_norm = 0.0
+
+    def __len__(self) -> int:
+        return self.view.n
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._row_of
+
+    def add(self, samples: Sequence[PoolSample]) -> int:
+        """Append the new samples, fill in the CoTs of known ones; publishes a new view. Returns the rows appended."""
+        if not samples:
+            return 0
+        with self._lock:
+            fresh: dict[str, PoolSample] = {}
+            landed: dict[str, np.ndarray] = {}
+            for sample in samples:
+                if sample.key in self._row_of:
+                    if sample.cot is not None:
+                        landed[sample.key] = sample.cot
+                elif sample.key in fresh:
+                    if sample.cot is not None:
+                        fresh[sample.key].cot = sample.cot
+                else:
+                    fresh[sample.key] = sample
+            self._set_cots(landed)
+            self._append(list(fresh.values()))
+            self.view = self._publish()
+            return len(fresh)
+
+    def set_cots(self, cots: dict[str, np.ndarray]) -> int:
+        """CoT embeddings for samples already in the pool (unknown keys are ignored); returns how many were set."""
+        with self._lock:
+            count = self._set_cots(cots)
+            self.view = self._publish()
+            return count
+
+    def _set_cots(self, cots: dict[str, np.ndarray]) -> int:
+        count = 0
+        for key, cot in cots.items():
+            row = self._row_of.get(key)
+            if row is not None:
+                self._cot[row] = cot  # written before the flag: a reader that sees the flag sees the CoT
+                self._generated[row] = True
+                count += 1
+        return count
+
+    def _append(self, samples: list[PoolSample]) -> None:
+        if not samples:
+            return
+        start, count = len(self._keys), len(samples)
+        self._grow(start + count)
+        end = start + count
+        self._history[start:end] = np.stack([s.history_vector for s in samples])
+        self._label[start:end] = [s.label for s in samples]
+        self._ts[start:end] = [s.ts_ms for s in samples]
+        self._seq[start:end] = [s.seq for s in samples]
+        self._user[start:end] = [self._code(self._user_code, self._user_ids, s.user_id) for s in samples]
+        items = np.array([self._item_for(s) for s in samples], dtype=np.int64)
+        self._item[start:end] = items
+        for offset, sample in enumerate(samples):
+            if sample.cot is not None:
+                self._cot[start + offset] = sample.cot
+                self._generated[start + offset] = True
+            self._keys.append(sample.key)
+            self._row_of[sample.key] = start + offset
+            self._histories.append(tuple(sample.history))
+        order = np.argsort(items, kind="stable")
+        codes, first = np.unique(items[order], return_index=True)
+        for code, rows in zip(codes.tolist(), np.split(order + start, first[1:]), strict=True):
+            self._item_rows[code] = np.concatenate([self._item_rows[code], rows])
+        norms = np.linalg.norm(self._history[start:end], axis=1)
+        self._max_norm = max(self._max_norm, float(norms.max()))
+
+    def _item_for(self, sample: PoolSample) -> int:
+        code = self._item_code.get(sample.item_id)
+        if code is None:
+            code = self._code(self._item_code, self._item_ids, sample.item_id)
+            if code >= len(self._item_vectors):
+                grown = np.zeros((2 * len(self._item_vectors), self.dim), dtype=np.float32)
+                grown[: len(self._item_vectors)] = self._item_vectors
+                self._item_vectors = grown
+            self._item_vectors[code] = sample.target_vector
+            self._item_rows.append(np.zeros(0, dtype=np.int64))
+        return code
+
+    @staticmethod
+    def _code(codes: dict[str, int], names: list[str], name: str) -> int:
+        code = codes.get(name)
+        if code is None:
+            code = codes[name] = len(names)
+            names.append(name)
+        return code
+
+    def _grow(self, needed: int) -> None:
+        """New arrays when full (old views keep the old ones): readers never see a row move."""
+        if needed <= self._cap:
+            return
+        cap = max(needed, 2 * self._cap)
+        for name in ("_history", "_cot", "_item", "_label", "_user", "_ts", "_seq", "_generated"):
+            old = getattr(self, name)
+            new = np.zeros((cap, *old.shape[1:]), dtype=old.dtype)
+            new[: len(self._keys)] = old[: len(self._keys)]
+            setattr(self, name, new)
+        self._cap = cap
+
+    def _publish(self) -> PoolView:
+        self._version += 1
+        return PoolView(
+            n=len(self._keys), keys=self._keys, history=self._history, item=self._item, label=self._label,
+            user=self._user, ts=self._ts, seq=self._seq, generated=self._generated, cot=self._cot,
+            # Append-only lists and dicts are shared (a view reads only the codes and rows it had); the per-item row
+            # arrays are replaced when they grow, so the list of them is copied.
+            histories=self._histories, item_ids=self._item_ids, item_vectors=self._item_vectors,
+            item_rows=list(self._item_rows), user_ids=self._user_ids, user_codes=self._user_code,
+            max_history_norm=self._max_norm, version=self._version, generation=self._generation,
+        )
+
+    def compact(self, keep: int) -> int:
+        """Retention: keep the newest `keep` samples by stream order (event time, then seq), drop the rest, rebuild the
+        arrays (new ones: views taken before keep theirs). Returns how many were dropped."""
+        with self._lock:
+            view = self.view
+            if view.n <= keep:
+                return 0
+            order = np.lexsort((view.seq[: view.n], view.ts[: view.n]))
+            kept = np.sort(order[view.n - keep:])
+            samples = [
+                PoolSample(view.keys[r], view.user_ids[int(view.user[r])], view.item_ids[int(view.item[r])],
+                           int(view.label[r]), int(view.ts[r]), int(view.seq[r]), view.history[r].copy(),
+                           view.item_vectors[int(view.item[r])].copy(), view.histories[r],
+                           view.cot[r].copy() if view.generated[r] else None)
+                for r in kept.tolist()
+            ]
+            dropped = view.n - keep
+            self._reset(max(1024, keep))
+            self._append(samples)
+            self.view = self._publish()
+            return dropped
+
+
+# ---- exact retrieval -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Neighbours:
+    """A target's similarity to each pool item (`sims`, by item code) and the item codes best-first (`order`,
+    ties by code); valid for the first `n_items` items of the pool's item table."""
+
+    sims: np.ndarray
+    order: np.ndarray
+    generation: int
+    sorted_sims: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sorted_sims = self.sims[self.order]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.sims)
+
+
+class ExactRetriever:
+    """Exact, balanced (2 positives + 2 negatives), leak-free retrieval over a `SamplePool` (module docstring).
+
+    Thread-safe: the only shared state is the similarity-row cache (bounded, entries replaced whole)."""
+
+    def __init__(self, pool: SamplePool, neighbour_cache_size: int = 20_000) -> None:
+        self.pool = pool
+        self.neighbour_cache_size = neighbour_cache_size
+        self._neighbours: OrderedDict[str, _Neighbours] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.rows_scored = 0  # pool rows whose score was computed, summed over queries (benchmarks)
+
+    # ---- the public entry points ---------------------------------------------------------------------------------
+
+    def retrieve(self, queries: Sequence[ExampleQuery], view: PoolView | None = None) -> Retrieval:
+        """K examples for each query, shuffled deterministically per query, with the records they point to."""
+        view = view if view is not None else self.pool.view
+        if not queries:
+            return Retrieval([], np.zeros((0, K), dtype=np.int64))
+        histories = np.stack([q.history_vector for q in queries]).astype(np.float32, copy=False)
+        targets = np.stack([q.target_vector for q in queries]).astype(np.float32, copy=False)
+        users = np.array([view.user_code(q.user_id) for q in queries], dtype=np.int64)
+        ts = np.array([q.ts_ms for q in queries], dtype=np.int64)
+        seq = np.array([q.seq for q in queries], dtype=np.int64)
+        items = [q.item_id for q in queries]
+        if len({q.user_id for q in queries}) == 1 and len(set(ts.tolist())) == 1 and len(set(seq.tolist())) == 1 \
+                and (histories == histories[0]).all():
+            rows = self.top_rows_for_history(view, users[0], ts[0], seq[0], histories[0], items, targets)
+        else:
+            rows = self.top_rows(view, users, items, targets, histories, ts, seq)
+        slots = shuffle_slots(rows, [seed_of(q.user_id, q.item_id, q.ts_ms) for q in queries])
+        used = np.unique(slots[slots >= 0])
+        remap = np.full(view.n + 1, -1, dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        return Retrieval(view.records(used.tolist()), remap[slots])
+
+    def top_rows(self, view: PoolView, users: np.ndarray, items: Sequence[str], targets: np.ndarray,
+                 histories: np.ndarray, ts: np.ndarray, seq: np.ndarray) -> np.ndarray:
+        """(B, 4) pool rows per query: 2 positives best first, then 2 negatives best first; -1 where the pool has
+        fewer. Queries are processed by target item: one matrix product per target over the rows scanned."""
+        result = np.full((len(items), K), -1, dtype=np.int64)
+        if view.n == 0 or len(items) == 0:
+            return result
+        gmax = np.linalg.norm(histories, axis=1) * view.max_history_norm * (1 + _NORM_SLACK) + 1e-6
+        by_target: dict[str, list[int]] = {}
+        for position, item in enumerate(items):
+            by_target.setdefault(item, []).append(position)
+        blank = ~histories.any(axis=1) & ~targets.any(axis=1)
+        for item, positions in by_target.items():
+            members = np.asarray(positions, dtype=np.int64)
+            members = members[~blank[members]]
+            if not len(members):
                 continue
-            latest = max(q.ts_ms for q in members)
-            no_leak = all_of(Match("user_id", anchor.user_id), Range("ts", gt=latest))
-            vector = np.concatenate([anchor.history_vector, np.zeros(EMBEDDING_DIMENSION, dtype=np.float32)])
-            for label in (1, 0):
-                vectors.append(vector)
-                filters.append(Filter(must=[Match("label", label)], must_not=[no_leak]))
-                owners.append(number)
-        found: list[list[Hit]] = [[] for _ in groups]
-        if vectors:
-            hits = self.index.search(np.stack(vectors), self.history_candidates, filter=filters, with_vectors=True,
-                                     payload_fields=CANDIDATE_FIELDS)
-            self.index_queries += len(vectors)
-            for owner, group_hits in zip(owners, hits, strict=False):
-                found[owner].extend(group_hits)
-        return [_Block.from_hits(group_hits) for group_hits in found]
+            neighbours = self._neighbours_of(view, item, targets[members[0]])
+            self._scan(view, neighbours, histories[members], users[members], ts[members], seq[members], gmax[members],
+                       result, members)
+        return result
 
-    def _search_items(self, queries: Sequence[ExampleQuery]) -> dict[str, _Block]:
-        now = self._clock()
-        blocks: dict[str, _Block] = {}
-        missing: dict[str, np.ndarray] = {}
-        for query in queries:
-            item = query.item_id
-            if item in blocks or item in missing:
+    def top_rows_for_history(self, view: PoolView, user: int, ts: int, seq: int, history: np.ndarray,
+                             items: Sequence[str], targets: np.ndarray) -> np.ndarray:
+        """`top_rows` for queries that share one user, time and history (a serving request): the history term of each
+        pool row touched is computed once and shared by every target."""
+        result = np.full((len(items), K), -1, dtype=np.int64)
+        if view.n == 0 or len(items) == 0:
+            return result
+        if not history.any():  # without a history, a target without text is similar to nothing
+            keep = np.flatnonzero(targets.any(axis=1))
+            if len(keep) < len(items):
+                if len(keep):
+                    result[keep] = self.top_rows_for_history(view, user, ts, seq, history, [items[i] for i in keep],
+                                                             targets[keep])
+                return result
+        distinct = list(dict.fromkeys(items))
+        position = {item: i for i, item in enumerate(distinct)}
+        first = {item: targets[i] for i, item in reversed(list(enumerate(items)))}
+        neighbours = [self._neighbours_of(view, item, first[item]) for item in distinct]
+        gmax = float(np.linalg.norm(history)) * view.max_history_norm * (1 + _NORM_SLACK) + 1e-6
+        history_term = np.full(view.n, np.nan, dtype=np.float32)
+        excluded = _excluded_rows(view, user, ts, seq)
+        found = np.full((len(distinct), K), -1, dtype=np.int64)
+        prefix = np.ones(len(distinct), dtype=np.int64)
+        active = np.arange(len(distinct))
+        while len(active):
+            row_lists = [view.rows_of(neighbours[t].order[: prefix[t]]) for t in active.tolist()]
+            rows, present = _padded(row_lists)
+            safe = np.where(present, rows, 0)
+            missing = np.unique(rows[present & np.isnan(history_term[safe])])
+            if len(missing):
+                history_term[missing] = view.history[missing] @ history
+            self.rows_scored += int(present.sum())
+            sims = np.stack([neighbours[t].sims for t in active.tolist()])
+            score = 0.5 * history_term[safe] + 0.5 * np.take_along_axis(sims, view.item[safe], axis=1)
+            allowed = present & ~excluded[safe] if excluded is not None else present
+            picked, second = _top_per_label(score, allowed, view.label[safe], view.ts[safe], view.seq[safe], safe)
+            bounds = [0.5 * gmax + 0.5 * _next_sim(neighbours[t], int(prefix[t])) for t in active.tolist()]
+            done, wanted = _settled(second, np.asarray(bounds), [neighbours[t] for t in active.tolist()],
+                                    prefix[active], gmax)
+            found[active[done]] = picked[done]
+            prefix[active[~done]] = wanted[~done]
+            active = active[~done]
+        result[:] = found[[position[item] for item in items]]
+        return result
+
+    # ---- one target's scan --------------------------------------------------------------------------------------------
+
+    def _scan(self, view: PoolView, neighbours: _Neighbours, histories: np.ndarray, users: np.ndarray, ts: np.ndarray,
+              seq: np.ndarray, gmax: np.ndarray, result: np.ndarray, members: np.ndarray) -> None:
+        """Queries sharing one target: scan its items best-first. A query not settled by a prefix moves on to the
+        prefix it needs, rounded up to a power of two and shared with the queries that need about as much: each query
+        pays for at most twice the items its own bound asks for, whatever the others in its group need."""
+        work = [(np.arange(len(members)), 1)]
+        while work:
+            active, prefix = work.pop()
+            rows = view.rows_of(neighbours.order[:prefix])
+            item_term = 0.5 * neighbours.sims[view.item[rows]]
+            bound = 0.5 * gmax[active] + 0.5 * _next_sim(neighbours, prefix)
+            chunk = max(1, _MAX_SCORE_CELLS // max(1, len(rows)))
+            seconds, picks = [], []
+            for start in range(0, len(active), chunk):
+                part = active[start : start + chunk]
+                score = 0.5 * (histories[part] @ view.history[rows].T) + item_term
+                allowed = np.ones(score.shape, dtype=bool)
+                query, column = np.nonzero(view.user[rows][None, :] == users[part][:, None])  # the same user's rows
+                row_ts, row_seq = view.ts[rows[column]], view.seq[rows[column]]
+                later = (row_ts > ts[part][query]) | ((row_ts == ts[part][query]) & (row_seq >= seq[part][query]))
+                allowed[query[later], column[later]] = False
+                picked, second = _top_per_label(score, allowed, np.broadcast_to(view.label[rows], score.shape),
+                                                np.broadcast_to(view.ts[rows], score.shape),
+                                                np.broadcast_to(view.seq[rows], score.shape),
+                                                np.broadcast_to(rows, score.shape))
+                picks.append(picked)
+                seconds.append(second)
+            self.rows_scored += len(rows) * len(active)
+            picked, second = np.concatenate(picks), np.concatenate(seconds)
+            done, wanted = _settled(second, bound, [neighbours] * len(active), np.full(len(active), prefix), gmax[active])
+            result[members[active[done]]] = picked[done]
+            if done.all():
                 continue
-            cached = self._item_cache.get(item)
-            if cached is not None and (self.item_cache_ttl_s is None or now - cached[0] < self.item_cache_ttl_s):
-                self._item_cache.move_to_end(item)
-                blocks[item] = cached[1]
-            elif query.target_vector.any():
-                missing[item] = query.target_vector
-            else:
-                blocks[item] = EMPTY_BLOCK
-        if missing:
-            zeros = np.zeros(EMBEDDING_DIMENSION, dtype=np.float32)
-            vectors = np.stack([np.concatenate([zeros, t]) for t in missing.values()])
-            hits = self.index.search(vectors, self.item_candidates, with_vectors=True, payload_fields=CANDIDATE_FIELDS)
-            self.index_queries += len(vectors)
-            for item, item_hits in zip(missing, hits, strict=False):
-                block = _Block.from_hits(item_hits)
-                blocks[item] = block
-                self._item_cache[item] = (now, block)
-                self._item_cache.move_to_end(item)
-            while len(self._item_cache) > self.item_cache_size:
-                self._item_cache.popitem(last=False)
-        return blocks
+            left, need = active[~done], wanted[~done]
+            rounded = np.minimum(2 ** np.ceil(np.log2(need)).astype(np.int64), neighbours.n_items)
+            for size in np.unique(rounded).tolist():
+                work.append((left[rounded == size], int(size)))
 
-    # ---- exact re-ranking -----------------------------------------------------------------------------------------
-
-    def _choose(self, queries: Sequence[ExampleQuery], table: _Block, rows: np.ndarray) -> np.ndarray:
-        """For each query, the top positives then the top negatives by 0.5<h,h'> + 0.5<t,t'> among its candidate
-        rows of `table` (`rows[b]`, -1 padded, group hits first then item hits), leak-free, never itself, each stored
-        sample once; ties go to the earlier candidate. Returns (B, K) table rows, -1 where too few were found."""
-        picked = np.full((len(queries), self.k), -1, dtype=np.int64)
-        if rows.shape[1] == 0 or len(table) == 0:
-            return picked
-        present = rows >= 0
-        safe = np.where(present, rows, 0)
-        history = np.stack([q.history_vector for q in queries])
-        target = np.stack([q.target_vector for q in queries])
-        score = 0.5 * np.einsum("bwd,bd->bw", table.history[safe], history) + 0.5 * np.einsum(
-            "bwd,bd->bw", table.target[safe], target)
-        users = np.array([q.user_id for q in queries], dtype=object)[:, None]
-        times = np.array([q.ts_ms for q in queries], dtype=np.int64)[:, None]
-        leak = (table.user[safe] == users) & (table.ts[safe] > times)
-        excluded = np.array([q.exclude_key for q in queries], dtype=object)[:, None]
-        allowed = present & ~leak & (table.keys[safe] != excluded) & ~_repeated_in_row(table.keys, safe, present)
-        label = table.label[safe]
-        column = 0
-        for wanted_label, wanted in ((1, self.positives), (0, self.negatives)):
-            eligible = allowed & (label == wanted_label)
-            best = np.argsort(-np.where(eligible, score, -np.inf), axis=1, kind="stable")[:, :wanted]
-            found = np.take_along_axis(eligible, best, axis=1)
-            width = best.shape[1]
-            picked[:, column:column + width] = np.where(found, np.take_along_axis(safe, best, axis=1), -1)
-            column += wanted
-        # Positives and negatives each padded at the end of their own part, as the shuffle expects.
-        return picked
+    def _neighbours_of(self, view: PoolView, item: str, target: np.ndarray) -> _Neighbours:
+        """The target's similarity row over the view's items, from the cache (extended for items added since). The key
+        holds the target vector's hash too: an unknown item scored as zeros until its embedding is stored changes."""
+        key = f"{item}\x1f{zlib.crc32(np.ascontiguousarray(target, dtype=np.float32).tobytes())}"
+        with self._cache_lock:
+            cached = self._neighbours.get(key)
+            if cached is not None:
+                self._neighbours.move_to_end(key)
+        n_items = view.n_items
+        if cached is not None and cached.generation != view.generation:
+            cached = None
+        if cached is not None and cached.n_items == n_items:
+            return cached
+        if cached is not None and cached.n_items < n_items:
+            tail = view.item_vectors[cached.n_items : n_items] @ target
+            sims = np.concatenate([cached.sims, tail])
+        else:
+            sims = view.item_vectors[:n_items] @ target
+        entry = _Neighbours(sims.astype(np.float32, copy=False), np.lexsort((np.arange(n_items), -sims)), view.generation)
+        with self._cache_lock:
+            current = self._neighbours.get(key)
+            if current is None or current.generation != view.generation or current.n_items <= n_items:
+                self._neighbours[key] = entry
+            while len(self._neighbours) > self.neighbour_cache_size:
+                self._neighbours.popitem(last=False)
+        return entry
 
 
-def _candidate_rows(queries: Sequence[ExampleQuery], group_blocks: list[_Block], group_of: list[int],
-                    item_blocks: dict[str, _Block]) -> tuple[_Block, np.ndarray]:
-    """One table of every hit found (each block once) and, per query, its candidates' rows: its history group's hits
-    then its target item's hits, -1 padded."""
-    blocks: list[_Block] = []
-    offsets: dict[int, int] = {}
-    start = 0
-    for block in [*group_blocks, *item_blocks.values()]:
-        if id(block) not in offsets:
-            offsets[id(block)] = start
-            blocks.append(block)
-            start += len(block)
-    table = _Block.concatenate(blocks) if blocks else EMPTY_BLOCK
-    spans = []
-    for row, query in enumerate(queries):
-        group = group_blocks[group_of[row]]
-        item = item_blocks.get(query.item_id, EMPTY_BLOCK)
-        spans.append(np.concatenate([offsets[id(group)] + np.arange(len(group)),
-                                     offsets.get(id(item), 0) + np.arange(len(item))]))
-    width = max((len(span) for span in spans), default=0)
-    rows = np.full((len(queries), width), -1, dtype=np.int64)
-    for row, span in enumerate(spans):
-        rows[row, :len(span)] = span
-    return table, rows
+# ---- helpers -------------------------------------------------------------------------------------------------------
 
 
-def _repeated_in_row(keys: np.ndarray, safe: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """True where a row's candidate repeats a stored sample already listed earlier in that row (a hit of both the
-    history and the item search): the earlier one stands for it, with the same score."""
-    _, codes = np.unique(keys, return_inverse=True)
-    row_codes = np.where(present, codes[safe], -1 - np.arange(safe.shape[1]))  # padding never repeats
-    order = np.argsort(row_codes, axis=1, kind="stable")
-    ordered = np.take_along_axis(row_codes, order, axis=1)
-    repeated_sorted = np.zeros_like(present)
-    repeated_sorted[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-    repeated = np.zeros_like(present)
-    np.put_along_axis(repeated, order, repeated_sorted, axis=1)
-    return repeated
+def _next_sim(neighbours: _Neighbours, prefix: int) -> float:
+    """The best item similarity not yet scanned (-inf when every item was)."""
+    return float(neighbours.sorted_sims[prefix]) if prefix < neighbours.n_items else -np.inf
 
 
-def _unit_rows(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return np.where(norms > 0, matrix / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+def _settled(second: np.ndarray, bound: np.ndarray, neighbours: list[_Neighbours], prefix: np.ndarray,
+             gmax: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """Which queries are settled (every item scanned, or each label's second-best score strictly above what an
+    unscanned sample could reach), and for the others how many items to scan next: every item that could still reach
+    the smaller second-best, or twice as many where a label has fewer than two so far. (The next count only sizes the
+    next scan; whether that scan settles the query is judged by the bound again.)"""
+    threshold = second.min(axis=1)  # (B,) -inf when a label has fewer than two
+    sizes = np.array([nb.n_items for nb in neighbours], dtype=np.int64)
+    done = (prefix >= sizes) | (threshold > bound)
+    wanted = np.minimum(2 * prefix, sizes)
+    finite = ~done & np.isfinite(threshold)
+    if finite.any():
+        # items whose similarity s satisfies 0.5 gmax + 0.5 s >= threshold, i.e. s >= 2 threshold - gmax
+        cut = 2 * threshold - np.broadcast_to(np.asarray(gmax, dtype=np.float64), threshold.shape)
+        for i in np.flatnonzero(finite).tolist():
+            ascending = -neighbours[i].sorted_sims
+            reach = int(np.searchsorted(ascending, -cut[i], side="right"))
+            wanted[i] = min(max(int(prefix[i]) + 1, reach), int(sizes[i]))
+    return done, wanted
 
 
-def _seed(query: ExampleQuery) -> int:
+def _top_per_label(score: np.ndarray, allowed: np.ndarray, label: np.ndarray, ts: np.ndarray, seq: np.ndarray,
+                   rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a (B, M) score matrix: the 2 best positive columns then the 2 best negative ones as pool rows
+    (B, 4), -1 where fewer; and each label's second-best score (B, 2), -inf where fewer than two. Ties in score go to
+    the later (ts, seq)."""
+    picked = np.full((score.shape[0], K), -1, dtype=np.int64)
+    second = np.full((score.shape[0], 2), -np.inf)
+    every = np.arange(score.shape[0])
+    for part, (wanted_label, count) in enumerate(((1, POSITIVES), (0, NEGATIVES))):
+        masked = np.where(allowed & (label == wanted_label), score, -np.inf)
+        for rank in range(count):
+            column = masked.argmax(axis=1)
+            best = masked[every, column]
+            found = best > -np.inf
+            tied = found & (np.count_nonzero(masked == best[:, None], axis=1) > 1)
+            for row in np.flatnonzero(tied).tolist():  # rare outside ties on an empty history: resolved row by row
+                columns = np.flatnonzero(masked[row] == best[row])
+                column[row] = columns[np.lexsort((seq[row, columns], ts[row, columns]))[-1]]
+            picked[:, part * POSITIVES + rank] = np.where(found, rows[every, column], -1)
+            if rank == count - 1:
+                second[:, part] = best
+            masked[every[found], column[found]] = -np.inf
+    return picked, second
+
+
+def _padded(row_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged row lists as a (B, L) matrix padded with -1, and where it holds a row."""
+    lengths = np.array([len(r) for r in row_lists], dtype=np.int64)
+    width = max(1, int(lengths.max(initial=0)))
+    rows = np.full((len(row_lists), width), -1, dtype=np.int64)
+    if lengths.sum():
+        flat = np.concatenate(row_lists)
+        owner = np.repeat(np.arange(len(row_lists)), lengths)
+        column = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        rows[owner, column] = flat
+    return rows, rows >= 0
+
+
+def _excluded_rows(view: PoolView, user: int, ts: int, seq: int) -> np.ndarray | None:
+    """Rows of `user` at or after (ts, seq), as a mask over the view's rows; None when there are none."""
+    if user < 0:
+        return None
+    mine = np.flatnonzero(view.user[: view.n] == user)
+    later = mine[(view.ts[mine] > ts) | ((view.ts[mine] == ts) & (view.seq[mine] >= seq))]
+    if not len(later):
+        return None
+    mask = np.zeros(view.n, dtype=bool)
+    mask[later] = True
+    return mask
+
+
+def seed_of(user_id: str, item_id: str, ts_ms: int) -> int:
     """A stable per-sample seed (same sample, same shuffle, in every process)."""
-    return zlib.crc32(f"{query.user_id}\x1f{query.item_id}\x1f{query.ts_ms}".encode())
+    return zlib.crc32(f"{user_id}\x1f{item_id}\x1f{ts_ms}".encode())
 
 
-EMPTY_BLOCK = _Block.from_hits([])
+def shuffle_slots(rows: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+    """(B, 4) rows (positives then negatives) placed in a per-sample permutation of the 4 slots, as LLM-CF shuffles
+    its examples; -1 stays -1."""
+    order = _PERMUTATIONS_OF_4[np.asarray(seeds, dtype=np.int64) % len(_PERMUTATIONS_OF_4)]
+    slots = np.full_like(rows, -1)
+    np.put_along_axis(slots, order, rows, axis=1)
+    return slots

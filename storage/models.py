@@ -147,6 +147,8 @@ class CotSample(Base):
         CheckConstraint(_one_of("status", COT_STATUSES), name="status"),
         CheckConstraint(f"reason IS NULL OR {_one_of('reason', COT_REASONS)}", name="reason"),
         Index(None, "user_id", "ts"),
+        Index(None, "stored_at"),  # the ranker's pool sync reads the changes since its horizon
+        Index(None, "cot_stored_at"),
     )
 
     sample_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)

@@ -20,7 +20,7 @@ import orjson
 
 from llmcf.dead_letters import SourceRecord
 from llmcf.events import epoch_ms
-from llmcf.samples import encode_history
+from llmcf.samples import encode_history, history_vectors, unit_rows
 from storage.repository import InteractionRow, PendingSampleRow
 from storage.vectors import Point
 from streams.catalogue import Catalogue, CatalogueItem
@@ -120,25 +120,13 @@ def sample_vectors(vectors: np.ndarray, target_rows: Sequence[int], history_rows
     every history row at once and reducing per sample was 2-3x slower)."""
     n, dim = len(target_rows), vectors.shape[1]
     out = np.zeros((n, 2 * dim), dtype=np.float32)
-    out[:, dim:] = _unit_rows(vectors[np.asarray(target_rows, dtype=np.intp)])
+    out[:, dim:] = unit_rows(vectors[np.asarray(target_rows, dtype=np.intp)])
     counts = np.fromiter(map(len, history_rows), dtype=np.intp, count=n)
     if counts.any():
         flat = np.fromiter(chain.from_iterable(history_rows), dtype=np.intp, count=int(counts.sum()))
         padded = np.zeros((n, int(counts.max())), dtype=np.intp)
         owner = np.repeat(np.arange(n), counts)
         padded[owner, np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)] = flat
-        sums = np.zeros((n, dim), dtype=np.float32)
-        gathered = np.empty_like(sums)
-        for position in padded.T:
-            np.take(vectors, position, axis=0, out=gathered)
-            sums += gathered
-        filled = counts > 0
-        out[filled, :dim] = _unit_rows(sums[filled] / counts[filled, None].astype(np.float32))
+        out[:, :dim] = history_vectors(vectors, padded)
     out /= _SQRT2
     return out
-
-
-def _unit_rows(rows: np.ndarray) -> np.ndarray:
-    """Each row divided by its norm; all-zero rows stay zero (as `llmcf.samples._unit` leaves them)."""
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return np.divide(rows, norms, out=np.zeros_like(rows, dtype=np.float32), where=norms > 0)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from llmcf.metrics import FRESHNESS
 from ranker.serving.metrics import CANDIDATES, EXAMPLE_AGE, INFLIGHT, REQUEST_SECONDS, REQUESTS, SHED
 from ranker.serving.models import ModelHolder
-from ranker.serving.pool import ExampleSource
+from ranker.serving.pool import PoolSync
 from ranker.serving.scoring import RankResult, Scorer
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ class Limits:
 
 
 class RankerService:
-    """The server's state: model holder, example source (None for backbone-only kinds), scorer, scoring threads."""
+    """The server's state: model holder, example pool sync (None for backbone-only kinds), scorer, scoring threads."""
 
-    def __init__(self, holder: ModelHolder, scorer: Scorer, source: ExampleSource | None, limits: Limits) -> None:
+    def __init__(self, holder: ModelHolder, scorer: Scorer, source: PoolSync | None, limits: Limits) -> None:
         self.holder = holder
         self.scorer = scorer
         self.source = source

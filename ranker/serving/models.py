@@ -11,9 +11,9 @@ Choosing the version (kind = `LLMCF_RANKER_KIND`, or pinned with `--version`):
 `poll()` runs every `LLMCF_RANKER_MODEL_POLL_S` on a daemon thread and swaps when the serving row names another version
 (a newer one, or an older one rolled back to). Loading = read the row, check the ONNX file's sha256 against the row's
 checksum and the parity recorded at export against the tolerance, open the session with pinned threads, load the
-feature space and manifest, run a warm-up batch; only then swap. If any step fails the old bundle stays, the failure
-is logged and counted (`llmcf_ranker_model_swaps_total{outcome="failed"}`), and that version is retried after
-`RETRY_FAILED_S`.
+feature space and manifest, run a warm-up batch, encode the example pool for it (`prepare`); only then swap. If any
+step fails the old bundle stays, the failure is logged and counted (`llmcf_ranker_model_swaps_total{outcome="failed"}`),
+and that version is retried after `RETRY_FAILED_S`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ranker.export import MANIFEST, OUTPUT_NAME, PARITY_TOLERANCE, onnx_session, random_inputs, sha256_file
 from ranker.features import FeatureSpace
@@ -105,8 +105,9 @@ class ModelHolder:
     """The current `ModelBundle` (None until one is loaded) and the polling that keeps it up to date."""
 
     def __init__(self, repository: Repository, kind: str, threads: int = 1, pinned_version: str | None = None,
-                 poll_s: float = 5.0) -> None:
+                 poll_s: float = 5.0, prepare: Callable[[ModelBundle], None] | None = None) -> None:
         self.repository = repository
+        self.prepare = prepare  # run on a loaded bundle before it is swapped in (the scorer encodes its examples)
         self.kind = kind
         self.threads = threads
         self.pinned_version = pinned_version
@@ -141,6 +142,12 @@ class ModelHolder:
     def _swap(self, record: ModelVersionRecord) -> ModelBundle:
         try:
             bundle = load_bundle(record, self.threads)
+            if self.prepare is not None:
+                try:
+                    self.prepare(bundle)
+                except Exception as exc:
+                    raise ModelLoadError(f"model version {record.version_id}: preparing it for serving failed: "
+                                         f"{type(exc).__name__}: {exc}") from exc
         except ModelLoadError as exc:
             MODEL_SWAPS.labels(outcome="failed").inc()
             self._failed[record.version_id] = time.monotonic()

@@ -1,127 +1,98 @@
-"""Where the server retrieves in-context examples from: the shared Qdrant collection, or a replica the ranker owns.
+"""The server's example pool: every stored CoT sample in memory (`ranker.retrieval.SamplePool`), fed from the storage
+API by a sync thread. The vector index (Qdrant server or Edge) stays the workers' system of record for the samples;
+nothing on the request path searches it.
 
-- `QDRANT_URL` set: `SharedPool` queries the collection the stream workers write, directly (fresh at once).
-- Embedded defaults: the stream worker owns the Qdrant Edge shard (one process per shard, flock'ed), so `ReplicaPool`
-  keeps the ranker's OWN shard under `$LLMCF_HOME/ranker-index/<collection>` and syncs it from the storage API every
-  `LLMCF_RANKER_POOL_SYNC_S`: it reads the CoT samples stored or completed since its cursor
-  (`Repository.cot_samples_changed_since`, re-reading `OVERLAP` behind the cursor because a row's stored time is taken
-  before its transaction commits), rebuilds each sample's point exactly as the worker builds it (`sample_points`: the
-  worker's `streams.requests.sample_vectors` over the stored item embeddings, the same payload fields) and upserts
-  them (idempotent).
-  The cursor is kept in `cursor.json` beside the shard once the points are durable, so a restart resumes.
-
-Replica lifecycle: `start()` starts a daemon thread that syncs at once (everything, or from the saved cursor), then
-every interval; `reachable()` is False until that first sync is done. If a sync fails (database away) it is logged,
-counted and retried at the next tick; the replica keeps serving what it has, and `reachable()` turns False once the
-last successful sync is older than `STALE_AFTER_SYNCS` intervals. A sample whose target item has no stored embedding
-is skipped (the worker indexes only samples of items it has embedded, so this is one the worker has not indexed).
+Sync (`PoolSync.sync`, every `LLMCF_RANKER_POOL_SYNC_S` on a daemon thread, the first time at once):
+- reads the CoT samples stored or completed since its horizon (`Repository.cot_samples_changed_since`, served by the
+  `stored_at` and `cot_stored_at` indexes), turns each new one into a pool sample exactly as training does for a
+  corpus row (`pool_samples_from_storage`: h from its stored history's item embeddings, t = its item's embedding) and
+  fills in the CoT embedding of samples whose CoT has landed;
+- the horizon: a row's stored time is taken before its transaction commits, so a row can become visible after a sync
+  that read past its time. Each sync therefore re-reads from the newest change it had seen by a sync started at least
+  `OVERLAP` ago (a commit never takes that long), and skips the rows it applied unchanged. While samples arrive, that is
+  the last ~OVERLAP seconds of them; once they stop, the horizon catches up and a sync reads nothing.
+- retention: at most `LLMCF_RANKER_POOL_MAX_SAMPLES` samples are kept; beyond, the oldest by event time are dropped in
+  one compaction down to 90% of the bound (`SamplePool.compact`). They stay stored; only retrieval forgets them.
+- a sample whose target item has no stored embedding is skipped (the worker embeds an item before it stores samples
+  of it, so this is a sample the worker has not indexed either); a history item without one is left out of h.
+- a failed sync (database away) is logged, counted and retried at the next tick; the pool keeps serving what it has,
+  and `reachable()` turns False once the last successful sync is older than `STALE_AFTER_SYNCS` intervals.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+import zlib
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import numpy as np
 
-from llmcf.embeddings import EMBEDDING_DIMENSION
-from llmcf.events import epoch_ms
-from llmcf.samples import SAMPLE_DIMENSION, encode_history
-from llmcf.settings import Settings
-from ranker.serving.metrics import POOL_SYNC_FAILURES, POOL_SYNC_LAG
+from llmcf.samples import history_vectors
+from ranker.retrieval import PoolSample, SamplePool
+from ranker.serving.metrics import POOL_SAMPLES, POOL_SYNC_FAILURES, POOL_SYNC_LAG
 from storage.repository import Repository, StoredCotSample
-from storage.vectors import Point, VectorIndex, open_vector_index
-from streams.requests import sample_vectors
 
 log = logging.getLogger(__name__)
 
 OVERLAP = timedelta(seconds=5)
 STALE_AFTER_SYNCS = 10
-CURSOR_FILE = "cursor.json"
+RETAIN_AFTER_COMPACTION = 0.9
 
 
-def sample_points(samples: Sequence[StoredCotSample], item_vectors: Mapping[str, np.ndarray]) -> list[Point | None]:
-    """The vector-index points of stored CoT samples, as the stream worker indexes them (`streams.requests`: its
-    `sample_vectors` and payload, then `streams.results` once generated); None for a sample that cannot be indexed
-    (no request stored yet, or no embedding for its target item)."""
+def sample_seq(sample_id: str) -> int:
+    """A stored sample's place among samples of the same event time: a stable hash of its id (ties only)."""
+    return zlib.crc32(sample_id.encode())
+
+
+def pool_samples_from_storage(samples: Sequence[StoredCotSample],
+                              item_vectors: Mapping[str, np.ndarray]) -> list[PoolSample | None]:
+    """Pool samples of stored CoT samples (None where one cannot be built: no request history stored yet, or no
+    embedding for its target item). h is `llmcf.samples.history_vectors` over the history items that have one."""
     row_of = {item_id: row for row, item_id in enumerate(item_vectors, start=1)}
-    matrix = np.zeros((len(row_of) + 1, EMBEDDING_DIMENSION), dtype=np.float32)  # row 0: the padding row
-    for item_id, row in row_of.items():
-        matrix[row] = item_vectors[item_id]
     indexable = [s for s in samples if s.history is not None and s.item_id in row_of]
+    if not indexable:
+        return [None] * len(samples)
+    table = np.zeros((len(row_of) + 1, next(iter(item_vectors.values())).shape[0]), dtype=np.float32)
+    for item_id, row in row_of.items():
+        table[row] = item_vectors[item_id]
     histories = [[entry["item_id"] for entry in s.history or () if entry["item_id"] in row_of] for s in indexable]
-    vectors = sample_vectors(matrix, [row_of[s.item_id] for s in indexable],
-                             [[row_of[i] for i in history] for history in histories])
-    points: dict[str, Point] = {}
-    for sample, history, vector in zip(indexable, histories, vectors, strict=True):
-        payload: dict[str, object] = {
-            "user_id": sample.user_id,
-            "item_id": sample.item_id,
-            "label": sample.label,
-            "ts": epoch_ms(sample.ts),
-            "status": sample.status,
-            "history": encode_history(history),
-        }
+    codes = np.zeros((len(indexable), max(1, max(map(len, histories)))), dtype=np.intp)
+    for i, history in enumerate(histories):
+        codes[i, : len(history)] = [row_of[item] for item in history]
+    h = history_vectors(table, codes)
+    built: dict[str, PoolSample] = {}
+    for i, (sample, history) in enumerate(zip(indexable, histories, strict=True)):
         cot = sample.cot_vector() if sample.status == "generated" else None
-        if cot is not None:
-            payload["cot_embedding"] = [float(x) for x in cot]
-        points[sample.sample_id] = Point(key=sample.sample_id, vector=vector, payload=payload)
-    return [points.get(s.sample_id) for s in samples]
+        built[sample.sample_id] = PoolSample(
+            key=sample.sample_id, user_id=sample.user_id, item_id=sample.item_id, label=int(sample.label),
+            ts_ms=int(sample.ts.timestamp() * 1000), seq=sample_seq(sample.sample_id), history_vector=h[i],
+            target_vector=table[row_of[sample.item_id]], history=tuple(history), cot=cot)
+    return [built.get(s.sample_id) for s in samples]
 
 
-class ExampleSource:
-    """The index the retriever searches, and whether it can be used now."""
+class PoolSync:
+    """The server's `SamplePool` and the thread that keeps it in step with storage (module docstring)."""
 
-    index: VectorIndex
-
-    def start(self) -> None:
-        """Make the index usable (first sync where there is one)."""
-
-    def reachable(self) -> tuple[bool, str]:
-        """(True, "") when retrieval can run, else (False, why)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self.index.close()
-
-
-class SharedPool(ExampleSource):
-    """The stream workers' collection on a Qdrant server (`QDRANT_URL`)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.index = open_vector_index(settings, SAMPLE_DIMENSION)
-
-    def reachable(self) -> tuple[bool, str]:
-        try:
-            self.index.count()
-        except Exception as exc:
-            return False, f"example pool (Qdrant server) unreachable: {type(exc).__name__}: {exc}"
-        return True, ""
-
-
-class ReplicaPool(ExampleSource):
-    """The ranker's own Qdrant Edge shard, synced from the stored CoT samples (module docstring)."""
-
-    def __init__(self, repository: Repository, path: Path, sync_s: float = 1.0, batch_size: int = 2_000) -> None:
-        from storage.vectors.edge import EdgeIndex
-
+    def __init__(self, repository: Repository, sync_s: float = 1.0, max_samples: int = 500_000, batch_size: int = 2_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.repository = repository
-        self.path = path
         self.sync_s = sync_s
+        self.max_samples = max_samples
         self.batch_size = batch_size
-        self.index = EdgeIndex(path, SAMPLE_DIMENSION)
-        self.cursor: datetime | None = self._load_cursor()
-        self.synced_samples = 0
+        self.pool = SamplePool()
+        self.horizon: datetime | None = None  # every change before it has been read
+        self.newest: datetime | None = None  # the newest change read so far
         self.skipped_samples = 0
         self.last_success: float | None = None
         self.last_error: str | None = None
-        # sample id -> ((version, generated_at), changed at) of what was applied, to skip rows re-read in the overlap
+        self._clock = clock
+        self._seen: deque[tuple[float, datetime | None]] = deque()  # (sync start, newest change read by then)
         self._applied: dict[str, tuple[tuple[int, datetime | None], datetime]] = {}
+        self._item_vectors: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,65 +109,74 @@ class ReplicaPool(ExampleSource):
             self.sync()
 
     def sync(self) -> int:
-        """One sync step; returns the points upserted. Never raises (see the module docstring)."""
+        """One sync step; returns the samples added or completed. Never raises (module docstring)."""
         with self._lock:
             try:
-                written = self._sync()
+                changed = self._sync()
             except Exception as exc:
                 POOL_SYNC_FAILURES.inc()
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("example replica sync failed (retried in %.1f s): %s", self.sync_s, self.last_error)
+                log.warning("example pool sync failed (retried in %.1f s): %s", self.sync_s, self.last_error)
                 return 0
-            self.last_success = time.monotonic()
+            self.last_success = self._clock()
             self.last_error = None
-            if self.cursor is not None:
-                POOL_SYNC_LAG.set(max(0.0, time.time() - self.cursor.timestamp()))
-            return written
+            POOL_SAMPLES.set(len(self.pool))
+            return changed
 
     def _sync(self) -> int:
-        since = None if self.cursor is None else self.cursor - OVERLAP
-        written = 0
+        started = self._clock()
+        self._seen.append((started, self.newest))
+        while len(self._seen) > 1 and started - self._seen[1][0] >= OVERLAP.total_seconds():
+            self._seen.popleft()
+        if started - self._seen[0][0] >= OVERLAP.total_seconds() and self._seen[0][1] is not None:
+            self.horizon = self._seen[0][1]  # what a sync OVERLAP ago had read has all committed since
+        changed = 0
         batch: list[StoredCotSample] = []
-        newest = self.cursor
+        # Strictly after the horizon (timestamps are stored to the microsecond): every change at it was read already.
+        since = None if self.horizon is None else self.horizon + timedelta(microseconds=1)
         for sample in self.repository.cot_samples_changed_since(since, batch_size=self.batch_size):
-            changed_at = _changed_at(sample)
-            newest = changed_at if newest is None else max(newest, changed_at)
+            at = _changed_at(sample)
+            self.newest = at if self.newest is None else max(self.newest, at)
             applied = self._applied.get(sample.sample_id)
             if applied is not None and applied[0] == (sample.version, sample.generated_at):
-                continue  # re-read in the overlap, unchanged since it was applied
+                continue  # read again in the overlap, unchanged since it was applied
             batch.append(sample)
             if len(batch) >= self.batch_size:
-                written += self._apply(batch)
+                changed += self._apply(batch)
                 batch = []
-        written += self._apply(batch)
-        if newest is not None and newest != self.cursor:
-            self.cursor = newest
-            self._save_cursor()
-        if self.cursor is not None:  # only rows changed inside the overlap window can be read again
-            horizon = self.cursor - OVERLAP
-            self._applied = {k: v for k, v in self._applied.items() if v[1] >= horizon}
-        return written
+        changed += self._apply(batch)
+        if self.horizon is not None:  # rows changed before the horizon are never read again
+            self._applied = {k: v for k, v in self._applied.items() if v[1] > self.horizon}
+        if len(self.pool) > self.max_samples:
+            dropped = self.pool.compact(int(self.max_samples * RETAIN_AFTER_COMPACTION))
+            log.info("example pool over %d samples: dropped the %d oldest by event time", self.max_samples, dropped)
+        return changed
 
     def _apply(self, samples: list[StoredCotSample]) -> int:
         if not samples:
             return 0
-        item_ids = {s.item_id for s in samples} | {e["item_id"] for s in samples for e in (s.history or [])}
-        vectors = self.repository.get_item_embeddings(item_ids)
-        built = sample_points(samples, vectors)
-        points = [p for p in built if p is not None]
-        self.skipped_samples += len(built) - len(points)
-        self.index.upsert(points)
+        needed = {s.item_id for s in samples} | {e["item_id"] for s in samples for e in (s.history or [])}
+        missing = [item for item in needed if item not in self._item_vectors]
+        if missing:  # an item's embedding is written once: kept for the process's life
+            self._item_vectors.update(self.repository.get_item_embeddings(missing))
+        vectors = {item: self._item_vectors[item] for item in needed if item in self._item_vectors}
+        built = pool_samples_from_storage(samples, vectors)
+        ready = [p for p in built if p is not None]
+        self.skipped_samples += len(built) - len(ready)
+        self.pool.add(ready)
+        now = datetime.now(timezone.utc)
         for sample in samples:
-            self._applied[sample.sample_id] = ((sample.version, sample.generated_at), _changed_at(sample))
-        self.synced_samples += len(points)
-        return len(points)
+            at = _changed_at(sample)
+            self._applied[sample.sample_id] = ((sample.version, sample.generated_at), at)
+            POOL_SYNC_LAG.observe(max(0.0, (now - at).total_seconds()))
+        return len(ready)
 
     def reachable(self) -> tuple[bool, str]:
         if self.last_success is None:
-            return False, f"example replica not synced yet: {self.last_error or 'first sync running'}"
-        age = time.monotonic() - self.last_success
+            return False, f"example pool not synced yet: {self.last_error or 'first sync running'}"
+        age = self._clock() - self.last_success
         if age > STALE_AFTER_SYNCS * max(self.sync_s, 1.0):
-            return False, f"example replica last synced {age:.0f} s ago: {self.last_error or 'sync thread stalled'}"
+            return False, f"example pool last synced {age:.0f} s ago: {self.last_error or 'sync thread stalled'}"
         return True, ""
 
     def close(self) -> None:
@@ -204,35 +184,6 @@ class ReplicaPool(ExampleSource):
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        with self._lock:
-            self.index.close()
-
-    def _load_cursor(self) -> datetime | None:
-        path = self.path.with_name(self.path.name + "." + CURSOR_FILE)
-        if not path.is_file():
-            return None
-        try:
-            return datetime.fromisoformat(json.loads(path.read_text())["cursor"]).astimezone(timezone.utc)
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring unreadable replica cursor %s: syncing everything again", path)
-            return None
-
-    def _save_cursor(self) -> None:
-        # Written after the points it covers are in the shard's write-ahead log: a crash re-syncs, never skips.
-        path = self.path.with_name(self.path.name + "." + CURSOR_FILE)
-        staging = path.with_suffix(".tmp")
-        staging.write_text(json.dumps({"cursor": self.cursor.isoformat() if self.cursor else None}))
-        staging.replace(path)
-
-
-def open_example_source(settings: Settings, repository: Repository, replica_path: Path | None = None) -> ExampleSource:
-    """`SharedPool` when `QDRANT_URL` is set, else a `ReplicaPool` at `replica_path` (default
-    `$LLMCF_HOME/ranker-index/<collection>`)."""
-    if settings.qdrant_url:
-        return SharedPool(settings)
-    path = replica_path or settings.home / "ranker-index" / settings.qdrant_collection
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return ReplicaPool(repository, path, settings.ranker_pool_sync_s)
 
 
 def _changed_at(sample: StoredCotSample) -> datetime:

@@ -9,11 +9,12 @@ Steps (all blocking: the app runs them on its scoring threads):
    items not found are asked for again on the next request, as they may be stored any moment.
 3. Features: `FeatureSpace.encode_samples` (the training pipeline's encoding); the history part is the same for every
    candidate, so it is encoded once and broadcast.
-4. ICT models only: one batched `ExampleRetriever.retrieve` for all candidates, encoded and gathered into the example
-   inputs; the retriever is shared and not thread-safe, so it runs under a lock (its item cache is what makes it
-   cheap). The queries' event time is `QUERY_TS_MS`, after every stored sample: every example is from the user's past,
-   as now would give, and the slot shuffle (seeded by user, item and time) does not change from one millisecond to
-   the next, so the same request against the same pool gets the same scores.
+4. ICT models only: the exact 2+2 examples of every candidate from the in-memory pool (`ranker.retrieval`, one
+   history shared by all candidates: `top_rows_for_history`), on one snapshot of the pool, their inputs gathered from
+   the version's encoded examples (`ranker.serving.examples`). The queries' event time is `QUERY_TS_MS`, after every
+   stored sample: every example is from the user's past, as now would give, and the slot shuffle (seeded by user, item
+   and time) does not change from one millisecond to the next, so the same request against the same pool gets the
+   same scores.
 5. One ONNX run over all candidates.
 """
 
@@ -27,11 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ranker.features import NewItem, gather_examples
-from ranker.retrieval import ExampleQuery, ExampleRetriever
+from ranker.features import NewItem
+from ranker.retrieval import LATEST_SEQ, ExactRetriever, SamplePool, seed_of, shuffle_slots
+from ranker.serving.examples import EncodedExamples
 from ranker.serving.models import ModelBundle
 from storage.repository import Repository
-from storage.vectors import VectorIndex
 
 NEW_ITEM_TTL_S = 300.0
 QUERY_TS_MS = 9_999_999_999_999  # 2286-11-20: later than any sample's event time
@@ -52,17 +53,32 @@ class RankResult:
 
 
 class Scorer:
-    """Turns requests into scores; thread-safe (the retriever is locked, sessions and the repository are safe)."""
+    """Turns requests into scores; thread-safe (the retriever and the encodings are, sessions and the repository too)."""
 
-    def __init__(self, repository: Repository, index: VectorIndex | None, history_length: int,
-                 retriever: ExampleRetriever | None = None, new_item_cache_size: int = 100_000) -> None:
+    def __init__(self, repository: Repository, pool: SamplePool | None, history_length: int,
+                 new_item_cache_size: int = 100_000) -> None:
         self.repository = repository
         self.history_length = history_length
-        self.retriever = retriever if retriever is not None else (ExampleRetriever(index) if index is not None else None)
+        self.pool = pool
+        self.retriever = ExactRetriever(pool) if pool is not None else None
         self.new_item_cache_size = new_item_cache_size
-        self._retrieval_lock = threading.Lock()
         self._new_item_cache: OrderedDict[str, tuple[float, NewItem]] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._encoded: OrderedDict[str, EncodedExamples] = OrderedDict()
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        """Encode the pool's examples for a version about to be served (the model holder calls it before the swap)."""
+        if bundle.ict and self.pool is not None:
+            self.examples_of(bundle).extend(self.pool.view)
+
+    def examples_of(self, bundle: ModelBundle) -> EncodedExamples:
+        with self._cache_lock:
+            encoded = self._encoded.get(bundle.version_id)
+            if encoded is None:
+                encoded = self._encoded[bundle.version_id] = EncodedExamples(bundle.space)
+                while len(self._encoded) > 2:  # the serving version and the one being swapped in
+                    self._encoded.popitem(last=False)
+            return encoded
 
     def history_of(self, user_id: str) -> list[str]:
         return [row.item_id for row in self.repository.user_history(user_id, limit=self.history_length)]
@@ -84,14 +100,16 @@ class Scorer:
         example_age_s, retrieval_s = None, 0.0
         if bundle.ict:
             started = time.perf_counter()
-            if self.retriever is None:
+            if self.retriever is None or self.pool is None:
                 raise RuntimeError(f"model {bundle.version_id} needs in-context examples but the server has no example pool")
-            queries = [ExampleQuery(user_id, item, QUERY_TS_MS, items["history_text"][0], items["item_text"][row])
-                       for row, item in enumerate(candidates)]
-            with self._retrieval_lock:
-                found = self.retriever.retrieve(queries)
-            items.update(gather_examples(space.encode_examples(found.records), found.slots))
-            example_age_s = found.freshest_age_s(now_ms)
+            view = self.pool.view
+            rows = self.retriever.top_rows_for_history(view, view.user_code(user_id), QUERY_TS_MS, LATEST_SEQ,
+                                                       items["history_text"][0], list(candidates), items["item_text"])
+            slots = shuffle_slots(rows, [seed_of(user_id, item, QUERY_TS_MS) for item in candidates])
+            items.update(self.examples_of(bundle).gather(view, slots))
+            used = slots[slots >= 0]
+            if len(used):
+                example_age_s = max(0.0, (now_ms - int(view.ts[used].max())) / 1000.0)
             retrieval_s = time.perf_counter() - started
         started = time.perf_counter()
         scores = bundle.run(items)

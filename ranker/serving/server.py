@@ -1,7 +1,7 @@
 """`llmcf serve`: build the ranker service from the settings and run it under uvicorn until SIGTERM / Ctrl-C.
 
 Shutdown: uvicorn stops accepting connections, lets in-flight requests finish, then the app's lifespan closes the
-service (model polling, scoring threads, the replica sync and its shard lock), and the process exits 0.
+service (model polling, scoring threads, the example pool's sync), and the process exits 0.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from llmcf.errors import UserFacingError
 from llmcf.settings import RANKER_KINDS, Settings
 from ranker.serving.app import Limits, RankerService, create_app
 from ranker.serving.models import ModelHolder
-from ranker.serving.pool import ExampleSource, open_example_source
+from ranker.serving.pool import PoolSync
 from ranker.serving.scoring import Scorer
 from storage.repository import Repository
 
@@ -37,9 +36,9 @@ class ServeOptions:
 
 
 def build_service(settings: Settings, options: ServeOptions, repository: Repository,
-                  replica_path: Path | None = None, limits: Limits | None = None) -> RankerService:
+                  limits: Limits | None = None) -> RankerService:
     """The service for these settings (`limits` replaces the settings' ones). The kind is the pinned version's when
-    `options.version` is given. Only ICT kinds open an example source (backbone-only models use none)."""
+    `options.version` is given. Only ICT kinds keep an example pool (backbone-only models use none)."""
     kind = options.kind or settings.ranker_kind
     if kind not in RANKER_KINDS:
         raise UserFacingError(f"unknown model kind {kind!r}: one of {', '.join(RANKER_KINDS)}")
@@ -48,10 +47,11 @@ def build_service(settings: Settings, options: ServeOptions, repository: Reposit
         if record is None:
             raise UserFacingError(f"no model version {options.version!r} in model_versions (DATABASE_URL)")
         kind = record.kind
+    source = PoolSync(repository, settings.ranker_pool_sync_s, settings.ranker_pool_max_samples) \
+        if kind.endswith("+ict") else None
+    scorer = Scorer(repository, source.pool if source is not None else None, settings.history_length)
     holder = ModelHolder(repository, kind, threads=options.threads or settings.ranker_threads,
-                         pinned_version=options.version, poll_s=settings.ranker_model_poll_s)
-    source: ExampleSource | None = open_example_source(settings, repository, replica_path) if kind.endswith("+ict") else None
-    scorer = Scorer(repository, source.index if source is not None else None, settings.history_length)
+                         pinned_version=options.version, poll_s=settings.ranker_model_poll_s, prepare=scorer.prepare)
     limits = limits or Limits(max_inflight=options.max_inflight or settings.ranker_max_inflight,
                               max_body_bytes=settings.ranker_max_body_bytes, api_token=settings.api_token)
     return RankerService(holder, scorer, source, limits)

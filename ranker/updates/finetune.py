@@ -4,7 +4,7 @@
   their item text embedding and their tag row, so every index the parent model knows still means the same thing.
 - `extend_model`: a model of the grown sizes whose parameters are the parent's; the new rows of the embedding and bias
   tables are initialised as a fresh model initialises them (embeddings N(0, 0.05), biases 0).
-- `fine_tune`: both, then `ranker.train.fit` (Adam, early stopping on the validation rows) from the parent's weights.
+- `fine_tune`: both, then `ranker.fitting.fit` (Adam, early stopping on the validation rows) from the parent's weights.
 
 `llmcf update` and the streaming evaluation (`llmcf evaluate --streaming`) both call `fine_tune`.
 """
@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from ranker.dataset import Samples, Split
 from ranker.features import MAX_TAGS, FeatureSpace
+from ranker.fitting import Batches, FitOptions, fit
 from ranker.model import RankerModel
 from ranker.retrieval import ExampleRecord
-from ranker.train import Batches, FitOptions, Samples, Split, fit
 
 
 @dataclass

@@ -8,8 +8,8 @@ A round, for the model kind the server serves (`LLMCF_RANKER_KIND`):
 3. Otherwise the window: the stored interactions of the last `window_s` of event time before the newest one, at most
    the latest `max_samples`. Its newest `holdout_fraction` (by event time) is the holdout, never trained on; the same
    share before it is the validation slice for early stopping; the rest is trained on.
-4. The example pool: the stored CoT samples before the holdout (at most the latest `max_pool_samples`), indexed in a
-   private shard; every window row gets its 2+2 examples through the serving retriever.
+4. The example pool: the stored CoT samples before the holdout (at most the latest `max_pool_samples`); every window
+   row gets its 2+2 examples from the serving engine (`ranker.examples`).
 5. Fine-tune from the serving version's weights (`finetune.fine_tune`: the vocabulary grows).
 6. Both models score the same holdout rows with the same examples (the serving model through its own vocabulary, as
    it serves). A candidate whose AUC is lower than the serving model's by more than `max_auc_drop` is recorded as
@@ -32,27 +32,15 @@ import numpy as np
 
 from llmcf.errors import UserFacingError
 from llmcf.settings import RANKER_KINDS, Settings
+from ranker.cot_pool import CotPool, stored_cot_rows
 from ranker.data import Corpus, database_corpus
+from ranker.dataset import NotEnoughData, Samples, Split, require_both_labels
+from ranker.examples import retrieve_examples
 from ranker.export import load_model
-from ranker.train import (
-    PARITY_ROWS,
-    Batches,
-    CotPool,
-    FitOptions,
-    NotEnoughData,
-    Samples,
-    Split,
-    Stepper,
-    TrainOptions,
-    TrainResult,
-    evaluate,
-    export_artifact,
-    register_version,
-    require_both_labels,
-    retrieve_examples,
-    stored_cot_rows,
-    train,
-)
+from ranker.fitting import Batches, FitOptions, evaluate
+from ranker.progress import Stepper
+from ranker.registry import PARITY_ROWS, TrainResult, export_artifact, register_version
+from ranker.train import TrainOptions, train
 from ranker.updates.finetune import fine_tune
 from ranker.updates.metrics import HOLDOUT_AUC
 

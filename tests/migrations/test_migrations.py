@@ -14,7 +14,7 @@ from storage.models import Base
 from storage.repository import make_engine
 
 EXPECTED_TABLES = {"items", "users", "interactions", "cot_samples", "model_versions", "item_embeddings"}
-HEAD = "0002"
+HEAD = "0003"
 
 
 def _tables(url: str) -> set[str]:
@@ -65,9 +65,11 @@ def test_indexes_exist(database_url: str) -> None:
     engine = make_engine(database_url)
     try:
         indexes = {tuple(ix["column_names"]) for ix in inspect(engine).get_indexes("interactions")}
+        sample_indexes = {tuple(ix["column_names"]) for ix in inspect(engine).get_indexes("cot_samples")}
     finally:
         engine.dispose()
     assert {("user_id", "ts"), ("item_id", "ts")} <= indexes
+    assert {("stored_at",), ("cot_stored_at",)} <= sample_indexes  # the ranker's pool sync
 
 
 def test_sqlite_parent_directory_is_created(tmp_path: Path) -> None:

@@ -1,180 +1,244 @@
-"""ExampleRetriever over a real Qdrant Edge shard: balanced 2+2, no leakage, batching and caching, pending CoTs."""
+"""The exact retrieval engine against a brute-force reference: the LLM-CF rule written plainly.
+
+Vectors are drawn from a small dyadic grid (components k/4 in 8 dimensions), so every dot product and score is exact
+in float32 and float64 alike: ties are real ties (same item, same history, empty histories) and the reference and the
+engine must agree on every one of them, tie-breaking included.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from llmcf.samples import SAMPLE_DIMENSION, encode_history, sample_vector
 from ranker.features import FeatureSpace, gather_examples
-from ranker.retrieval import ExampleQuery, ExampleRetriever
-from storage.vectors import Point
-from storage.vectors.edge import EdgeIndex
+from ranker.retrieval import LATEST_SEQ, ExactRetriever, ExampleQuery, PoolSample, SamplePool
 
-DIM = 384
-NOW = 1_700_000_000_000
+DIM = 8
+GRID = st.lists(st.integers(-2, 2), min_size=DIM, max_size=DIM).map(lambda v: np.asarray(v, dtype=np.float32) / 4)
 
 
-def direction(seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
-    return v / np.linalg.norm(v)
+@dataclass(frozen=True)
+class Q:
+    user: str
+    item: str
+    ts: int
+    seq: int
+    h: np.ndarray
+    t: np.ndarray
 
 
-ITEMS = {f"i{n}": direction(n) for n in range(10)}
-TASTE = direction(100)
-
-
-def point(key: str, user: str, item: str, label: int, ts: int, generated: bool = True, taste: np.ndarray = TASTE) -> Point:
-    history = np.stack([taste, ITEMS["i0"]])
-    payload: dict = {"user_id": user, "item_id": item, "label": label, "ts": ts, "status": "pending", "history": encode_history(["i0"])}
-    if generated:
-        payload |= {"status": "generated", "cot_embedding": direction(hash(key) % 1000).tolist()}
-    return Point(key, sample_vector(history, ITEMS[item]), payload)
-
-
-def query(user: str, item: str, ts: int = NOW, exclude: str | None = None) -> ExampleQuery:
-    h = TASTE + ITEMS["i0"]
-    return ExampleQuery(user, item, ts, (h / np.linalg.norm(h)).astype(np.float32), ITEMS[item], exclude)
-
-
-@pytest.fixture
-def index(tmp_path: Path) -> Iterator[EdgeIndex]:
-    with EdgeIndex(tmp_path / "shard", SAMPLE_DIMENSION) as shard:
-        yield shard
-
-
-def test_two_positives_and_two_negatives_nearest_first_then_shuffled(index: EdgeIndex) -> None:
-    index.upsert([point(f"p{n}", f"u{n}", f"i{n % 3}", n % 2, NOW - 1000 * n) for n in range(40)])
-    retriever = ExampleRetriever(index)
-
-    found = retriever.retrieve([query("me", "i1"), query("me", "i2")])
-
-    assert found.slots.shape == (2, 4)
-    for row in range(2):
-        labels = sorted(found.records[i].label for i in found.slots[row])
-        assert labels == [0, 0, 1, 1]
-    # the nearest by the full similarity share the target item
-    assert {found.records[i].item_id for i in found.slots[0]} == {"i1"}
-    assert {found.records[i].item_id for i in found.slots[1]} == {"i2"}
-    again = ExampleRetriever(index).retrieve([query("me", "i1"), query("me", "i2")])
-    assert [[r.key for r in again.records]] == [[r.key for r in found.records]]
-    np.testing.assert_array_equal(again.slots, found.slots)
-
-
-def test_never_the_sample_itself_nor_the_same_user_later(index: EdgeIndex) -> None:
-    index.upsert(
-        [point("self", "me", "i1", 1, NOW), point("me-later-pos", "me", "i1", 1, NOW + 1),
-         point("me-later-neg", "me", "i1", 0, NOW + 5), point("me-earlier", "me", "i1", 1, NOW - 5)]
-        + [point(f"other{n}", f"u{n}", "i1", n % 2, NOW + 10_000, taste=direction(200)) for n in range(6)]
-    )
-
-    found = ExampleRetriever(index).retrieve([query("me", "i1", ts=NOW, exclude="self")])
-
-    keys = {found.records[i].key for i in found.slots[0] if i >= 0}
-    assert "self" not in keys and "me-later-pos" not in keys and "me-later-neg" not in keys
-    assert "me-earlier" in keys  # the same user's past is allowed; other users' later samples too (as in LLM-CF)
-    assert sorted(found.records[i].label for i in found.slots[0]) == [0, 0, 1, 1]
-
-
-def test_missing_examples_are_empty_slots(index: EdgeIndex) -> None:
-    index.upsert([point("only-positive", "u1", "i1", 1, NOW - 1)])
-
-    found = ExampleRetriever(index).retrieve([query("me", "i1")])
-
-    assert sorted(found.slots[0].tolist()) == [-1, -1, -1, 0]
-    space = FeatureSpace.build(["u1"], ["i1"], ITEMS["i1"][None], [("drama",)])
-    examples = gather_examples(space.encode_examples(found.records), found.slots)
-    assert examples["ex_present"].sum() == 1.0
-    assert examples["ex_item"][found.slots == 0].tolist() == [1]
-
-
-def test_pending_examples_have_no_cot_and_details_are_read_for_the_picked(index: EdgeIndex) -> None:
-    index.upsert([point("pending", "u1", "i1", 1, NOW - 1, generated=False), point("ready", "u2", "i1", 0, NOW - 2)])
-
-    found = ExampleRetriever(index).retrieve([query("me", "i1")])
-
-    by_key = {r.key: r for r in found.records}
-    assert by_key["pending"].cot is None and not by_key["pending"].generated
-    assert by_key["ready"].cot is not None and by_key["ready"].cot.shape == (DIM,)
-    assert by_key["ready"].history == ("i0",)
-    pool = FeatureSpace.build([], ["i0"], ITEMS["i0"][None], [()]).encode_examples(found.records)
-    assert sorted(pool.cot_ready.tolist()) == [0.0, 1.0]
-    # the CoT lands later: the next retrieval sees it
-    index.set_payload({"pending": {"status": "generated", "cot_embedding": direction(7).tolist()}})
-    later = {r.key: r for r in ExampleRetriever(index).retrieve([query("me", "i1")]).records}
-    np.testing.assert_allclose(later["pending"].cot, direction(7), atol=1e-6)
-
-
-def test_one_request_costs_two_history_queries_plus_one_per_uncached_item(index: EdgeIndex) -> None:
-    index.upsert([point(f"p{n}", f"u{n}", f"i{n % 10}", n % 2, NOW - n) for n in range(200)])
-    clock = [0.0]
-    retriever = ExampleRetriever(index, item_cache_ttl_s=5.0, clock=lambda: clock[0])
-    candidates = [query("me", f"i{n % 10}") for n in range(100)]  # 100 candidates, 10 distinct items
-
-    first = retriever.retrieve(candidates)
-    assert retriever.index_queries == 2 + 10
-    retriever.retrieve(candidates)
-    assert retriever.index_queries == 2 + 10 + 2  # items cached
-    clock[0] = 6.0
-    retriever.retrieve(candidates)
-    assert retriever.index_queries == 2 + 10 + 2 + 2 + 10  # cache expired: fresh examples can appear
-
-    assert (first.slots >= 0).all()
-    freshest = max(r.ts_ms for r in first.records)
-    assert first.freshest_ts_ms == freshest
-    assert first.freshest_age_s(freshest + 1500) == pytest.approx(1.5)
-
-
-def test_a_cold_start_user_without_history_still_gets_examples_by_item(index: EdgeIndex) -> None:
-    index.upsert([point(f"p{n}", f"u{n}", "i3", n % 2, NOW - n) for n in range(8)])
-    cold = ExampleQuery("new-user", "i3", NOW, np.zeros(DIM, dtype=np.float32), ITEMS["i3"])
-    nothing = ExampleQuery("new-user", "unknown", NOW, np.zeros(DIM, dtype=np.float32), np.zeros(DIM, dtype=np.float32))
-
-    retriever = ExampleRetriever(index)
-    found = retriever.retrieve([cold, nothing])
-
-    assert sorted(found.records[i].label for i in found.slots[0]) == [0, 0, 1, 1]
-    assert found.slots[1].tolist() == [-1, -1, -1, -1]
-    assert retriever.index_queries == 1
-
-
-def reference_choice(q: ExampleQuery, pool: list[Point], retriever: ExampleRetriever) -> list[tuple[str, ...]]:
-    """The LLM-CF rule written plainly, over the candidates the retriever saw: per label, the best by the full
-    similarity, leak-free, never the sample itself."""
-    chosen = []
-    for label, wanted in ((1, retriever.positives), (0, retriever.negatives)):
-        eligible = [p for p in pool if p.payload["label"] == label and p.key != q.exclude_key
-                    and not (p.payload["user_id"] == q.user_id and p.payload["ts"] > q.ts_ms)]
-        h = lambda p: p.vector[:DIM] / np.linalg.norm(p.vector[:DIM])  # noqa: E731
-        t = lambda p: p.vector[DIM:] / np.linalg.norm(p.vector[DIM:])  # noqa: E731
-        eligible.sort(key=lambda p: -(0.5 * h(p) @ q.history_vector + 0.5 * t(p) @ q.target_vector))
-        chosen.append(tuple(sorted(p.key for p in eligible[:wanted])))
+def reference(samples: list[PoolSample], q: Q) -> list[str | None]:
+    """Keys of the 2 best positives then the 2 best negatives (None where fewer): score 0.5<h,H> + 0.5<t,T>, never the
+    same user at or after (ts, seq), ties to the later (ts, seq); none for a query without h and t."""
+    chosen: list[str | None] = []
+    if not q.h.any() and not q.t.any():
+        return [None] * 4  # similar to nothing
+    for label in (1, 0):
+        eligible = [s for s in samples if s.label == label
+                    and not (s.user_id == q.user and (s.ts_ms, s.seq) >= (q.ts, q.seq))]
+        ranked = sorted(eligible, key=lambda s: (-(0.5 * float(q.h @ s.history_vector) + 0.5 * float(q.t @ s.target_vector)),
+                                                 -s.ts_ms, -s.seq))
+        keys = [s.key for s in ranked[:2]]
+        chosen += keys + [None] * (2 - len(keys))
     return chosen
 
 
-def test_batched_choice_equals_the_plain_rule_when_every_sample_is_a_candidate(index: EdgeIndex) -> None:
-    rng = np.random.default_rng(7)
-    users = [f"u{n}" for n in range(6)]
-    pool = []
-    for n in range(40):  # few enough that both searches return every sample: the choice is then exact
-        history = np.stack([direction(200 + n % 7), ITEMS[f"i{n % 10}"]])
-        pool.append(Point(f"s{n}", sample_vector(history, ITEMS[f"i{n % 5}"]),
-                          {"user_id": users[n % 6], "item_id": f"i{n % 5}", "label": int(rng.integers(2)),
-                           "ts": NOW - 1000 * int(rng.integers(100)), "status": "pending", "history": encode_history(["i0"])}))
-    index.upsert(pool)
-    retriever = ExampleRetriever(index, history_candidates=40, item_candidates=40)
+@st.composite
+def pools(draw: st.DrawFn) -> tuple[list[PoolSample], dict[str, np.ndarray]]:
+    n_items = draw(st.integers(1, 6))
+    items = {f"i{n}": draw(GRID) for n in range(n_items)}
+    histories = draw(st.lists(GRID, min_size=1, max_size=4)) + [np.zeros(DIM, dtype=np.float32)]
+    size = draw(st.integers(0, 30))
+    samples = []
+    for n in range(size):
+        item = f"i{draw(st.integers(0, n_items - 1))}"
+        samples.append(PoolSample(
+            key=f"s{n}", user_id=f"u{draw(st.integers(0, 3))}", item_id=item, label=draw(st.integers(0, 1)),
+            ts_ms=draw(st.integers(0, 4)), seq=n, history_vector=histories[draw(st.integers(0, len(histories) - 1))],
+            target_vector=items[item]))
+    return samples, items
+
+
+def keys_of(pool: SamplePool, rows: np.ndarray) -> list[str | None]:
+    return [pool.view.keys[r] if r >= 0 else None for r in rows.tolist()]
+
+
+def build(samples: list[PoolSample], batches: int = 1, dim: int = DIM) -> SamplePool:
+    pool = SamplePool(dim=dim, capacity=4)
+    for part in np.array_split(np.arange(len(samples)), batches):
+        pool.add([samples[i] for i in part.tolist()])
+    return pool
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(), st.data())
+def test_per_target_queries_equal_brute_force(drawn: tuple[list[PoolSample], dict[str, np.ndarray]], data: st.DataObject) -> None:
+    samples, items = drawn
     queries = []
-    for n in range(30):
-        h = direction(300 + n % 4)
-        queries.append(ExampleQuery(users[n % 6], f"i{n % 5}", NOW - 1000 * int(rng.integers(100)), h, ITEMS[f"i{n % 5}"],
-                                    exclude_key=f"s{n}" if n % 3 == 0 else None))
+    for sample in samples:  # every pool sample as a training query: never itself, never its user's later samples
+        queries.append(Q(sample.user_id, sample.item_id, sample.ts_ms, sample.seq, sample.history_vector, sample.target_vector))
+    targets = {**items, "new": data.draw(GRID)}  # an item id names one target vector
+    for _ in range(data.draw(st.integers(1, 5))):  # and outsiders, an item the pool lacks and a cold user among them
+        item = data.draw(st.sampled_from(sorted(targets)))
+        queries.append(Q(f"u{data.draw(st.integers(0, 5))}", item, data.draw(st.integers(0, 5)),
+                         data.draw(st.sampled_from([LATEST_SEQ, 3, 7])), data.draw(GRID), targets[item]))
+    pool = build(samples, batches=data.draw(st.integers(1, 3)))
+    view = pool.view
+    rows = ExactRetriever(pool).top_rows(
+        view, np.array([view.user_code(q.user) for q in queries]), [q.item for q in queries],
+        np.stack([q.t for q in queries]), np.stack([q.h for q in queries]), np.array([q.ts for q in queries]),
+        np.array([q.seq for q in queries]))
+    for q, got in zip(queries, rows, strict=True):
+        assert keys_of(pool, got) == reference(samples, q), q
 
-    found = retriever.retrieve(queries)
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(), st.data())
+def test_one_history_many_targets_equals_brute_force(drawn: tuple[list[PoolSample], dict[str, np.ndarray]],
+                                                     data: st.DataObject) -> None:
+    samples, items = drawn
+    user = f"u{data.draw(st.integers(0, 5))}"
+    ts, seq = data.draw(st.integers(0, 5)), data.draw(st.sampled_from([LATEST_SEQ, 0, 9]))
+    h = data.draw(st.one_of(GRID, st.just(np.zeros(DIM, dtype=np.float32))))
+    targets = data.draw(st.lists(st.sampled_from([*items, "new1", "new2"]), min_size=1, max_size=8))
+    fresh = {name: data.draw(GRID) for name in ("new1", "new2")}
+    vectors = np.stack([items.get(t, fresh.get(t)) for t in targets])
+    pool = build(samples)
+    view = pool.view
+    rows = ExactRetriever(pool).top_rows_for_history(view, view.user_code(user), ts, seq, h, targets, vectors)
+    for target, vector, got in zip(targets, vectors, rows, strict=True):
+        assert keys_of(pool, got) == reference(samples, Q(user, target, ts, seq, h, vector)), target
+
+
+def test_retrieve_shuffles_two_positives_and_two_negatives_and_returns_their_records() -> None:
+    rng = np.random.default_rng(0)
+    items = {f"i{n}": rng.standard_normal(DIM).astype(np.float32) for n in range(3)}
+    samples = [PoolSample(f"s{n}", f"u{n % 4}", f"i{n % 3}", n % 2, 1000 + n, n, rng.standard_normal(DIM).astype(np.float32),
+                          items[f"i{n % 3}"], history=(f"i{(n + 1) % 3}",),
+                          cot=rng.standard_normal(DIM).astype(np.float32) if n % 5 else None) for n in range(40)]
+    pool = build(samples)
+    h = rng.standard_normal(DIM).astype(np.float32)
+    queries = [ExampleQuery("me", item, 10_000, h, items[item]) for item in items]
+
+    found = ExactRetriever(pool).retrieve(queries)
+
+    assert found.slots.shape == (3, 4)
     for row, q in enumerate(queries):
-        picked = [found.records[i] for i in found.slots[row] if i >= 0]
-        got = [tuple(sorted(r.key for r in picked if r.label == label)) for label in (1, 0)]
-        assert got == reference_choice(q, pool, retriever), row
+        picked = [found.records[i] for i in found.slots[row]]
+        assert sorted(r.label for r in picked) == [0, 0, 1, 1]
+        expected = reference(samples, Q("me", q.item_id, 10_000, LATEST_SEQ, h, items[q.item_id]))
+        assert {r.key for r in picked} == set(expected)
+    by_key = {r.key: r for r in found.records}
+    for key, record in by_key.items():
+        source = samples[int(key[1:])]
+        assert record.generated == (source.cot is not None) and record.history == source.history
+        if source.cot is not None:
+            np.testing.assert_array_equal(record.cot, source.cot)
+    again = ExactRetriever(pool).retrieve(queries)
+    np.testing.assert_array_equal(again.slots, found.slots)  # the shuffle is a function of the sample
+    assert found.freshest_ts_ms == max(r.ts_ms for r in found.records)
+
+
+def test_a_label_with_fewer_than_two_samples_leaves_empty_slots_that_encode_as_absent() -> None:
+    t = np.full(DIM, 0.25, dtype=np.float32)
+    pool = build([PoolSample("only-positive", "u1", "i1", 1, 5, 0, t, t)])
+
+    found = ExactRetriever(pool).retrieve([ExampleQuery("me", "i1", 10, t, t)])
+
+    assert sorted(found.slots[0].tolist()) == [-1, -1, -1, 0]
+    space = FeatureSpace.build(["u1"], ["i1"], np.zeros((1, 384), np.float32), [("drama",)])
+    records = [r.__class__(**{**r.__dict__, "history_vector": np.zeros(384, np.float32),
+                              "target_vector": np.zeros(384, np.float32)}) for r in found.records]
+    examples = gather_examples(space.encode_examples(records), found.slots)
+    assert examples["ex_present"].sum() == 1.0
+
+
+def test_a_pending_cot_lands_later_and_the_next_retrieval_sees_it() -> None:
+    t = np.full(DIM, 0.25, dtype=np.float32)
+    pool = build([PoolSample("pending", "u1", "i1", 1, 5, 0, t, t), PoolSample("ready", "u2", "i1", 0, 6, 1, t, t, cot=t)])
+    before = pool.view
+    query = [ExampleQuery("me", "i1", 10, t, t)]
+
+    first = {r.key: r for r in ExactRetriever(pool).retrieve(query).records}
+    pool.add([PoolSample("pending", "u1", "i1", 1, 5, 0, t, t, cot=2 * t)])
+    later = {r.key: r for r in ExactRetriever(pool).retrieve(query).records}
+
+    assert first["pending"].cot is None and not first["pending"].generated
+    np.testing.assert_array_equal(later["pending"].cot, 2 * t)
+    assert len(pool) == 2 and before.n == 2  # a CoT landing adds no row
+
+
+def test_compaction_keeps_the_newest_and_stays_exact() -> None:
+    rng = np.random.default_rng(3)
+    items = {f"i{n}": (rng.integers(-2, 3, DIM) / 4).astype(np.float32) for n in range(4)}
+    samples = [PoolSample(f"s{n}", f"u{n % 3}", f"i{n % 4}", int(rng.integers(2)), n // 3, n,
+                          (rng.integers(-2, 3, DIM) / 4).astype(np.float32), items[f"i{n % 4}"]) for n in range(60)]
+    pool = build(samples)
+    retriever = ExactRetriever(pool)
+    h = (rng.integers(-2, 3, DIM) / 4).astype(np.float32)
+    retriever.top_rows_for_history(pool.view, -1, 99, LATEST_SEQ, h, list(items), np.stack(list(items.values())))
+
+    assert pool.compact(keep=25) == 35
+    kept = samples[35:]
+    view = pool.view
+    rows = retriever.top_rows_for_history(view, -1, 99, LATEST_SEQ, h, list(items), np.stack(list(items.values())))
+    for (name, vector), got in zip(items.items(), rows, strict=True):
+        assert keys_of(pool, got) == reference(kept, Q("me", name, 99, LATEST_SEQ, h, vector))
+
+
+def test_samples_arriving_while_requests_are_served_give_exact_answers_on_each_snapshot() -> None:
+    rng = np.random.default_rng(11)
+    items = {f"i{n}": (rng.integers(-2, 3, DIM) / 4).astype(np.float32) for n in range(8)}
+    samples = [PoolSample(f"s{n}", f"u{n % 7}", f"i{int(rng.integers(8))}", int(rng.integers(2)), n // 4, n,
+                          (rng.integers(-2, 3, DIM) / 4).astype(np.float32), np.zeros(DIM, np.float32)) for n in range(3000)]
+    for s in samples:
+        s.target_vector = items[s.item_id]
+    pool = SamplePool(dim=DIM, capacity=8)
+    retriever = ExactRetriever(pool)
+    stop = threading.Event()
+
+    def write() -> None:
+        for start in range(0, len(samples), 50):
+            pool.add(samples[start : start + 50])
+        stop.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    checked = 0
+    h = (rng.integers(-2, 3, DIM) / 4).astype(np.float32)
+    while not stop.is_set() or checked < 3:
+        view = pool.view
+        rows = retriever.top_rows_for_history(view, view.user_code("u3"), 10_000, LATEST_SEQ, h, list(items),
+                                              np.stack(list(items.values())))
+        for (name, vector), got in zip(items.items(), rows, strict=True):
+            assert [view.keys[r] if r >= 0 else None for r in got] == reference(
+                samples[: view.n], Q("u3", name, 10_000, LATEST_SEQ, h, vector))
+        checked += 1
+    writer.join()
+    assert len(pool) == len(samples)
+
+
+@pytest.mark.parametrize("dim", [384])
+def test_the_real_dimension_and_float_vectors_agree_with_float64_brute_force(dim: int) -> None:
+    rng = np.random.default_rng(5)
+
+    def unit(n: int) -> np.ndarray:
+        v = rng.standard_normal((n, dim)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    item_vectors = unit(50)
+    samples = [PoolSample(f"s{n}", f"u{n % 40}", f"i{n % 50}", n % 2, n // 10, n, h, item_vectors[n % 50])
+               for n, h in enumerate(unit(2000))]
+    pool = build(samples, batches=4, dim=dim)
+    queries = [Q(f"u{n}", f"i{n % 50}", 150, LATEST_SEQ, h, item_vectors[n % 50]) for n, h in enumerate(unit(60))]
+    view = pool.view
+    rows = ExactRetriever(pool).top_rows(view, np.array([view.user_code(q.user) for q in queries]), [q.item for q in queries],
+                                         np.stack([q.t for q in queries]), np.stack([q.h for q in queries]),
+                                         np.array([q.ts for q in queries]), np.array([q.seq for q in queries]))
+    for q, got in zip(queries, rows, strict=True):
+        assert keys_of(pool, got) == reference(samples, q)

@@ -13,7 +13,9 @@ import pytest
 from llmcf.settings import Settings
 from ranker.export import MANIFEST, load_model, onnx_session, sha256_file
 from ranker.features import FeatureSpace
-from ranker.train import TrainOptions, TrainResult, auc, train
+from ranker.metrics import auc
+from ranker.registry import TrainResult
+from ranker.train import TrainOptions, train
 from storage.repository import Repository
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,9 @@ import pytest
 
 import migrations
 from llmcf.settings import Settings
+from ranker.registry import TrainResult
 from ranker.serving.app import Limits, RankerService
 from ranker.serving.server import ServeOptions, build_service
-from ranker.train import TrainResult
 from storage.repository import Repository
 from tests.ranker.serving.support import Populated, populate_storage, train_version
 
@@ -44,7 +44,7 @@ def populated(serving_settings: Settings, versions: dict[str, TrainResult]) -> P
 
 @pytest.fixture
 def make_service(serving_settings: Settings, tmp_path: Path) -> Iterator[Callable[..., RankerService]]:
-    """`make_service(kind=..., database_url=..., **limits)`: a service with its own replica shard under tmp_path."""
+    """`make_service(kind=..., database_url=..., **limits)`: a service with its own example pool."""
     repositories: list[Repository] = []
 
     def make(kind: str = "deepfm+ict", database_url: str | None = None, **limits: object) -> RankerService:
@@ -52,8 +52,7 @@ def make_service(serving_settings: Settings, tmp_path: Path) -> Iterator[Callabl
         migrations.upgrade(url)
         repository = Repository.from_url(url)
         repositories.append(repository)
-        return build_service(serving_settings, ServeOptions(kind=kind), repository,
-                             replica_path=tmp_path / f"replica-{len(repositories)}", limits=Limits(**limits))  # type: ignore[arg-type]
+        return build_service(serving_settings, ServeOptions(kind=kind), repository, limits=Limits(**limits))  # type: ignore[arg-type]
 
     yield make
     for repository in repositories:

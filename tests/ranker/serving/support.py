@@ -25,8 +25,9 @@ from llmcf.events import CotRequest, CotResult, HistoryEntry, InteractionEvent, 
 from llmcf.infra import free_port
 from llmcf.settings import Settings
 from ranker.data import EmbeddingCache, embedding_cache_path, movielens_corpus, user_histories
+from ranker.registry import TrainResult
 from ranker.serving.app import RankerService, create_app
-from ranker.train import TrainOptions, TrainResult, train
+from ranker.train import TrainOptions, train
 from storage.repository import Repository
 from streams.decisions import cot_request_id
 

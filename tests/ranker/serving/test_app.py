@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import migrations
+from ranker.registry import TrainResult
 from ranker.serving.app import RankerService
-from ranker.train import TrainResult
 from storage.repository import Repository
 from tests.ranker.serving.support import Populated, running_server
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from ranker.registry import TrainResult
 from ranker.serving.app import RankerService
 from ranker.serving.models import ModelLoadError
-from ranker.train import TrainResult
 from storage.repository import Repository
 from tests.ranker.serving.support import Populated, running_server
 from tests.ranker.serving.test_app import rank, wait_ready

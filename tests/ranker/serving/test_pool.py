@@ -1,5 +1,6 @@
-"""The ranker's replica of the example pool on the embedded defaults: its points are the worker's points, and a sample
-written through the storage API becomes retrievable by a running server within seconds (SQLite and PostgreSQL)."""
+"""The ranker's in-memory example pool: its samples carry the worker's vectors, the sync reads each stored change once
+the overlap has passed, CoTs land in place, retention keeps the newest, and a sample written through the storage API
+becomes retrievable by a running server within seconds (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import migrations
 from llmcf.dead_letters import SourceRecord
 from llmcf.embeddings import EMBEDDING_DIMENSION
 from llmcf.events import CotResult, ItemSnapshot, epoch_ms
+from ranker.registry import TrainResult
 from ranker.serving.app import RankerService
-from ranker.serving.pool import sample_points
-from ranker.train import TrainResult
+from ranker.serving.pool import OVERLAP, PoolSync, pool_samples_from_storage
 from storage.repository import InteractionRow, Repository
 from streams.catalogue import Catalogue, CatalogueItem
 from streams.history import HistoryItem
@@ -44,7 +45,7 @@ def worker_sample(repository: Repository, user_id: str, item_id: str, ts: dateti
     return sample
 
 
-def test_replica_points_are_the_points_the_worker_indexes(database_url: str) -> None:
+def test_pool_samples_carry_the_vectors_the_worker_indexes(database_url: str) -> None:
     migrations.upgrade(database_url)
     catalogue = {"target": unit(1), "seen-a": unit(2), "seen-b": unit(3)}
     with Repository.from_url(database_url) as repository:
@@ -53,22 +54,99 @@ def test_replica_points_are_the_points_the_worker_indexes(database_url: str) -> 
         repository.upsert_item_embeddings(catalogue, model="m")
         repository.upsert_pending_samples([sample.pending])
         vectors = repository.get_item_embeddings(catalogue)
-        [pending] = sample_points(repository.get_cot_samples([sample.request_id]).values(), vectors)
+        [pending] = pool_samples_from_storage(list(repository.get_cot_samples([sample.request_id]).values()), vectors)
 
-        assert pending is not None and pending.key == sample.point.key
-        np.testing.assert_array_equal(pending.vector, sample.point.vector)
-        assert pending.payload == sample.point.payload
+        assert pending is not None and pending.key == sample.point.key and pending.cot is None
+        # the worker indexes [h; t] / sqrt(2): the same h and t, one division apart
+        np.testing.assert_allclose(np.concatenate([pending.history_vector, pending.target_vector]) / np.sqrt(2),
+                                   sample.point.vector, atol=1e-6)
+        payload = sample.point.payload
+        assert (pending.user_id, pending.item_id, pending.label, pending.ts_ms) == (
+            payload["user_id"], payload["item_id"], payload["label"], payload["ts"])
+        assert pending.history == ("seen-a", "seen-b")
 
         cot = unit(9)
         repository.complete_cot_samples([CotResult(
             request_id=sample.request_id, user_id="u1", item_id="target", label=1, ts=sample.row.ts,
             cot_text="because", cot_embedding=cot.tolist(), backend="template", model="template",
             generated_at=datetime.now(timezone.utc))])
-        [generated] = sample_points(repository.get_cot_samples([sample.request_id]).values(), vectors)
-        unembedded = sample_points(repository.get_cot_samples([sample.request_id]).values(), {})
-    # what streams.results merges into the worker's point once the CoT is generated
-    assert generated.payload == {**sample.point.payload, "status": "generated", "cot_embedding": [float(x) for x in cot]}
+        stored = list(repository.get_cot_samples([sample.request_id]).values())
+        [generated] = pool_samples_from_storage(stored, vectors)
+        unembedded = pool_samples_from_storage(stored, {})
+    np.testing.assert_array_equal(generated.cot, cot)
     assert unembedded == [None]  # no embedding of its target item: the worker would not have indexed it either
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CountingRepository:
+    """The real repository, counting the rows each sync reads."""
+
+    def __init__(self, repository: Repository) -> None:
+        self.repository, self.read = repository, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.repository, name)
+
+    def cot_samples_changed_since(self, moment: datetime | None, batch_size: int = 5_000):  # type: ignore[no-untyped-def]
+        for sample in self.repository.cot_samples_changed_since(moment, batch_size):
+            self.read += 1
+            yield sample
+
+
+def test_the_sync_reads_a_stored_change_again_only_within_the_overlap_and_lands_cots_in_place(database_url: str) -> None:
+    migrations.upgrade(database_url)
+    catalogue = {f"item{n}": unit(n) for n in range(6)}
+    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    with Repository.from_url(database_url) as repository:
+        repository.upsert_item_embeddings(catalogue, model="m")
+        samples = [worker_sample(repository, f"u{n}", f"item{n % 3}", start + timedelta(seconds=n), ["item4", "item5"], catalogue)
+                   for n in range(20)]
+        repository.upsert_pending_samples([s.pending for s in samples])
+        clock = Clock()
+        counting = CountingRepository(repository)
+        sync = PoolSync(counting, sync_s=1.0, clock=clock)  # type: ignore[arg-type]
+
+        assert sync.sync() == 20 and len(sync.pool) == 20 and counting.read == 20
+        clock.now = 1.0
+        assert sync.sync() == 0 and counting.read == 40  # within the overlap: read again, nothing applied twice
+        clock.now = 2.0 + OVERLAP.total_seconds()
+        sync.sync()
+        clock.now = 3.0 + OVERLAP.total_seconds()
+        read = counting.read
+        assert sync.sync() == 0 and counting.read == read  # past the overlap: nothing is read again
+
+        repository.complete_cot_samples([CotResult(
+            request_id=samples[3].request_id, user_id="u3", item_id="item0", label=1, ts=samples[3].row.ts,
+            cot_text="because", cot_embedding=unit(42).tolist(), backend="template", model="template",
+            generated_at=datetime.now(timezone.utc))])
+        assert sync.sync() == 1 and len(sync.pool) == 20
+        view = sync.pool.view
+        row = view.keys.index(samples[3].request_id)
+        assert view.generated[row] and view.generated.sum() == 1
+        np.testing.assert_array_equal(view.cot[row], unit(42))
+        assert sync.reachable() == (True, "")
+
+
+def test_retention_keeps_the_newest_samples_by_event_time(database_url: str) -> None:
+    migrations.upgrade(database_url)
+    catalogue = {"a": unit(1), "b": unit(2)}
+    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    with Repository.from_url(database_url) as repository:
+        repository.upsert_item_embeddings(catalogue, model="m")
+        samples = [worker_sample(repository, f"u{n}", "a", start + timedelta(seconds=n), ["b"], catalogue) for n in range(150)]
+        repository.upsert_pending_samples([s.pending for s in samples])
+        sync = PoolSync(repository, max_samples=100)
+        sync.sync()
+    kept = set(sync.pool.view.keys[: len(sync.pool)])
+    assert len(kept) == 90  # compacted to 90% of the bound
+    assert kept == {s.request_id for s in samples[-90:]}
 
 
 @pytest.mark.slow
@@ -99,5 +177,5 @@ def test_a_sample_written_through_storage_is_retrievable_by_the_server_within_se
                     break
                 assert time.monotonic() - written < 5.0, "the sample did not become retrievable within 5 s"
                 time.sleep(0.1)
-            assert service.source.index.count() == 1
+            assert len(service.source.pool) == 1
     assert 119 <= age <= 130

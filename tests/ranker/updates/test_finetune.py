@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from ranker.data import Corpus, user_histories
+from ranker.dataset import Samples, Split, build_feature_space
 from ranker.export import torch_scores
 from ranker.features import gather_examples
+from ranker.fitting import Batches, FitOptions
 from ranker.model import ModelConfig, RankerModel
-from ranker.train import Batches, FitOptions, Samples, Split, build_feature_space
 from ranker.updates.finetune import extend_model, extend_space, fine_tune
 
 OLD_ROWS = 600
