@@ -4,6 +4,12 @@ The graph takes `ModelConfig.input_names` (see `ranker.features.SAMPLE_INPUTS` /
 shapes; the batch axis is dynamic) and returns `score` (B,) float32, the click probability. The reconstruction head is
 training-only and is not in the graph.
 
+An ICT model is also exported split in two, which is what the server runs: an example's three tokens depend only on
+the example, so `examples.onnx` (the example encoder: `EXAMPLE_ROW_INPUTS` of P pool samples -> `tokens` (P, 3, d))
+runs once per pool sample and version, and `scorer.onnx` (the query scorer: `SAMPLE_INPUTS`, `ex_tokens` (B, K, 3, d)
+and `ex_present` (B, K) -> `score`) runs per request. Both are parity-checked against torch, and their composition
+against the full graph (`check_split_parity`); their sha256 are in the manifest.
+
 An artifact directory (`$LLMCF_HOME/models/<version_id>/`) holds `model.onnx`, `model.pt` (state dict + config, for
 fine-tuning from this version), `features.json` + `features.npz` (the feature space) and `manifest.json` (config,
 metrics, data and CoT-pool description, retrieval parameters, input specs). The model_versions row's checksum is the
@@ -21,12 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ranker.features import FeatureSpace, input_specs
-from ranker.model import ModelConfig, RankerModel, ScoringGraph
+from ranker.features import EXAMPLE_ROW_INPUTS, SAMPLE_INPUTS, FeatureSpace, input_specs
+from ranker.model import TOKENS_PER_EXAMPLE, ExampleEncoderGraph, ModelConfig, QueryScorerGraph, RankerModel, ScoringGraph
 
 ONNX_OPSET = 17
 PARITY_TOLERANCE = 1e-5
 MODEL_ONNX = "model.onnx"
+EXAMPLES_ONNX = "examples.onnx"
+SCORER_ONNX = "scorer.onnx"
+TOKENS_NAME = "tokens"
+EX_TOKENS_NAME = "ex_tokens"
 MODEL_PT = "model.pt"
 MANIFEST = "manifest.json"
 OUTPUT_NAME = "score"
@@ -60,6 +70,59 @@ def export_onnx(model: RankerModel, path: Path) -> Path:
     return path
 
 
+def export_split(model: RankerModel, directory: Path) -> tuple[Path, Path]:
+    """Export an ICT model's example encoder and query scorer beside its full graph; returns their paths."""
+    model.eval()
+    rows = random_inputs(model.config, batch=3, seed=0)
+    example_names = [spec.name for spec in EXAMPLE_ROW_INPUTS]
+    example_rows = {name: rows[name][:, 0] for name in example_names}  # one example per row: (P, ...) without K
+    with torch.inference_mode():
+        tokens = model.example_tokens({k: torch.from_numpy(v) for k, v in rows.items()})
+    sample_names = [spec.name for spec in SAMPLE_INPUTS]
+    examples_path, scorer_path = directory / EXAMPLES_ONNX, directory / SCORER_ONNX
+    _export(ExampleEncoderGraph(model), tuple(torch.from_numpy(example_rows[n]) for n in example_names), examples_path,
+            example_names, TOKENS_NAME)
+    _export(QueryScorerGraph(model), (*(torch.from_numpy(rows[n]) for n in sample_names), tokens.clone(),
+                                      torch.from_numpy(rows["ex_present"])),
+            scorer_path, [*sample_names, EX_TOKENS_NAME, "ex_present"], OUTPUT_NAME)
+    return examples_path, scorer_path
+
+
+def _export(graph: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, names: list[str], output: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing notes that do not apply to these static graphs; parity guards them
+        torch.onnx.export(graph, args, str(path), input_names=names, output_names=[output],
+                          dynamic_axes={name: {0: "batch"} for name in [*names, output]}, opset_version=ONNX_OPSET,
+                          dynamo=False)
+
+
+def split_scores(examples: Any, scorer: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Scores of (B, K) example inputs through the two served graphs: every example encoded, then the scorer."""
+    present = inputs["ex_present"]
+    batch, k = present.shape
+    feeds = {spec.name: np.ascontiguousarray(inputs[spec.name].reshape(batch * k, *inputs[spec.name].shape[2:]))
+             for spec in EXAMPLE_ROW_INPUTS}
+    tokens = examples.run([TOKENS_NAME], feeds)[0].reshape(batch, k, TOKENS_PER_EXAMPLE, -1)
+    query = {spec.name: np.ascontiguousarray(inputs[spec.name]) for spec in SAMPLE_INPUTS}
+    return scorer.run([OUTPUT_NAME], {**query, EX_TOKENS_NAME: tokens, "ex_present": np.ascontiguousarray(present)})[0]
+
+
+def check_split_parity(model: RankerModel, examples_path: Path, scorer_path: Path,
+                       batches: list[dict[str, np.ndarray]], enforce: bool = True) -> float:
+    """Max |split graphs - torch| over random inputs and the given real batches; raises `ParityError` above the
+    tolerance when `enforce`."""
+    examples, scorer = onnx_session(examples_path), onnx_session(scorer_path)
+    candidates = [random_inputs(model.config, batch=257, seed=seed) for seed in (13, 14)] + batches
+    worst = 0.0
+    for inputs in candidates:
+        if len(inputs["user"]):
+            worst = max(worst, float(np.max(np.abs(split_scores(examples, scorer, inputs) - torch_scores(model, inputs)))))
+    if enforce and worst > PARITY_TOLERANCE:
+        raise ParityError(f"{scorer_path.parent}: the split graphs and torch differ by {worst:.3g} > {PARITY_TOLERANCE:g}")
+    return worst
+
+
 def onnx_session(path: Path, threads: int = 1) -> Any:
     """An onnxruntime CPU session with pinned thread counts, warmed up (the first run is slow)."""
     import onnxruntime
@@ -69,11 +132,18 @@ def onnx_session(path: Path, threads: int = 1) -> Any:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    # Vocabularies of size 1 give index-0 inputs, valid for any model: enough to warm the session up.
-    warm = random_inputs(ModelConfig("deepfm", "ex_cot" in names, 1, 1, 1), batch=2, seed=1)
-    session.run([OUTPUT_NAME], {name: warm[name] for name in names})
+    session.run(None, warmup_feeds(session, batch=2))
     return session
+
+
+def warmup_feeds(session: Any, batch: int) -> dict[str, np.ndarray]:
+    """Valid inputs of any of the ranker's graphs (index 0 is valid in every vocabulary), from its declared inputs."""
+    feeds = {}
+    for node in session.get_inputs():
+        shape = [batch if not isinstance(d, int) else d for d in node.shape]
+        dtype = np.int64 if node.type == "tensor(int64)" else np.float32
+        feeds[node.name] = np.zeros(shape, dtype=dtype) if dtype == np.int64 else np.full(shape, 0.5, dtype=dtype)
+    return feeds
 
 
 def torch_scores(model: RankerModel, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -151,6 +221,13 @@ def save_artifact(directory: Path, model: RankerModel, space: FeatureSpace, mani
             "inputs": [{"name": s.name, "dtype": s.dtype, "shape": ["batch", *s.shape]} for s in input_specs(model.config.ict)],
         },
     }
+    if (directory / EXAMPLES_ONNX).is_file():
+        document["onnx"]["split"] = {
+            "examples": {"file": EXAMPLES_ONNX, "sha256": sha256_file(directory / EXAMPLES_ONNX), "output": TOKENS_NAME,
+                         "inputs": [s.name for s in EXAMPLE_ROW_INPUTS]},
+            "scorer": {"file": SCORER_ONNX, "sha256": sha256_file(directory / SCORER_ONNX), "output": OUTPUT_NAME,
+                       "inputs": [*(s.name for s in SAMPLE_INPUTS), EX_TOKENS_NAME, "ex_present"]},
+        }
     (directory / MANIFEST).write_text(json.dumps(document, indent=2, default=str))
     return directory
 

@@ -78,6 +78,12 @@ EXAMPLE_INPUTS: tuple[InputSpec, ...] = (
 of attention); `ex_cot_ready` 0 = the example's CoT is still pending (the learned placeholder is used)."""
 
 
+EXAMPLE_ROW_INPUTS: tuple[InputSpec, ...] = tuple(
+    InputSpec(spec.name, spec.dtype, spec.shape[1:]) for spec in EXAMPLE_INPUTS if spec.name != "ex_present"
+)
+"""One example's inputs (no K axis): what the served example encoder takes per pool sample."""
+
+
 def input_specs(with_examples: bool) -> tuple[InputSpec, ...]:
     return SAMPLE_INPUTS + (EXAMPLE_INPUTS if with_examples else ())
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from llmcf.embeddings import EMBEDDING_DIMENSION
-from ranker.features import EXAMPLES, input_specs
+from ranker.features import EXAMPLE_ROW_INPUTS, EXAMPLES, SAMPLE_INPUTS, input_specs
 
 Backbone = Literal["deepfm", "din"]
 BACKBONES: tuple[Backbone, ...] = ("deepfm", "din")
@@ -197,22 +197,20 @@ class ICTModule(nn.Module):
         feature_positions = torch.arange(config.examples) * TOKENS_PER_EXAMPLE
         self.register_buffer("feature_positions", feature_positions, persistent=False)
 
-    def tokens(self, example_fields: Tensor, current_fields: Tensor, cot: Tensor, label: Tensor,
-               cot_ready: Tensor) -> Tensor:
-        """(B, 13, d): [feature, CoT, label] per example, then the current sample's feature token."""
-        batch = current_fields.shape[0]
-        features = self.feature_token(example_fields.flatten(-2))  # (B, K, d)
+    def example_tokens(self, example_fields: Tensor, cot: Tensor, label: Tensor, cot_ready: Tensor) -> Tensor:
+        """(..., 3, d): an example's [feature, CoT, label] tokens, from its own inputs alone (any leading shape): what
+        the served example encoder computes once per pool sample."""
+        features = self.feature_token(example_fields.flatten(-2))
         ready = cot_ready.unsqueeze(-1)
         cots = ready * self.cot_token(cot) + (1.0 - ready) * self.cot_placeholder
-        labels = self.label_token(label)
-        per_example = torch.stack([features, cots, labels], dim=2).reshape(batch, -1, features.shape[-1])
-        current = self.feature_token(current_fields.flatten(-2)).unsqueeze(1)
-        return torch.cat([per_example, current], dim=1)
+        return torch.stack([features, cots, self.label_token(label)], dim=-2)
 
-    def forward(self, example_fields: Tensor, current_fields: Tensor, cot: Tensor, label: Tensor, cot_ready: Tensor,
-                present: Tensor) -> Tensor:
-        """The decoder's final hidden states (B, 13, d); the last position is w."""
-        x = self.tokens(example_fields, current_fields, cot, label, cot_ready)
+    def decode(self, example_tokens: Tensor, current_fields: Tensor, present: Tensor) -> Tensor:
+        """The decoder's final hidden states (B, 13, d) over (B, K, 3, d) example tokens then the current sample's
+        feature token; the last position is w."""
+        batch = current_fields.shape[0]
+        current = self.feature_token(current_fields.flatten(-2)).unsqueeze(1)
+        x = torch.cat([example_tokens.reshape(batch, -1, example_tokens.shape[-1]), current], dim=1)
         key_valid = torch.cat(
             [present.repeat_interleave(TOKENS_PER_EXAMPLE, dim=1), torch.ones_like(present[:, :1])], dim=1
         ) > 0.5  # (B, 13)
@@ -221,6 +219,11 @@ class ICTModule(nn.Module):
         for layer in self.layers:
             x = layer(x, self.cos, self.sin, score_bias)
         return self.norm(x)
+
+    def forward(self, example_fields: Tensor, current_fields: Tensor, cot: Tensor, label: Tensor, cot_ready: Tensor,
+                present: Tensor) -> Tensor:
+        """The decoder's final hidden states (B, 13, d); the last position is w."""
+        return self.decode(self.example_tokens(example_fields, cot, label, cot_ready), current_fields, present)
 
     def reconstruction_loss(self, hidden: Tensor, cot: Tensor, cot_ready: Tensor, present: Tensor) -> Tensor:
         """L_rec = 1 - mean cosine between each example's reconstructed and raw CoT embedding, over the examples that
@@ -293,22 +296,36 @@ class RankerModel(nn.Module):
         self.ict = ICTModule(config) if config.ict else None
 
     def forward(self, inputs: dict[str, Tensor]) -> RankerOutput:
-        fields, history_items = self.fields(
+        fields, history_items = self._sample_fields(inputs)
+        hidden = None
+        if self.ict is not None:
+            hidden = self.ict.decode(self.example_tokens(inputs), fields, inputs["ex_present"])
+        w = None if hidden is None else hidden[:, -1]
+        return RankerOutput(self.backbone(fields, history_items, inputs, w), hidden)
+
+    def example_tokens(self, inputs: dict[str, Tensor]) -> Tensor:
+        """(..., 3, d) tokens of examples given by their `ex_*` inputs, any leading shape (ICT models only)."""
+        if self.ict is None:
+            raise ValueError(f"a {self.config.kind} model has no in-context examples")
+        example_fields, _ = self.fields(
+            inputs["ex_user"], inputs["ex_item"], inputs["ex_item_tags"], inputs["ex_item_text"],
+            inputs["ex_history"], inputs["ex_history_mask"], inputs["ex_history_text"],
+        )
+        return self.ict.example_tokens(example_fields, inputs["ex_cot"], inputs["ex_label"], inputs["ex_cot_ready"])
+
+    def score_with_tokens(self, inputs: dict[str, Tensor], tokens: Tensor, present: Tensor) -> Tensor:
+        """The logit from the sample inputs and precomputed (B, K, 3, d) example tokens: `forward` split in two."""
+        fields, history_items = self._sample_fields(inputs)
+        if self.ict is None:
+            raise ValueError(f"a {self.config.kind} model has no in-context examples")
+        w = self.ict.decode(tokens, fields, present)[:, -1]
+        return self.backbone(fields, history_items, inputs, w)
+
+    def _sample_fields(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return self.fields(
             inputs["user"], inputs["item"], inputs["item_tags"], inputs["item_text"], inputs["history"],
             inputs["history_mask"], inputs["history_text"],
         )
-        hidden = None
-        if self.ict is not None:
-            example_fields, _ = self.fields(
-                inputs["ex_user"], inputs["ex_item"], inputs["ex_item_tags"], inputs["ex_item_text"],
-                inputs["ex_history"], inputs["ex_history_mask"], inputs["ex_history_text"],
-            )
-            hidden = self.ict(
-                example_fields, fields, inputs["ex_cot"], inputs["ex_label"], inputs["ex_cot_ready"],
-                inputs["ex_present"],
-            )
-        w = None if hidden is None else hidden[:, -1]
-        return RankerOutput(self.backbone(fields, history_items, inputs, w), hidden)
 
     def loss(self, inputs: dict[str, Tensor], labels: Tensor, reconstruction_weight: float = 1.0
              ) -> tuple[Tensor, Tensor, Tensor]:
@@ -333,3 +350,29 @@ class ScoringGraph(nn.Module):
 
     def forward(self, *tensors: Tensor) -> Tensor:
         return torch.sigmoid(self.model(dict(zip(self.names, tensors, strict=False))).logit)
+
+
+class ExampleEncoderGraph(nn.Module):
+    """The served example encoder: one pool sample's `ex_*` inputs (P rows, no K axis) -> `tokens` (P, 3, d)."""
+
+    def __init__(self, model: RankerModel) -> None:
+        super().__init__()
+        self.model = model
+        self.names = [spec.name for spec in EXAMPLE_ROW_INPUTS]
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return self.model.example_tokens(dict(zip(self.names, tensors, strict=True)))
+
+
+class QueryScorerGraph(nn.Module):
+    """The served query scorer: the sample inputs, `ex_tokens` (B, K, 3, d) and `ex_present` -> `score` (B,)."""
+
+    def __init__(self, model: RankerModel) -> None:
+        super().__init__()
+        self.model = model
+        self.names = [spec.name for spec in SAMPLE_INPUTS]
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        *sample, tokens, present = tensors
+        inputs = dict(zip(self.names, sample, strict=True))
+        return torch.sigmoid(self.model.score_with_tokens(inputs, tokens, present))

@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 
 from llmcf.settings import Settings
-from ranker.export import MODEL_ONNX, check_parity, export_onnx, save_artifact, sha256_file, worst_parity
+from ranker.export import (
+    MODEL_ONNX,
+    check_parity,
+    check_split_parity,
+    export_onnx,
+    export_split,
+    save_artifact,
+    sha256_file,
+    worst_parity,
+)
 from ranker.features import FeatureSpace
 from ranker.model import RankerModel
 
@@ -57,6 +66,10 @@ def export_artifact(model: RankerModel, space: FeatureSpace, parity_inputs: dict
     onnx_path = export_onnx(model, staging / MODEL_ONNX)
     measure = check_parity if require_parity else worst_parity
     metrics = {**metrics, "onnx_parity_max_abs_diff": measure(model, onnx_path, [parity_inputs])}
+    if model.config.ict:  # the two graphs the server runs, checked the same way
+        examples_path, scorer_path = export_split(model, staging)
+        metrics["onnx_split_parity_max_abs_diff"] = check_split_parity(model, examples_path, scorer_path, [parity_inputs],
+                                                                       enforce=require_parity)
     checksum = sha256_file(onnx_path)
     version_id = f"{model.config.kind.replace('+', '-')}-{created_at:%Y%m%dT%H%M%SZ}-{checksum[:8]}"
     save_artifact(staging, model, space, {"version_id": version_id, "created_at": created_at.isoformat(),

@@ -27,8 +27,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from ranker.export import MANIFEST, OUTPUT_NAME, PARITY_TOLERANCE, onnx_session, random_inputs, sha256_file
-from ranker.features import FeatureSpace
+from ranker.export import (
+    EX_TOKENS_NAME,
+    MANIFEST,
+    OUTPUT_NAME,
+    PARITY_TOLERANCE,
+    TOKENS_NAME,
+    onnx_session,
+    random_inputs,
+    sha256_file,
+)
+from ranker.features import EXAMPLE_ROW_INPUTS, SAMPLE_INPUTS, FeatureSpace
 from ranker.model import ModelConfig
 from ranker.serving.metrics import MODEL_AGE, MODEL_INFO, MODEL_SWAPS
 from storage.repository import ModelVersionRecord, Repository
@@ -54,10 +63,26 @@ class ModelBundle:
     session: Any
     space: FeatureSpace
     manifest: dict[str, Any]
+    examples_session: Any = None  # ICT: the example encoder (tokens of pool samples), None for older artifacts
+    scorer_session: Any = None  # ICT: the query scorer (sample inputs + example tokens)
 
     @property
     def ict(self) -> bool:
         return self.config.ict
+
+    @property
+    def split(self) -> bool:
+        """Whether requests are scored by the query scorer over cached example tokens (else by the full graph)."""
+        return self.examples_session is not None and self.scorer_session is not None
+
+    def encode_examples(self, inputs: dict[str, Any]) -> Any:
+        """Tokens (P, 3, d) of P examples' row inputs, by the example encoder."""
+        return self.examples_session.run([TOKENS_NAME], {s.name: inputs[s.name] for s in EXAMPLE_ROW_INPUTS})[0]
+
+    def run_with_tokens(self, inputs: dict[str, Any], tokens: Any, present: Any) -> Any:
+        """Scores (B,) from the sample inputs and (B, K, 3, d) example tokens, by the query scorer."""
+        feeds = {s.name: inputs[s.name] for s in SAMPLE_INPUTS}
+        return self.scorer_session.run([OUTPUT_NAME], {**feeds, EX_TOKENS_NAME: tokens, "ex_present": present})[0]
 
     @property
     def input_names(self) -> list[str]:
@@ -88,7 +113,13 @@ def load_bundle(record: ModelVersionRecord, threads: int) -> ModelBundle:
         config = ModelConfig.from_dict(manifest["config"])
         space = FeatureSpace.load(directory)
         session = onnx_session(onnx_path, threads)
-        bundle = ModelBundle(record.version_id, record.kind, record.created_at, config, session, space, manifest)
+        split = manifest.get("onnx", {}).get("split")
+        examples_session = scorer_session = None
+        if config.ict and split:
+            examples_session = onnx_session(_verified(directory, split["examples"], record.version_id), threads)
+            scorer_session = onnx_session(_verified(directory, split["scorer"], record.version_id), threads)
+        bundle = ModelBundle(record.version_id, record.kind, record.created_at, config, session, space, manifest,
+                             examples_session, scorer_session)
         if config.kind != record.kind:
             raise ModelLoadError(f"model version {record.version_id} is recorded as {record.kind} but its artifact "
                                  f"is {config.kind}")
@@ -99,6 +130,14 @@ def load_bundle(record: ModelVersionRecord, threads: int) -> ModelBundle:
     except Exception as exc:
         raise ModelLoadError(f"model version {record.version_id}: cannot load {directory}: {type(exc).__name__}: {exc}") from exc
     return bundle
+
+
+def _verified(directory: Path, entry: dict[str, Any], version_id: str) -> Path:
+    """A split graph's path once its sha256 matches the manifest's."""
+    path = directory / entry["file"]
+    if not path.is_file() or sha256_file(path) != entry["sha256"]:
+        raise ModelLoadError(f"model version {version_id}: {path} is missing or does not match its sha256 in the manifest")
+    return path
 
 
 class ModelHolder:

@@ -15,7 +15,8 @@ Steps (all blocking: the app runs them on its scoring threads):
    stored sample: every example is from the user's past, as now would give, and the slot shuffle (seeded by user, item
    and time) does not change from one millisecond to the next, so the same request against the same pool gets the
    same scores.
-5. One ONNX run over all candidates.
+5. One ONNX run over all candidates: the query scorer over the examples' cached tokens (a split artifact), else the
+   full graph over their inputs.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Scorer:
         with self._cache_lock:
             encoded = self._encoded.get(bundle.version_id)
             if encoded is None:
-                encoded = self._encoded[bundle.version_id] = EncodedExamples(bundle.space)
+                encoded = self._encoded[bundle.version_id] = EncodedExamples(bundle)
                 while len(self._encoded) > 2:  # the serving version and the one being swapped in
                     self._encoded.popitem(last=False)
             return encoded
@@ -106,13 +107,17 @@ class Scorer:
             rows = self.retriever.top_rows_for_history(view, view.user_code(user_id), QUERY_TS_MS, LATEST_SEQ,
                                                        items["history_text"][0], list(candidates), items["item_text"])
             slots = shuffle_slots(rows, [seed_of(user_id, item, QUERY_TS_MS) for item in candidates])
-            items.update(self.examples_of(bundle).gather(view, slots))
+            encoded = self.examples_of(bundle)
+            if bundle.split:
+                tokens, present = encoded.tokens(view, slots)
+            else:
+                items.update(encoded.gather(view, slots))
             used = slots[slots >= 0]
             if len(used):
                 example_age_s = max(0.0, (now_ms - int(view.ts[used].max())) / 1000.0)
             retrieval_s = time.perf_counter() - started
         started = time.perf_counter()
-        scores = bundle.run(items)
+        scores = bundle.run_with_tokens(items, tokens, present) if bundle.ict and bundle.split else bundle.run(items)
         cold = set(unknown)
         return RankResult(
             version_id=bundle.version_id, kind=bundle.kind, scores=scores, example_age_s=example_age_s,

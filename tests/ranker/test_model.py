@@ -12,10 +12,13 @@ from ranker.export import (
     PARITY_TOLERANCE,
     ParityError,
     check_parity,
+    check_split_parity,
     export_onnx,
+    export_split,
     onnx_session,
     parity,
     random_inputs,
+    split_scores,
     worst_parity,
 )
 from ranker.model import ModelConfig, RankerModel
@@ -100,15 +103,10 @@ def test_a_pending_example_uses_the_learned_placeholder_and_is_left_out_of_the_r
 
     torch.testing.assert_close(scores(model, inputs), scores(model, changed), rtol=0, atol=0)
     assert model.ict is not None
-    example_fields, _ = model.fields(*(torch.from_numpy(inputs[n]) for n in (
-        "ex_user", "ex_item", "ex_item_tags", "ex_item_text", "ex_history", "ex_history_mask", "ex_history_text")))
-    current, _ = model.fields(*(torch.from_numpy(inputs[n]) for n in (
-        "user", "item", "item_tags", "item_text", "history", "history_mask", "history_text")))
     with torch.no_grad():
-        tokens = model.ict.tokens(example_fields, current, torch.from_numpy(inputs["ex_cot"]),
-                                  torch.from_numpy(inputs["ex_label"]), torch.from_numpy(inputs["ex_cot_ready"]))
-    assert tokens.shape == (4, 13, 32)
-    torch.testing.assert_close(tokens[:, 3 * 3 + 1], model.ict.cot_placeholder.detach().expand(4, -1))
+        tokens = model.example_tokens(tensors(inputs))
+    assert tokens.shape == (4, 4, 3, 32)  # (batch, examples, [feature, CoT, label], d)
+    torch.testing.assert_close(tokens[:, 3, 1], model.ict.cot_placeholder.detach().expand(4, -1))
 
     none_ready = {k: v.copy() for k, v in inputs.items()}
     none_ready["ex_cot_ready"][:] = 0.0
@@ -145,3 +143,19 @@ def test_an_artifact_that_is_not_the_model_fails_the_parity_check(tmp_path: Path
     assert worst > PARITY_TOLERANCE
     with pytest.raises(ParityError, match="onnxruntime and torch differ"):
         check_parity(other, path, [])
+
+
+@pytest.mark.parametrize("backbone", ["deepfm", "din"])
+def test_the_split_graphs_give_the_full_graphs_scores(backbone: str, tmp_path: Path) -> None:
+    model = make_model(backbone, True, seed=10)
+    full = onnx_session(export_onnx(model, tmp_path / "model.onnx"))
+    examples_path, scorer_path = export_split(model, tmp_path)
+    examples, scorer = onnx_session(examples_path), onnx_session(scorer_path)
+
+    for batch, seed in ((1, 30), (100, 31), (700, 32)):
+        inputs = random_inputs(model.config, batch, seed)  # absent examples and pending CoTs among them
+        whole = full.run(["score"], {n: inputs[n] for n in model.config.input_names})[0]
+        np.testing.assert_allclose(split_scores(examples, scorer, inputs), whole, rtol=0, atol=1e-5)
+    assert check_split_parity(model, examples_path, scorer_path, []) <= PARITY_TOLERANCE
+    with pytest.raises(ParityError, match="split graphs"):
+        check_split_parity(make_model(backbone, True, seed=11), examples_path, scorer_path, [])

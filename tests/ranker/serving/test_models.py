@@ -107,3 +107,26 @@ def test_a_version_exported_above_the_parity_tolerance_is_refused(
     repository.record_model_version(drifted)
     with pytest.raises(ModelLoadError, match="not servable: its ONNX scores differed from torch's by 3.06e-05"):
         service.holder.load(drifted.version_id)
+
+
+def test_a_hot_swap_encodes_the_pool_for_the_new_version_before_serving_it(
+        make_service: Callable[..., RankerService], versions: dict[str, TrainResult], populated: Populated) -> None:
+    service = make_service("deepfm+ict")
+    a, b = versions["ict_a"].version_id, versions["ict_b"].version_id
+    service.source.sync()
+    pool_size = len(service.source.pool)
+    assert pool_size > 0
+    service.holder.load(a)
+    seen: list[tuple[str, str | None, int]] = []
+    prepare = service.holder.prepare
+
+    def watching(bundle) -> None:  # type: ignore[no-untyped-def]
+        prepare(bundle)
+        encoded = service.scorer.examples_of(bundle)
+        seen.append((bundle.version_id, service.holder.current.version_id, encoded.n))
+
+    service.holder.prepare = watching
+    service.holder.load(b)
+
+    assert seen == [(b, a, pool_size)]  # encoded in full while the old version still served
+    assert service.holder.current.version_id == b and service.holder.current.split
