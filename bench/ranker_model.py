@@ -1,15 +1,15 @@
-"""Benchmark of the ranker's scoring path: the model alone (onnxruntime vs eager torch) and in-context example retrieval.
+"""Benchmark of the ranker's scoring path in-process: the model alone (onnxruntime vs eager torch), then the served
+request path on real MovieLens-1M pools.
 
-    python -m bench.ranker_model [--pool 20000 --requests 200 --candidates 100 --threads 1 --optimize]
+    python -m bench.ranker_model [--pools 300,100000 --requests 300 --candidates 100 --threads 1]
 
 1. Model: the four variants at MovieLens-1M vocabulary sizes, one batch of `--candidates` rows, eager torch
    (inference mode) vs onnxruntime on the same inputs, both pinned to `--threads`; p50/p99 over repeated runs.
-2. Retrieval: a Qdrant Edge shard of `--pool` samples shaped like the live index (768-d [h; t]/sqrt(2) vectors clustered
-   around 3,706 item directions, payloads with 20 history ids and a 384-d CoT embedding), then `--requests` ranking
-   requests (one user, `--candidates` items drawn by popularity) through `ExampleRetriever`: cold (empty item cache,
-   a new retriever per request) and warm (the item cache filled by earlier requests, within its TTL). Then the whole
-   scoring path per request: features + ONNX for the backbone alone vs retrieval + features + ONNX for +ICT.
-Exact scan (no `--optimize`) is what a freshly written shard does; `--optimize` builds HNSW first (minutes per 100k).
+2. Request path, per pool size: a pool of that many ML-1M training rows (uniform, seed 1; CoTs pending: retrieval and
+   the example tokens cost the same either way) in the server's `SamplePool`, its tokens encoded once by an untrained
+   DeepFM+ICT's example encoder; then `--requests` requests (a test row's user and 20-item history, `--candidates`
+   items drawn by popularity), each: features, exact 2+2 retrieval for every candidate, token gather and the query
+   scorer, against the backbone's features and ONNX run on the same requests. No HTTP: `bench.serving` has it.
 """
 
 from __future__ import annotations
@@ -23,16 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmcf.samples import SAMPLE_DIMENSION, sample_vector
-from ranker.export import export_onnx, onnx_session, random_inputs, torch_scores
-from ranker.features import FeatureSpace, gather_examples
+from ranker.export import export_onnx, export_split, onnx_session, random_inputs, torch_scores
 from ranker.model import ModelConfig, RankerModel
-from ranker.retrieval import ExampleQuery, ExampleRetriever
-from storage.vectors import Point
-from storage.vectors.edge import EdgeIndex
 
-USERS, ITEMS, TAGS, DIM = 6040, 3706, 18, 384
-START_MS = 1_000_000_000_000
+USERS, ITEMS, TAGS = 6040, 3706, 18
 
 
 def percentiles(samples_ms: list[float]) -> tuple[float, float]:
@@ -66,117 +60,93 @@ def bench_models(candidates: int, threads: int, workdir: Path) -> list[tuple[str
     return rows
 
 
-class Workload:
-    """Items as clustered directions, users as tastes; samples = (user, item, label, ts) with 20-item histories."""
+def bench_request_path(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, str]]:
+    from datetime import datetime, timezone
 
-    def __init__(self, pool: int, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        self.rng = rng
-        self.item_vectors = _unit(rng.standard_normal((ITEMS, DIM)).astype(np.float32))
-        popularity = 1.0 / np.arange(1, ITEMS + 1) ** 0.8
-        self.popularity = popularity / popularity.sum()
-        self.pool = pool
+    from ranker.cot_pool import CotPool
+    from ranker.data import movielens_corpus
+    from ranker.dataset import Samples, build_feature_space, time_split
+    from ranker.examples import sample_pool
+    from ranker.retrieval import LATEST_SEQ, ExactRetriever, seed_of, shuffle_slots
+    from ranker.serving.examples import EncodedExamples
+    from ranker.serving.models import ModelBundle
 
-    def history(self) -> np.ndarray:
-        return self.rng.choice(ITEMS, 20, p=self.popularity)
+    corpus = movielens_corpus("ml-1m")
+    samples = Samples.of(corpus, args.home / "cache")
+    train, _, test = time_split(corpus, None, 5_000, seed=0)
+    space = build_feature_space(samples, train.rows)
+    bundles = {}
+    for ict in (False, True):
+        torch.manual_seed(0)
+        model = RankerModel(ModelConfig("deepfm", ict, space.n_users, space.n_items, space.n_tags)).eval()
+        directory = workdir / ("ict" if ict else "backbone")
+        session = onnx_session(export_onnx(model, directory / "model.onnx"), args.threads)
+        split = [onnx_session(p, args.threads) for p in export_split(model, directory)] if ict else [None, None]
+        bundles[ict] = ModelBundle(f"bench-{ict}", model.config.kind, datetime.now(timezone.utc), model.config, session,
+                                   space, {}, *split)
+    rng = np.random.default_rng(3)
+    popularity = np.bincount(corpus.item[train.rows], minlength=len(corpus.item_ids)).astype(np.float64)
+    popularity /= popularity.sum()
+    requests = []
+    for row in rng.choice(test.rows, args.requests, replace=False).tolist():
+        history = [corpus.item_ids[c] for c in samples.histories[row].tolist() if c >= 0]
+        items = [corpus.item_ids[i] for i in rng.choice(len(corpus.item_ids), args.candidates, replace=False, p=popularity)]
+        requests.append((corpus.user_ids[corpus.user[row]], history, items))
 
-    def points(self) -> list[Point]:
-        points = []
-        for n in range(self.pool):
-            history = self.history()
-            item = int(self.rng.choice(ITEMS, p=self.popularity))
-            vector = sample_vector(self.item_vectors[history], self.item_vectors[item])
-            points.append(Point(f"s{n}", vector, {
-                "user_id": f"u{self.rng.integers(USERS)}", "item_id": f"i{item}", "label": int(self.rng.random() < 0.57),
-                "ts": START_MS + n * 1000, "status": "generated", "history": [f"i{h}" for h in history],
-                "cot_embedding": _unit(self.rng.standard_normal((1, DIM)).astype(np.float32))[0].round(6).tolist(),
-            }))
-        return points
+    def features(request: tuple[str, list[str], list[str]]) -> dict[str, np.ndarray]:
+        user, history, items = request
+        inputs = space.encode_samples([user] * len(items), items, [()] * len(items))
+        own = space.encode_samples([user], [items[0]], [history])
+        for name in ("history", "history_mask", "history_text"):
+            inputs[name] = np.repeat(own[name], len(items), axis=0)
+        return inputs
 
-    def request(self, candidates: int) -> tuple[str, np.ndarray, list[str]]:
-        history = self.history()
-        items = self.rng.choice(ITEMS, candidates, replace=False, p=self.popularity)
-        return f"u{self.rng.integers(USERS)}", history, [f"i{i}" for i in items]
-
-
-def bench_retrieval(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str, str]]:
-    workload = Workload(args.pool)
-    space = FeatureSpace.build([f"u{u}" for u in range(USERS)], [f"i{i}" for i in range(ITEMS)], workload.item_vectors,
-                               [("tag",)] * ITEMS)
     rows: list[tuple[str, str, str]] = []
-    with EdgeIndex(workdir / "shard", SAMPLE_DIMENSION) as index:
+    base = [timed(lambda r=r: bundles[False].run(features(r)), 1)[0] for r in requests]
+    b50, b99 = percentiles(base)
+    rows.append(("deepfm: features + ONNX", "", f"p50 {b50:.2f} ms, p99 {b99:.2f} ms"))
+    for size in args.pools:
+        pool_rows = np.sort(np.random.default_rng(1).choice(train.rows, min(size, len(train.rows)), replace=False))
         started = time.perf_counter()
-        points = workload.points()
-        for start in range(0, len(points), 2000):
-            index.upsert(points[start : start + 2000])
-        rows.append(("index build", f"{len(points):,} points", f"{time.perf_counter() - started:.1f} s"))
-        if args.optimize:
+        pool = sample_pool(samples, CotPool(pool_rows, [None] * len(pool_rows), None))
+        encoded = EncodedExamples(bundles[True])
+        encoded.extend(pool.view)
+        rows.append((f"pool of {len(pool):,}: built and its tokens encoded", "", f"{time.perf_counter() - started:.1f} s"))
+        retriever, ict, retrieval = ExactRetriever(pool), bundles[True], []
+
+        def score(request: tuple[str, list[str], list[str]], split: list[float], pool=pool,  # type: ignore[no-untyped-def]
+                  retriever=retriever, encoded=encoded, ict=ict) -> None:
+            user, _, items = request
+            inputs = features(request)
             started = time.perf_counter()
-            index.optimize()
-            rows.append(("optimize (HNSW)", "", f"{time.perf_counter() - started:.1f} s"))
+            view = pool.view
+            found = retriever.top_rows_for_history(view, view.user_code(user), 10**13, LATEST_SEQ,
+                                                   inputs["history_text"][0], items, inputs["item_text"])
+            slots = shuffle_slots(found, [seed_of(user, item, 10**13) for item in items])
+            tokens, present = encoded.tokens(view, slots)
+            split.append((time.perf_counter() - started) * 1000)
+            ict.run_with_tokens(inputs, tokens, present)
 
-        requests = [workload.request(args.candidates) for _ in range(args.requests)]
-
-        def queries(user: str, history: np.ndarray, items: list[str]) -> list[ExampleQuery]:
-            h = _unit(workload.item_vectors[history].sum(axis=0, keepdims=True))[0]
-            now = START_MS + args.pool * 1000
-            return [ExampleQuery(user, item, now, h, space.item_vector(item)) for item in items]
-
-        cold, cold_queries = [], []
-        for request in requests[: min(30, len(requests))]:
-            retriever, request_queries = ExampleRetriever(index), queries(*request)
-            cold.extend(timed(lambda r=retriever, q=request_queries: r.retrieve(q), 1))
-            cold_queries.append(retriever.index_queries)
-        p50, p99 = percentiles(cold)
-        rows.append((f"retrieval, cold item cache ({args.candidates} cand.)", f"{np.mean(cold_queries):.0f} queries/req",
-                     f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"))
-
-        shared = ExampleRetriever(index, item_cache_ttl_s=3600.0)
-        for request in requests:
-            shared.retrieve(queries(*request))  # fill the item cache (popular items recur)
-        before = shared.index_queries
-        warm = [timed(lambda q=q: shared.retrieve(q), 1)[0] for q in [queries(*r) for r in requests]]
-        p50, p99 = percentiles(warm)
-        rows.append((f"retrieval, warm item cache ({args.candidates} cand.)",
-                     f"{(shared.index_queries - before) / len(requests):.1f} queries/req", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms"))
-
-        for backbone in ("deepfm", "din"):
-            sessions = {}
-            for ict in (False, True):
-                config = ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags)  # type: ignore[arg-type]
-                sessions[ict] = (config, onnx_session(export_onnx(RankerModel(config).eval(), workdir / f"e2e-{config.kind}.onnx"),
-                                                      args.threads))
-
-            def score(request: tuple[str, np.ndarray, list[str]], ict: bool, sessions: dict = sessions) -> None:
-                user, history, items = request
-                config, session = sessions[ict]
-                inputs = space.encode_samples([user] * len(items), items, [[f"i{h}" for h in history]] * len(items))
-                if ict:
-                    found = shared.retrieve(queries(*request))
-                    inputs |= gather_examples(space.encode_examples(found.records), found.slots)
-                session.run(["score"], {n: inputs[n] for n in config.input_names})
-
-            base = [timed(lambda r=r: score(r, False), 1)[0] for r in requests]
-            with_ict = [timed(lambda r=r: score(r, True), 1)[0] for r in requests]
-            b50, b99 = percentiles(base)
-            i50, i99 = percentiles(with_ict)
-            rows.append((f"{backbone}: features + ONNX", "", f"p50 {b50:.1f} ms, p99 {b99:.1f} ms"))
-            rows.append((f"{backbone}+ict: retrieval (warm) + features + ONNX", f"{i50 / b50:.1f}x backbone (p50)",
-                         f"p50 {i50:.1f} ms, p99 {i99:.1f} ms"))
+        scanned = retriever.rows_scored
+        with_ict = [timed(lambda r=r, out=retrieval: score(r, out), 1)[0] for r in requests]
+        i50, i99 = percentiles(with_ict)
+        r50, r99 = percentiles(retrieval)
+        rows.append((f"  retrieval + token gather ({args.candidates} cand.)",
+                     f"{(retriever.rows_scored - scanned) / len(requests):,.0f} rows/req", f"p50 {r50:.2f} ms, p99 {r99:.2f} ms"))
+        rows.append(("  deepfm+ict: features + retrieval + scorer", f"{i50 / b50:.1f}x backbone (p50)",
+                     f"p50 {i50:.2f} ms, p99 {i99:.2f} ms"))
     return rows
-
-
-def _unit(matrix: np.ndarray) -> np.ndarray:
-    return (matrix / np.linalg.norm(matrix, axis=1, keepdims=True)).astype(np.float32)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", type=int, default=20_000, help="samples in the example index (default 20000)")
-    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--pools", type=lambda v: [int(x) for x in v.split(",")], default=[300, 100_000],
+                        help="pool sizes, comma-separated (default 300,100000)")
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "llmcf-bench-retrieval",
+                        help="where the item embeddings are cached (default $TMPDIR/llmcf-bench-retrieval)")
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads (pinned)")
-    parser.add_argument("--optimize", action="store_true", help="build HNSW before measuring retrieval")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -188,9 +158,9 @@ def main() -> None:
         for kind, eager, onnx, ratio in bench_models(args.candidates, args.threads, workdir):
             print(f"{kind:<12} {eager:>16} {onnx:>16} {ratio:>9}")
         print()
-        print(f"retrieval and scoring per request, pool {args.pool:,} samples "
-              f"({'HNSW' if args.optimize else 'exact scan'}), {args.requests} requests")
-        for name, detail, value in bench_retrieval(args, workdir):
+        print(f"the request path, MovieLens-1M pools, {args.requests} requests of {args.candidates} candidates, "
+              f"{args.threads} thread(s)")
+        for name, detail, value in bench_request_path(args, workdir):
             print(f"{name:<52} {detail:>22}  {value}")
 
 

@@ -188,6 +188,9 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from llmcf.threads import pin_native_threads
+
+    pin_native_threads(args.threads)  # before numpy and torch load
     from ranker.train import TrainOptions, train
 
     options = TrainOptions(
@@ -212,6 +215,9 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_update(args: argparse.Namespace, settings: Settings) -> int:
+    from llmcf.threads import pin_native_threads
+
+    pin_native_threads(args.threads)  # before numpy and torch load
     from ranker.updates.metrics import UPDATER_METRICS_PORT
     from ranker.updates.rounds import UpdateOptions
     from ranker.updates.service import run_updater
@@ -234,6 +240,9 @@ def _cmd_update(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from llmcf.threads import pin_native_threads
+
+    pin_native_threads(args.threads)  # before numpy and torch load
     from pathlib import Path
 
     from ranker.evaluation import EvaluationOptions, run_evaluation
@@ -256,6 +265,9 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from llmcf.threads import pin_native_threads
+
+    pin_native_threads(args.threads or settings.ranker_threads)  # before numpy and onnxruntime load
     from ranker.serving.server import ServeOptions, run_server
 
     return run_server(settings, ServeOptions(host=args.host, port=args.port, kind=args.kind, version=args.version,

@@ -64,6 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLMCF_RANKER_MAX_INFLIGHT", "8", "`llmcf serve`: requests scored at once (and scoring threads); beyond that "
             "`/v1/rank` answers 503 overloaded with Retry-After: 1. Scoring is CPU-bound, so latency grows with this "
             "number times one request's cost: a few per core keeps it bounded."),
+    Setting("LLMCF_RANKER_MAX_WAIT_MS", "100", "`llmcf serve`: a request is shed with 503 when the event loop runs later "
+            "than this or when it waited longer than this for a scoring thread."),
     Setting("LLMCF_RANKER_MAX_BODY_BYTES", "262144", "`llmcf serve`: largest `/v1/rank` request body; larger ones get 413."),
     Setting("LLMCF_RANKER_MODEL_POLL_S", "5", "`llmcf serve`: seconds between checks for a newer 'serving' model version "
             "(hot swap)."),
@@ -167,6 +169,7 @@ class Settings:
     ranker_threads: int = 1
     ranker_max_inflight: int = 8
     ranker_max_body_bytes: int = 262_144
+    ranker_max_wait_ms: float = 100.0
     ranker_model_poll_s: float = 5.0
     ranker_pool_sync_s: float = 1.0
     ranker_pool_max_samples: int = 500_000
@@ -216,6 +219,7 @@ class Settings:
             ranker_threads=_integer(env, "LLMCF_RANKER_THREADS", 1),
             ranker_max_inflight=_integer(env, "LLMCF_RANKER_MAX_INFLIGHT", 1),
             ranker_max_body_bytes=_integer(env, "LLMCF_RANKER_MAX_BODY_BYTES", 1024),
+            ranker_max_wait_ms=_number(env, "LLMCF_RANKER_MAX_WAIT_MS", 1.0),
             ranker_model_poll_s=_number(env, "LLMCF_RANKER_MODEL_POLL_S", 0.05),
             ranker_pool_sync_s=_number(env, "LLMCF_RANKER_POOL_SYNC_S", 0.05),
             ranker_pool_max_samples=_integer(env, "LLMCF_RANKER_POOL_MAX_SAMPLES", 100),

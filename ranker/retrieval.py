@@ -35,6 +35,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -47,6 +48,7 @@ LATEST_SEQ = np.iinfo(np.int64).max  # a query's seq when it is not itself a poo
 _PERMUTATIONS_OF_4 = np.array(list(itertools.permutations(range(K))), dtype=np.int64)
 _NORM_SLACK = 1e-4  # float32 dot products may exceed |a||b| by rounding; the bound must never be below the truth
 _MAX_SCORE_CELLS = 4_000_000  # queries x rows scored at once (16 MB of float32)
+_FULL_SCAN_CELLS = 200_000  # targets x pool rows under which one request scores the whole pool
 
 
 @dataclass(frozen=True)
@@ -144,14 +146,28 @@ class PoolView:
     def records(self, rows: Sequence[int]) -> list[ExampleRecord]:
         return [self.record(int(r)) for r in rows]
 
+    @cached_property
+    def _by_item(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows grouped by item (CSR: flat rows, each item's start and count), built once per view."""
+        counts = np.array([len(rows) for rows in self.item_rows], dtype=np.int64)
+        flat = np.concatenate(self.item_rows) if self.item_rows else np.zeros(0, dtype=np.int64)
+        return flat, np.cumsum(counts) - counts, counts
+
+    @cached_property
+    def label_counts(self) -> np.ndarray:
+        """(items, 2): each item's rows of label 0 and of label 1."""
+        codes = 2 * self.item[: self.n] + self.label[: self.n]
+        return np.bincount(codes, minlength=2 * self.n_items).reshape(self.n_items, 2)
+
     def rows_of(self, items: np.ndarray) -> np.ndarray:
-        """The rows of these item codes (in item order for a few items, in row order for many)."""
-        if len(items) > 64:  # one pass over the rows beats hundreds of small concatenations
-            wanted = np.zeros(self.n_items, dtype=bool)
-            wanted[items] = True
-            return np.flatnonzero(wanted[self.item[: self.n]])
-        parts = [self.item_rows[i] for i in items.tolist()]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        """The rows of these item codes, item by item."""
+        flat, starts, counts = self._by_item
+        lengths = counts[items]
+        total = int(lengths.sum())
+        if total == 0:
+            return np.zeros(0, dtype=np.int64)
+        offsets = np.repeat(starts[items] - (np.cumsum(lengths) - lengths), lengths)
+        return flat[offsets + np.arange(total)]
 
 
 @dataclass
@@ -372,9 +388,10 @@ class ExactRetriever:
 
     Thread-safe: the only shared state is the similarity-row cache (bounded, entries replaced whole)."""
 
-    def __init__(self, pool: SamplePool, neighbour_cache_size: int = 20_000) -> None:
+    def __init__(self, pool: SamplePool, neighbour_cache_size: int = 20_000, full_scan_cells: int = _FULL_SCAN_CELLS) -> None:
         self.pool = pool
         self.neighbour_cache_size = neighbour_cache_size
+        self.full_scan_cells = full_scan_cells  # below this many targets x rows, a request scores the whole pool
         self._neighbours: OrderedDict[str, _Neighbours] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.rows_scored = 0  # pool rows whose score was computed, summed over queries (benchmarks)
@@ -443,11 +460,23 @@ class ExactRetriever:
         position = {item: i for i, item in enumerate(distinct)}
         first = {item: targets[i] for i, item in reversed(list(enumerate(items)))}
         neighbours = [self._neighbours_of(view, item, first[item]) for item in distinct]
+        sims = np.stack([nb.sims for nb in neighbours])  # (targets, items)
+        excluded = _excluded_rows(view, user, ts, seq)
+        if view.n * len(distinct) <= self.full_scan_cells:  # a small pool: scoring it all costs less than bounding it
+            everything = np.arange(view.n)
+            score = 0.5 * (view.history[: view.n] @ history)[None, :] + 0.5 * sims[:, view.item[: view.n]]
+            allowed = np.ones(score.shape, dtype=bool) if excluded is None else np.broadcast_to(~excluded, score.shape)
+            shape = score.shape
+            found, _ = _top_per_label(score, allowed, np.broadcast_to(view.label[: view.n], shape),
+                                      np.broadcast_to(view.ts[: view.n], shape), np.broadcast_to(view.seq[: view.n], shape),
+                                      np.broadcast_to(everything, shape))
+            self.rows_scored += score.size
+            result[:] = found[[position[item] for item in items]]
+            return result
         gmax = float(np.linalg.norm(history)) * view.max_history_norm * (1 + _NORM_SLACK) + 1e-6
         history_term = np.full(view.n, np.nan, dtype=np.float32)
-        excluded = _excluded_rows(view, user, ts, seq)
         found = np.full((len(distinct), K), -1, dtype=np.int64)
-        prefix = np.ones(len(distinct), dtype=np.int64)
+        prefix = np.array([_first_prefix(nb, view.label_counts) for nb in neighbours], dtype=np.int64)
         active = np.arange(len(distinct))
         while len(active):
             row_lists = [view.rows_of(neighbours[t].order[: prefix[t]]) for t in active.tolist()]
@@ -457,8 +486,7 @@ class ExactRetriever:
             if len(missing):
                 history_term[missing] = view.history[missing] @ history
             self.rows_scored += int(present.sum())
-            sims = np.stack([neighbours[t].sims for t in active.tolist()])
-            score = 0.5 * history_term[safe] + 0.5 * np.take_along_axis(sims, view.item[safe], axis=1)
+            score = 0.5 * history_term[safe] + 0.5 * np.take_along_axis(sims[active], view.item[safe], axis=1)
             allowed = present & ~excluded[safe] if excluded is not None else present
             picked, second = _top_per_label(score, allowed, view.label[safe], view.ts[safe], view.seq[safe], safe)
             bounds = [0.5 * gmax + 0.5 * _next_sim(neighbours[t], int(prefix[t])) for t in active.tolist()]
@@ -477,7 +505,7 @@ class ExactRetriever:
         """Queries sharing one target: scan its items best-first. A query not settled by a prefix moves on to the
         prefix it needs, rounded up to a power of two and shared with the queries that need about as much: each query
         pays for at most twice the items its own bound asks for, whatever the others in its group need."""
-        work = [(np.arange(len(members)), 1)]
+        work = [(np.arange(len(members)), _first_prefix(neighbours, view.label_counts))]
         while work:
             active, prefix = work.pop()
             rows = view.rows_of(neighbours.order[:prefix])
@@ -546,12 +574,24 @@ def _next_sim(neighbours: _Neighbours, prefix: int) -> float:
     return float(neighbours.sorted_sims[prefix]) if prefix < neighbours.n_items else -np.inf
 
 
+def _first_prefix(neighbours: _Neighbours, label_counts: np.ndarray) -> int:
+    """The shortest prefix of the target's items that holds two samples of each label (all items when the pool has
+    fewer): where a scan starts, so that its first round can already bound the rest."""
+    size = 4
+    while True:  # usually the first few items hold them: look further only when they do not
+        cum = np.cumsum(label_counts[neighbours.order[:size]], axis=0)
+        if size >= neighbours.n_items or (cum[-1] >= 2).all():
+            reach = [int(np.searchsorted(cum[:, label], 2)) + 1 for label in (0, 1)]
+            return max(1, min(neighbours.n_items, max(reach)))
+        size *= 4
+
+
 def _settled(second: np.ndarray, bound: np.ndarray, neighbours: list[_Neighbours], prefix: np.ndarray,
              gmax: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     """Which queries are settled (every item scanned, or each label's second-best score strictly above what an
     unscanned sample could reach), and for the others how many items to scan next: every item that could still reach
-    the smaller second-best, or twice as many where a label has fewer than two so far. (The next count only sizes the
-    next scan; whether that scan settles the query is judged by the bound again.)"""
+    the smaller second-best, or twice as many where a label still has fewer than two (its samples so far were the
+    query's own user's, later ones). The next count only sizes the next scan; the bound judges it again."""
     threshold = second.min(axis=1)  # (B,) -inf when a label has fewer than two
     sizes = np.array([nb.n_items for nb in neighbours], dtype=np.int64)
     done = (prefix >= sizes) | (threshold > bound)
@@ -561,8 +601,7 @@ def _settled(second: np.ndarray, bound: np.ndarray, neighbours: list[_Neighbours
         # items whose similarity s satisfies 0.5 gmax + 0.5 s >= threshold, i.e. s >= 2 threshold - gmax
         cut = 2 * threshold - np.broadcast_to(np.asarray(gmax, dtype=np.float64), threshold.shape)
         for i in np.flatnonzero(finite).tolist():
-            ascending = -neighbours[i].sorted_sims
-            reach = int(np.searchsorted(ascending, -cut[i], side="right"))
+            reach = int(np.searchsorted(-neighbours[i].sorted_sims, -cut[i], side="right"))
             wanted[i] = min(max(int(prefix[i]) + 1, reach), int(sizes[i]))
     return done, wanted
 

@@ -2,9 +2,11 @@
 
 `/v1/rank`, in order: bearer token (when `LLMCF_API_TOKEN` is set; 401), a model loaded (503), body size
 (`LLMCF_RANKER_MAX_BODY_BYTES`; 413, checked on Content-Length and again while reading), JSON (400) and the request
-contract (422 naming the field; strict types, 1..1000 candidates), load shedding (at most `LLMCF_RANKER_MAX_INFLIGHT`
-requests scoring at once, else 503 `overloaded` with `Retry-After: 1` at once: latency stays bounded, nothing queues
-without limit), then scoring on a thread pool of the same size (the event loop never blocks). The bundle is taken once
+contract (422 naming the field; strict types, 1..1000 candidates), load shedding (503 `overloaded` with
+`Retry-After: 1` at once when `LLMCF_RANKER_MAX_INFLIGHT` requests are scoring already, or when queueing itself shows:
+the event loop runs more than `LLMCF_RANKER_MAX_WAIT_MS` late, or a request waited longer than that for a scoring
+thread; a count of requests in flight alone does not see a saturated CPU or GIL, where requests wait seconds in the
+event loop), then scoring on a thread pool of `LLMCF_RANKER_MAX_INFLIGHT` threads (the event loop never blocks). The bundle is taken once
 per request, so a hot swap never mixes two versions in one answer. An unexpected exception is logged with its traceback
 and answered 500 without internals. Every answer of `/v1/rank` is counted by status and timed.
 """
@@ -28,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from llmcf.metrics import FRESHNESS
-from ranker.serving.metrics import CANDIDATES, EXAMPLE_AGE, INFLIGHT, REQUEST_SECONDS, REQUESTS, SHED
+from ranker.serving.metrics import CANDIDATES, EXAMPLE_AGE, INFLIGHT, LOOP_LAG, REQUEST_SECONDS, REQUESTS, SHED
 from ranker.serving.models import ModelHolder
 from ranker.serving.pool import PoolSync
 from ranker.serving.scoring import RankResult, Scorer
@@ -76,6 +78,14 @@ class Limits:
     max_inflight: int = 8
     max_body_bytes: int = 262_144
     api_token: str | None = None
+    max_wait_s: float = 0.1
+
+
+LAG_PROBE_S = 0.02
+
+
+class Overloaded(Exception):
+    """Shed without scoring: the request waited too long for a scoring thread."""
 
 
 class RankerService:
@@ -88,6 +98,22 @@ class RankerService:
         self.limits = limits
         self.executor = ThreadPoolExecutor(max_workers=limits.max_inflight, thread_name_prefix="ranker-score")
         self.inflight = 0  # changed on the event loop only
+        self.loop_lag_s = 0.0  # how late the event loop ran its last probe (`watch_loop`)
+
+    async def watch_loop(self) -> None:
+        """Measure how late the event loop wakes up, every `LAG_PROBE_S` (until cancelled)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            self.loop_lag_s = max(0.0, loop.time() - expected)
+            LOOP_LAG.set(self.loop_lag_s)
+
+    def score(self, submitted: float, *args: Any) -> RankResult:
+        """Scoring on a scoring thread, unless the request already waited too long for one."""
+        if time.perf_counter() - submitted > self.limits.max_wait_s:
+            raise Overloaded
+        return self.scorer.score(*args)
 
     def start(self) -> None:
         """Load the model to serve (if any) and start polling; start the example source. Blocking."""
@@ -118,9 +144,11 @@ def create_app(service: RankerService) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(service.start)
+        watcher = asyncio.create_task(service.watch_loop())
         try:
             yield
         finally:
+            watcher.cancel()
             await asyncio.to_thread(service.close)
 
     app = FastAPI(title="llmcf ranker", version="1", lifespan=lifespan,
@@ -197,13 +225,16 @@ async def _rank(service: RankerService, request: Request) -> Response:
             return _error(400, f"request body is not valid JSON: {errors[0]['msg']}")
         return _error(422, _describe(errors), errors=_fields(errors))
     if service.inflight >= limits.max_inflight:
-        SHED.labels(reason="inflight").inc()
-        return _error(503, "overloaded", headers={"Retry-After": "1"})
+        return _shed("inflight")
+    if service.loop_lag_s > limits.max_wait_s:
+        return _shed("loop_lag")
     service.inflight += 1
     INFLIGHT.inc()
     try:
         result = await asyncio.get_running_loop().run_in_executor(
-            service.executor, service.scorer.score, bundle, query.user_id, query.candidates, query.history)
+            service.executor, service.score, time.perf_counter(), bundle, query.user_id, query.candidates, query.history)
+    except Overloaded:
+        return _shed("queue_wait")
     finally:
         service.inflight -= 1
         INFLIGHT.dec()
@@ -213,6 +244,11 @@ async def _rank(service: RankerService, request: Request) -> Response:
         FRESHNESS.labels(stage="served").observe(result.example_age_s)
     return JSONResponse(_answer(query, result), headers={
         "Server-Timing": f"retrieval;dur={result.retrieval_s * 1000:.2f}, model;dur={result.model_s * 1000:.2f}"})
+
+
+def _shed(reason: str) -> JSONResponse:
+    SHED.labels(reason=reason).inc()
+    return _error(503, "overloaded", headers={"Retry-After": "1"})
 
 
 def _answer(query: RankRequest, result: RankResult) -> dict[str, Any]:

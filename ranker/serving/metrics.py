@@ -27,6 +27,8 @@ MODEL_SWAPS = Counter("llmcf_ranker_model_swaps_total", "Model version loads: ok
                       ["outcome"])
 SHED = Counter("llmcf_ranker_shed_total", "Requests refused with 503 to keep latency bounded, by reason.", ["reason"])
 INFLIGHT = Gauge("llmcf_ranker_inflight", "`/v1/rank` requests being scored now.")
+LOOP_LAG = Gauge("llmcf_ranker_loop_lag_seconds", "How late the server's event loop ran its last 20-ms probe (queueing in "
+                 "the loop: over LLMCF_RANKER_MAX_WAIT_MS, new requests are shed).")
 POOL_SYNC_LAG = Histogram("llmcf_ranker_pool_sync_lag_seconds",
                           "Seconds from a CoT sample's storage (or its CoT's) to its arrival in the ranker's example pool.",
                           buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0))

@@ -53,7 +53,8 @@ def build_service(settings: Settings, options: ServeOptions, repository: Reposit
     holder = ModelHolder(repository, kind, threads=options.threads or settings.ranker_threads,
                          pinned_version=options.version, poll_s=settings.ranker_model_poll_s, prepare=scorer.prepare)
     limits = limits or Limits(max_inflight=options.max_inflight or settings.ranker_max_inflight,
-                              max_body_bytes=settings.ranker_max_body_bytes, api_token=settings.api_token)
+                              max_body_bytes=settings.ranker_max_body_bytes, api_token=settings.api_token,
+                              max_wait_s=settings.ranker_max_wait_ms / 1000.0)
     return RankerService(holder, scorer, source, limits)
 
 

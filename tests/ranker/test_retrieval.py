@@ -97,9 +97,10 @@ def test_per_target_queries_equal_brute_force(drawn: tuple[list[PoolSample], dic
         assert keys_of(pool, got) == reference(samples, q), q
 
 
+@pytest.mark.parametrize("full_scan_cells", [0, 10**9], ids=["bounded-scan", "whole-pool"])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pools(), st.data())
-def test_one_history_many_targets_equals_brute_force(drawn: tuple[list[PoolSample], dict[str, np.ndarray]],
+def test_one_history_many_targets_equals_brute_force(full_scan_cells: int, drawn: tuple[list[PoolSample], dict[str, np.ndarray]],
                                                      data: st.DataObject) -> None:
     samples, items = drawn
     user = f"u{data.draw(st.integers(0, 5))}"
@@ -110,7 +111,8 @@ def test_one_history_many_targets_equals_brute_force(drawn: tuple[list[PoolSampl
     vectors = np.stack([items.get(t, fresh.get(t)) for t in targets])
     pool = build(samples)
     view = pool.view
-    rows = ExactRetriever(pool).top_rows_for_history(view, view.user_code(user), ts, seq, h, targets, vectors)
+    rows = ExactRetriever(pool, full_scan_cells=full_scan_cells).top_rows_for_history(
+        view, view.user_code(user), ts, seq, h, targets, vectors)
     for target, vector, got in zip(targets, vectors, rows, strict=True):
         assert keys_of(pool, got) == reference(samples, Q(user, target, ts, seq, h, vector)), target
 
@@ -179,7 +181,7 @@ def test_compaction_keeps_the_newest_and_stays_exact() -> None:
     samples = [PoolSample(f"s{n}", f"u{n % 3}", f"i{n % 4}", int(rng.integers(2)), n // 3, n,
                           (rng.integers(-2, 3, DIM) / 4).astype(np.float32), items[f"i{n % 4}"]) for n in range(60)]
     pool = build(samples)
-    retriever = ExactRetriever(pool)
+    retriever = ExactRetriever(pool, full_scan_cells=0)
     h = (rng.integers(-2, 3, DIM) / 4).astype(np.float32)
     retriever.top_rows_for_history(pool.view, -1, 99, LATEST_SEQ, h, list(items), np.stack(list(items.values())))
 
@@ -199,7 +201,7 @@ def test_samples_arriving_while_requests_are_served_give_exact_answers_on_each_s
     for s in samples:
         s.target_vector = items[s.item_id]
     pool = SamplePool(dim=DIM, capacity=8)
-    retriever = ExactRetriever(pool)
+    retriever = ExactRetriever(pool, full_scan_cells=0)
     stop = threading.Event()
 
     def write() -> None:

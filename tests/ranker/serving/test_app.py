@@ -200,3 +200,21 @@ def test_overload_is_shed_with_503_and_retry_after(make_service: Callable[..., R
     assert set(statuses) <= {200, 503}, statuses
     assert shed and statuses.count(200) >= 1, statuses
     assert all(a.json() == {"detail": "overloaded"} and a.headers["retry-after"] == "1" for a in shed)
+
+
+def test_queueing_itself_is_shed_before_scoring(make_service: Callable[..., RankerService], versions: dict[str, TrainResult],
+                                                populated: Populated) -> None:
+    from prometheus_client import REGISTRY
+
+    def shed(reason: str) -> float:
+        return REGISTRY.get_sample_value("llmcf_ranker_shed_total", {"reason": reason}) or 0.0
+
+    service = make_service("deepfm+ict", max_wait_s=1e-9)  # any wait at all is too long
+    service.holder.load(versions["ict_a"].version_id)
+    before = shed("loop_lag") + shed("queue_wait")
+    with running_server(service) as url:
+        wait_ready(url)
+        answer = rank(url, {"user_id": populated.known_user, "candidates": populated.known_items[:10]})
+    assert answer.status_code == 503 and answer.json() == {"detail": "overloaded"}
+    assert answer.headers["retry-after"] == "1"
+    assert shed("loop_lag") + shed("queue_wait") == before + 1
