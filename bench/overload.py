@@ -2,8 +2,8 @@
 
     python -m bench.overload [--kind deepfm+ict --candidates 100 --overload-s 20 --recovery-s 10 --home DIR]
 
-1. Prepare the home as `bench.serving` does (same default home, so a run after it trains and embeds nothing), start
-   `llmcf serve --kind K` as a subprocess and wait for /readyz.
+1. Prepare the home as `bench.serving` does (same default home and an ML-1M pool of `--pool` samples, so a run after
+   it trains and writes nothing), start `llmcf serve --kind K` as a subprocess and wait for /readyz.
 2. Capacity: a CLOSED loop of LLMCF_RANKER_MAX_INFLIGHT clients (each sends its next request when its answer comes)
    for `--capacity-s` seconds; capacity = the median over its whole seconds of the 200s answered in each, so that a
    second or two slowed by a neighbour on a shared machine does not size the 2x phase (the spread is printed).
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.serving import prepare, requests
+from bench.serving import Workload, prepare
 from llmcf.infra import free_port
 from llmcf.settings import Settings
 from tests.fixtures.processes import LlmcfProcess, wait_while_running
@@ -124,13 +124,15 @@ def main() -> None:
     parser.add_argument("--overload-s", type=float, default=20.0, help="seconds at 2x capacity (default 20)")
     parser.add_argument("--recovery-s", type=float, default=10.0, help="seconds at 0.5x capacity (default 10)")
     parser.add_argument("--pool", type=int, default=2000, help="CoT samples in storage (default 2000)")
-    parser.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "llmcf-bench-serving",
+    parser.add_argument("--home", type=Path, default=Path(tempfile.gettempdir()) / "llmcf-bench-serving-ml1m",
                         help="LLMCF_HOME kept between runs, shared with bench.serving")
     args = parser.parse_args()
 
-    settings = Settings.from_env({"LLMCF_HOME": str(args.home), "LLMCF_LOG_LEVEL": "WARNING"})
-    prepare(settings, args.pool)
-    bodies = requests(settings, 2000, args.candidates)
+    settings = Settings.from_env({"LLMCF_HOME": str(args.home), "LLMCF_LOG_LEVEL": "WARNING",
+                                  "DATABASE_URL": f"sqlite:///{args.home / f'pool-{args.pool}.db'}"})
+    workload = Workload(args.home, args.pool)
+    prepare(settings, workload)
+    bodies = workload.bodies(2000, args.candidates)
     port = free_port()
     process = LlmcfProcess("serve", settings, args.home / "serve-overload.log", "--kind", args.kind, "--port", str(port))
     base = f"http://127.0.0.1:{port}"

@@ -48,7 +48,7 @@ LATEST_SEQ = np.iinfo(np.int64).max  # a query's seq when it is not itself a poo
 _PERMUTATIONS_OF_4 = np.array(list(itertools.permutations(range(K))), dtype=np.int64)
 _NORM_SLACK = 1e-4  # float32 dot products may exceed |a||b| by rounding; the bound must never be below the truth
 _MAX_SCORE_CELLS = 4_000_000  # queries x rows scored at once (16 MB of float32)
-_FULL_SCAN_CELLS = 200_000  # targets x pool rows under which one request scores the whole pool
+_FULL_SCAN_CELLS = 1_000_000  # targets x pool rows under which one request scores the whole pool (measured cheaper)
 
 
 @dataclass(frozen=True)
@@ -552,11 +552,16 @@ class ExactRetriever:
         if cached is not None and cached.n_items == n_items:
             return cached
         if cached is not None and cached.n_items < n_items:
-            tail = view.item_vectors[cached.n_items : n_items] @ target
-            sims = np.concatenate([cached.sims, tail])
+            # Items joined the pool since: merge theirs into the cached order (new codes are the largest, so among
+            # equal similarities they go after the old ones, as a full sort would put them) instead of sorting again.
+            tail = (view.item_vectors[cached.n_items : n_items] @ target).astype(np.float32)
+            tail_order = np.lexsort((np.arange(len(tail)), -tail))
+            at = np.searchsorted(-cached.sorted_sims, -tail[tail_order], side="right")
+            order = np.insert(cached.order, at, tail_order + cached.n_items)
+            entry = _Neighbours(np.concatenate([cached.sims, tail]), order, view.generation)
         else:
-            sims = view.item_vectors[:n_items] @ target
-        entry = _Neighbours(sims.astype(np.float32, copy=False), np.lexsort((np.arange(n_items), -sims)), view.generation)
+            sims = (view.item_vectors[:n_items] @ target).astype(np.float32)
+            entry = _Neighbours(sims, np.lexsort((np.arange(n_items), -sims)), view.generation)
         with self._cache_lock:
             current = self._neighbours.get(key)
             if current is None or current.generation != view.generation or current.n_items <= n_items:

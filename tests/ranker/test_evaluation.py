@@ -1,4 +1,4 @@
-"""`llmcf evaluate` on a tiny MovieLens-100k configuration (real MiniLM, template CoT pool, real Qdrant Edge shards):
+"""`llmcf evaluate` on a tiny MovieLens-100k configuration (real MiniLM, template CoT pool, the exact retrieval engine):
 the offline report has 4 variants x N seeds, the streaming report has the (a)(b)(c) rows of every day; and the
 summary arithmetic."""
 

@@ -1,6 +1,6 @@
-"""Training on a small MovieLens-100k slice end to end: real MiniLM embeddings, a template CoT pool, a real Qdrant Edge
-shard, ONNX export with parity, and the model_versions row. Slow-ish (about a minute on 2 cores, most of it embedding
-item texts on the first run)."""
+"""Training on a small MovieLens-100k slice end to end: real MiniLM embeddings, a template CoT pool, exact retrieval of
+the in-context examples, ONNX export (full and split graphs) with parity, and the model_versions row. Slow-ish (about
+a minute on 2 cores, most of it embedding item texts on the first run)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 Designed behaviour: the ranker holds nothing that a crash can lose (the model versions and the data live in storage),
 so a restarted process becomes ready again with the same serving version. Under overload it sheds at once (503
 `overloaded`, `Retry-After: 1`) instead of queueing, so the latency of what it does answer stays bounded, and it
-answers everything again as soon as the load drops. The backbone kind (DeepFM) is served: it opens no example replica,
-so a restart takes no shard lock.
+answers everything again as soon as the load drops. The backbone kind (DeepFM) is served: it keeps no example pool,
+so a restart has nothing to load but the model.
 """
 
 from __future__ import annotations

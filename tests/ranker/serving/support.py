@@ -1,4 +1,4 @@
-"""What the serving tests and `bench/serving.py` share: storage filled as the stream pipeline fills it, trained model
+"""What the serving tests share: storage filled as the stream pipeline fills it, trained model
 versions, and a real uvicorn server on a free port in a thread.
 
 `populate_storage` writes, through the storage API, what the worker and the generator pool would have written for a

@@ -1,5 +1,6 @@
-"""`/v1/rank` over real HTTP (uvicorn in a thread) with real trained models, the session's stored pipeline data and a
-real Qdrant Edge replica: answers, cold starts, the error contract, the bearer token, readiness, load shedding."""
+"""`/v1/rank` over real HTTP (uvicorn in a thread) with real trained models, the session's stored pipeline data and the
+server's in-memory example pool synced from it: answers, cold starts, the error contract, the bearer token, readiness,
+load shedding."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_llmcf_serve_runs_answers_and_stops_cleanly(llmcf_processes: ProcessStarter, serving_settings: Settings,
                                                     versions: dict[str, TrainResult], populated: Populated, tmp_path) -> None:
-    # The backbone kind opens no example replica, so the child shares the session's LLMCF_HOME without a shard lock.
+    # The backbone kind keeps no example pool: the child only reads the session's model versions.
     port = free_port()
     process = llmcf_processes.start("serve", serving_settings, tmp_path / "serve.log", "--kind", "deepfm", "--port", str(port))
     url = f"http://127.0.0.1:{port}"  # /metrics is served on the API port

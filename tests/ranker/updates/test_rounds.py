@@ -1,5 +1,5 @@
-"""Update rounds against a real database filled through the storage API (MovieLens-100k slices, real MiniLM, real
-Qdrant Edge pools, ONNX export with parity): the first round trains from scratch, a round with nothing new skips, a
+"""Update rounds against a real database filled through the storage API (MovieLens-100k slices, real MiniLM, exact
+retrieval, ONNX export with parity): the first round trains from scratch, a round with nothing new skips, a
 better fine-tuned candidate is promoted, and a candidate wrecked by a destructive learning rate is refused."""
 
 from __future__ import annotations
