@@ -120,7 +120,9 @@ class PoolView:
     histories: list[tuple[str, ...]]
     item_ids: list[str]
     item_vectors: np.ndarray  # (item cap, D) float32 target vectors t
-    item_rows: list[np.ndarray]  # per item code: its rows (< n)
+    item_rows: list[np.ndarray]  # per item code: its rows (< n), positives first
+    item_history: list[np.ndarray]  # per item code: its rows' history vectors, contiguous, in `item_rows` order
+    item_positives: np.ndarray  # per item code: how many of its rows (the first ones) are positives
     user_ids: list[str]
     user_codes: dict[str, int]
     max_history_norm: float
@@ -220,6 +222,8 @@ class SamplePool:
         self._item_code: dict[str, int] = {}
         self._item_vectors = np.zeros((16, dim), dtype=np.float32)
         self._item_rows: list[np.ndarray] = []
+        self._item_history: list[np.ndarray] = []
+        self._item_positives = np.zeros(16, dtype=np.int64)
         self._user_ids: list[str] = []
         self._user_code: dict[str, int] = {}
         self._max_norm = 0.0
@@ -291,7 +295,11 @@ class SamplePool:
         order = np.argsort(items, kind="stable")
         codes, first = np.unique(items[order], return_index=True)
         for code, rows in zip(codes.tolist(), np.split(order + start, first[1:]), strict=True):
-            self._item_rows[code] = np.concatenate([self._item_rows[code], rows])
+            rows = np.concatenate([self._item_rows[code], rows])
+            rows = rows[np.argsort(-self._label[rows], kind="stable")]  # positives first: two contiguous groups
+            self._item_rows[code] = rows
+            self._item_history[code] = self._history[rows]  # contiguous: a request's history term needs no gather
+            self._item_positives[code] = int(self._label[rows].sum())
         norms = np.linalg.norm(self._history[start:end], axis=1)
         self._max_norm = max(self._max_norm, float(norms.max()))
 
@@ -305,6 +313,9 @@ class SamplePool:
                 self._item_vectors = grown
             self._item_vectors[code] = sample.target_vector
             self._item_rows.append(np.zeros(0, dtype=np.int64))
+            self._item_history.append(np.zeros((0, self.dim), dtype=np.float32))
+            if code >= len(self._item_positives):
+                self._item_positives = np.concatenate([self._item_positives, np.zeros_like(self._item_positives)])
         return code
 
     @staticmethod
@@ -335,7 +346,9 @@ class SamplePool:
             # Append-only lists and dicts are shared (a view reads only the codes and rows it had); the per-item row
             # arrays are replaced when they grow, so the list of them is copied.
             histories=self._histories, item_ids=self._item_ids, item_vectors=self._item_vectors,
-            item_rows=list(self._item_rows), user_ids=self._user_ids, user_codes=self._user_code,
+            item_rows=list(self._item_rows), item_history=list(self._item_history),
+            item_positives=self._item_positives[: len(self._item_rows)].copy(), user_ids=self._user_ids,
+            user_codes=self._user_code,
             max_history_norm=self._max_norm, version=self._version, generation=self._generation,
         )
 
@@ -474,21 +487,22 @@ class ExactRetriever:
             result[:] = found[[position[item] for item in items]]
             return result
         gmax = float(np.linalg.norm(history)) * view.max_history_norm * (1 + _NORM_SLACK) + 1e-6
-        history_term = np.full(view.n, np.nan, dtype=np.float32)
+        best = _ItemBest(view, history, excluded)
         found = np.full((len(distinct), K), -1, dtype=np.int64)
         prefix = np.array([_first_prefix(nb, view.label_counts) for nb in neighbours], dtype=np.int64)
         active = np.arange(len(distinct))
         while len(active):
-            row_lists = [view.rows_of(neighbours[t].order[: prefix[t]]) for t in active.tolist()]
-            rows, present = _padded(row_lists)
-            safe = np.where(present, rows, 0)
-            missing = np.unique(rows[present & np.isnan(history_term[safe])])
-            if len(missing):
-                history_term[missing] = view.history[missing] @ history
-            self.rows_scored += int(present.sum())
-            score = 0.5 * history_term[safe] + 0.5 * np.take_along_axis(sims[active], view.item[safe], axis=1)
-            allowed = present & ~excluded[safe] if excluded is not None else present
-            picked, second = _top_per_label(score, allowed, view.label[safe], view.ts[safe], view.seq[safe], safe)
+            codes, present = _padded([neighbours[t].order[: prefix[t]] for t in active.tolist()])
+            self.rows_scored += best.fill(np.unique(codes[present]))
+            safe = np.where(present, codes, 0)
+            # Per item, its 2 best positives and 2 best negatives by the history term: the only ones that can win.
+            item_term = np.take_along_axis(sims[active], safe, axis=1)[:, :, None]  # (A, P, 1)
+            score = (0.5 * best.g[safe] + 0.5 * item_term).reshape(len(active), -1)  # (A, P * 4)
+            rows = best.row[safe].reshape(len(active), -1)
+            allowed = (rows >= 0) & np.repeat(present, K, axis=1)
+            picked, second = _top_per_label(score, allowed, np.tile(_ENTRY_LABELS, (len(active), codes.shape[1])),
+                                            best.ts[safe].reshape(len(active), -1),
+                                            best.seq[safe].reshape(len(active), -1), np.where(rows >= 0, rows, 0))
             bounds = [0.5 * gmax + 0.5 * _next_sim(neighbours[t], int(prefix[t])) for t in active.tolist()]
             done, wanted = _settled(second, np.asarray(bounds), [neighbours[t] for t in active.tolist()],
                                     prefix[active], gmax)
@@ -569,6 +583,80 @@ class ExactRetriever:
             while len(self._neighbours) > self.neighbour_cache_size:
                 self._neighbours.popitem(last=False)
         return entry
+
+
+_ENTRY_LABELS = np.array([1, 1, 0, 0], dtype=np.int8)  # an item's entries: its 2 best positives, then 2 best negatives
+
+
+class _ItemBest:
+    """For one history h: each item's 2 best positive and 2 best negative rows by <h, H> (ties to the later (ts, seq)),
+    computed for the items a request reaches, from the pool's contiguous per-item blocks (no row gather)."""
+
+    def __init__(self, view: PoolView, history: np.ndarray, excluded: np.ndarray | None) -> None:
+        self.view, self.history, self.excluded = view, history, excluded
+        shape = (view.n_items, K)
+        self.g = np.full(shape, -np.inf, dtype=np.float32)
+        self.row = np.full(shape, -1, dtype=np.int64)
+        self.ts = np.zeros(shape, dtype=np.int64)
+        self.seq = np.zeros(shape, dtype=np.int64)
+        self.filled = np.zeros(view.n_items, dtype=bool)
+
+    def fill(self, items: np.ndarray) -> int:
+        """Compute the entries of the items not filled yet; returns the rows whose history term it computed."""
+        items = items[~self.filled[items]]
+        if not len(items):
+            return 0
+        view = self.view
+        self.filled[items] = True
+        parts = [view.item_history[i] @ self.history for i in items.tolist()]
+        g = np.concatenate(parts).astype(np.float32, copy=False)
+        rows = np.concatenate([view.item_rows[i] for i in items.tolist()])
+        if self.excluded is not None:
+            g = np.where(self.excluded[rows], np.float32(-np.inf), g)
+        lengths = np.array([len(p) for p in parts], dtype=np.int64)
+        positives = view.item_positives[items]
+        starts = np.cumsum(lengths) - lengths
+        # groups: each item's positives then its negatives, contiguous in the concatenation
+        group_start = np.stack([starts, starts + positives], axis=1).ravel()
+        group_size = np.stack([positives, lengths - positives], axis=1).ravel()
+        ts, seq = view.ts[rows], view.seq[rows]
+        for rank in range(2):
+            position, value = _group_best(g, ts, seq, group_start, group_size)
+            found = value > -np.inf
+            entry = np.tile(np.array([0, 2]), len(items)) + rank  # positives at entries 0-1, negatives at 2-3
+            owner = np.repeat(items, 2)
+            self.g[owner, entry] = np.where(found, value, -np.inf)
+            self.row[owner, entry] = np.where(found, rows[np.maximum(position, 0)], -1)
+            self.ts[owner, entry] = np.where(found, ts[np.maximum(position, 0)], 0)
+            self.seq[owner, entry] = np.where(found, seq[np.maximum(position, 0)], 0)
+            g = g.copy()
+            g[position[found]] = -np.inf
+        return len(rows)
+
+
+def _group_best(values: np.ndarray, ts: np.ndarray, seq: np.ndarray, start: np.ndarray,
+                size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per contiguous group (start, size) of `values`: the position of its largest value, ties to the later (ts, seq),
+    and that value (-inf, position -1 for an empty group or one whose values are all -inf)."""
+    position = np.full(len(start), -1, dtype=np.int64)
+    best = np.full(len(start), -np.inf, dtype=np.float32)
+    nonempty = np.flatnonzero(size > 0)
+    if not len(nonempty):
+        return position, best
+    first = start[nonempty]  # contiguous, in order, covering every value: reduceat's segments
+    lengths = size[nonempty]
+    top = np.maximum.reduceat(values, first)
+    tied = values == np.repeat(top, lengths)
+    low = np.iinfo(np.int64).min
+    latest_ts = np.maximum.reduceat(np.where(tied, ts, low), first)
+    tied &= ts == np.repeat(latest_ts, lengths)
+    latest_seq = np.maximum.reduceat(np.where(tied, seq, low), first)
+    tied &= seq == np.repeat(latest_seq, lengths)
+    where = np.maximum.reduceat(np.where(tied, np.arange(len(values)), -1), first)
+    ok = top > -np.inf
+    position[nonempty] = np.where(ok, where, -1)
+    best[nonempty] = top
+    return position, best
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
