@@ -51,7 +51,8 @@ from ranker.fitting import Batches, FitOptions, evaluate, fit, predict
 from ranker.metrics import auc
 from ranker.model import ModelConfig, RankerModel
 from ranker.progress import Stepper
-from ranker.retrieval import ExactRetriever, SamplePool
+from ranker.retrieval import ExactRetriever
+from ranker.sample_pool import SamplePool
 from ranker.updates.finetune import fine_tune
 
 VARIANTS = ("deepfm", "deepfm+ict", "din", "din+ict")

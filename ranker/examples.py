@@ -20,7 +20,8 @@ from llmcf.samples import decode_history, encode_history
 from ranker.cot_pool import CotPool
 from ranker.data import fingerprint
 from ranker.dataset import Samples, Split
-from ranker.retrieval import ExactRetriever, ExampleRecord, PoolSample, PoolView, SamplePool, seed_of, shuffle_slots
+from ranker.retrieval import ExactRetriever, seed_of, shuffle_slots
+from ranker.sample_pool import ExampleRecord, PoolSample, PoolView, SamplePool
 
 ENGINE = "exact-1"  # part of the cache key: results of another engine are never reused
 QUERY_CHUNK = 100_000

@@ -31,7 +31,7 @@ from llmcf.embeddings import EMBEDDING_DIMENSION
 from llmcf.samples import history_vector
 
 if TYPE_CHECKING:
-    from ranker.retrieval import ExampleRecord
+    from ranker.sample_pool import ExampleRecord
 
 HISTORY_LENGTH = 20
 MAX_TAGS = 6

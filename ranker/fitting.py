@@ -17,7 +17,7 @@ from ranker.dataset import Catalogue, Samples, Split, sample_arrays
 from ranker.features import ExamplePool, FeatureSpace, gather_examples
 from ranker.metrics import auc, logloss
 from ranker.model import RankerModel
-from ranker.retrieval import ExampleRecord
+from ranker.sample_pool import ExampleRecord
 
 EVAL_BATCH = 4_096
 

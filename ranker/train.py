@@ -40,7 +40,7 @@ from ranker.metrics import logloss
 from ranker.model import ModelConfig, RankerModel
 from ranker.progress import Stepper
 from ranker.registry import PARITY_ROWS, TrainResult, export_artifact, register_version
-from ranker.retrieval import ExampleRecord
+from ranker.sample_pool import ExampleRecord
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ranker.features import EXAMPLE_INPUTS, EXAMPLE_ROW_INPUTS, absent_as_zeros
-from ranker.retrieval import PoolView
+from ranker.sample_pool import PoolView
 
 if TYPE_CHECKING:
     from ranker.serving.models import ModelBundle

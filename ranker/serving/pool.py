@@ -32,7 +32,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from llmcf.samples import history_vectors
-from ranker.retrieval import PoolSample, SamplePool
+from ranker.sample_pool import PoolSample, SamplePool
 from ranker.serving.metrics import POOL_SAMPLES, POOL_SYNC_FAILURES, POOL_SYNC_LAG
 from storage.repository import Repository, StoredCotSample
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ranker.features import NewItem
-from ranker.retrieval import LATEST_SEQ, ExactRetriever, SamplePool, seed_of, shuffle_slots
+from ranker.retrieval import LATEST_SEQ, ExactRetriever, seed_of, shuffle_slots
+from ranker.sample_pool import SamplePool
 from ranker.serving.examples import EncodedExamples
 from ranker.serving.models import ModelBundle
 from storage.repository import Repository

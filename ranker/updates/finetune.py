@@ -21,7 +21,7 @@ from ranker.dataset import Samples, Split
 from ranker.features import MAX_TAGS, FeatureSpace
 from ranker.fitting import Batches, FitOptions, fit
 from ranker.model import RankerModel
-from ranker.retrieval import ExampleRecord
+from ranker.sample_pool import ExampleRecord
 
 
 @dataclass

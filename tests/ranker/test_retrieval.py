@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ranker.features import FeatureSpace, gather_examples
-from ranker.retrieval import LATEST_SEQ, ExactRetriever, ExampleQuery, PoolSample, SamplePool
+from ranker.retrieval import LATEST_SEQ, ExactRetriever, ExampleQuery
+from ranker.sample_pool import PoolSample, SamplePool
 
 DIM = 8
 GRID = st.lists(st.integers(-2, 2), min_size=DIM, max_size=DIM).map(lambda v: np.asarray(v, dtype=np.float32) / 4)
