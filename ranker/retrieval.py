@@ -165,8 +165,8 @@ class ExactRetriever:
 
     def top_rows_for_history(self, view: PoolView, user: int, ts: int, seq: int, history: np.ndarray,
                              items: Sequence[str], targets: np.ndarray) -> np.ndarray:
-        """`top_rows` for queries that share one user, time and history (a serving request): the history term of each
-        pool row touched is computed once and shared by every target."""
+        """`top_rows` for queries that share one user, time and history (a serving request): the history term is
+        computed once per item reached (or once over a small pool) and shared by every target."""
         result = np.full((len(items), K), -1, dtype=np.int64)
         if view.n == 0 or len(items) == 0:
             return result

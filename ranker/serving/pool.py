@@ -8,9 +8,11 @@ Sync (`PoolSync.sync`, every `LLMCF_RANKER_POOL_SYNC_S` on a daemon thread, the 
   corpus row (`pool_samples_from_storage`: h from its stored history's item embeddings, t = its item's embedding) and
   fills in the CoT embedding of samples whose CoT has landed;
 - the horizon: a row's stored time is taken before its transaction commits, so a row can become visible after a sync
-  that read past its time. Each sync therefore re-reads from the newest change it had seen by a sync started at least
-  `OVERLAP` ago (a commit never takes that long), and skips the rows it applied unchanged. While samples arrive, that is
-  the last ~OVERLAP seconds of them; once they stop, the horizon catches up and a sync reads nothing.
+  that read past its time. Each sync therefore reads every change after its horizon and skips the rows it applied
+  unchanged; once a sync has read, the horizon moves up to the newest change a sync at least `OVERLAP` earlier had
+  seen (everything up to it had committed before this read: a commit never takes that long, and the writers' clocks
+  agree to well within it). While samples arrive, a sync reads the last ~OVERLAP seconds of them again; once they
+  stop, the horizon catches up and a sync reads nothing.
 - retention: at most `LLMCF_RANKER_POOL_MAX_SAMPLES` samples are kept; beyond, the oldest by event time are dropped in
   one compaction down to 90% of the bound (`SamplePool.compact`). They stay stored; only retrieval forgets them.
 - a sample whose target item has no stored embedding is skipped (the worker embeds an item before it stores samples
@@ -128,8 +130,9 @@ class PoolSync:
         self._seen.append((started, self.newest))
         while len(self._seen) > 1 and started - self._seen[1][0] >= OVERLAP.total_seconds():
             self._seen.popleft()
-        if started - self._seen[0][0] >= OVERLAP.total_seconds() and self._seen[0][1] is not None:
-            self.horizon = self._seen[0][1]  # what a sync OVERLAP ago had read has all committed since
+        # Every change up to what a sync OVERLAP ago had seen has committed by now, so once THIS read is done it has
+        # been read: the next sync may start after it (not this one, which has still to read the late commits).
+        settled = self._seen[0][1] if started - self._seen[0][0] >= OVERLAP.total_seconds() else None
         changed = 0
         batch: list[StoredCotSample] = []
         # Strictly after the horizon (timestamps are stored to the microsecond): every change at it was read already.
@@ -145,6 +148,8 @@ class PoolSync:
                 changed += self._apply(batch)
                 batch = []
         changed += self._apply(batch)
+        if settled is not None and (self.horizon is None or settled > self.horizon):
+            self.horizon = settled
         if self.horizon is not None:  # rows changed before the horizon are never read again
             self._applied = {k: v for k, v in self._applied.items() if v[1] > self.horizon}
         if len(self.pool) > self.max_samples:

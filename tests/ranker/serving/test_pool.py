@@ -134,6 +134,46 @@ def test_the_sync_reads_a_stored_change_again_only_within_the_overlap_and_lands_
         assert sync.reachable() == (True, "")
 
 
+class LateCommit(CountingRepository):
+    """The real repository, with some rows not committed yet: hidden from reads until `commit()`."""
+
+    def __init__(self, repository: Repository, hidden: set[str]) -> None:
+        super().__init__(repository)
+        self.hidden = hidden
+
+    def commit(self) -> None:
+        self.hidden = set()
+
+    def cot_samples_changed_since(self, moment: datetime | None, batch_size: int = 5_000):  # type: ignore[no-untyped-def]
+        for sample in super().cot_samples_changed_since(moment, batch_size):
+            if sample.sample_id not in self.hidden:
+                yield sample
+
+
+def test_a_row_that_commits_late_within_the_overlap_is_still_read(database_url: str) -> None:
+    migrations.upgrade(database_url)
+    catalogue = {f"item{n}": unit(n) for n in range(4)}
+    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    with Repository.from_url(database_url) as repository:
+        repository.upsert_item_embeddings(catalogue, model="m")
+        samples = [worker_sample(repository, f"u{n}", f"item{n % 2}", start + timedelta(seconds=n), ["item3"], catalogue)
+                   for n in range(10)]
+        repository.upsert_pending_samples([s.pending for s in samples])  # one stored time for all ten
+        late = samples[4].request_id
+        clock = Clock()
+        reader = LateCommit(repository, {late})
+        sync = PoolSync(reader, clock=clock)  # type: ignore[arg-type]
+        for now in (0.0, 1.0, 2.0):
+            clock.now = now
+            sync.sync()
+        assert len(sync.pool) == 9
+        clock.now = OVERLAP.total_seconds() - 0.5
+        reader.commit()  # its transaction ends within the overlap of its stored time
+        clock.now = 2.0 + OVERLAP.total_seconds()  # the first sync whose horizon could pass it
+        sync.sync()
+        assert late in sync.pool and len(sync.pool) == 10
+
+
 def test_retention_keeps_the_newest_samples_by_event_time(database_url: str) -> None:
     migrations.upgrade(database_url)
     catalogue = {"a": unit(1), "b": unit(2)}
