@@ -100,15 +100,22 @@ class CountingRepository:
             yield sample
 
 
+def store_samples(repository: Repository, count: int, targets: int, history: list[str]) -> list[Sample]:
+    """`count` pending samples of users u0.. on items item0..item{targets-1}, one second apart, each with `history`,
+    stored (with every item's embedding) as the worker stores them, in one batch: one stored time for all."""
+    catalogue = {f"item{n}": unit(n) for n in range(targets)} | {item: unit(100 + n) for n, item in enumerate(history)}
+    repository.upsert_item_embeddings(catalogue, model="m")
+    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    samples = [worker_sample(repository, f"u{n}", f"item{n % targets}", start + timedelta(seconds=n), history, catalogue)
+               for n in range(count)]
+    repository.upsert_pending_samples([s.pending for s in samples])
+    return samples
+
+
 def test_the_sync_reads_a_stored_change_again_only_within_the_overlap_and_lands_cots_in_place(database_url: str) -> None:
     migrations.upgrade(database_url)
-    catalogue = {f"item{n}": unit(n) for n in range(6)}
-    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
     with Repository.from_url(database_url) as repository:
-        repository.upsert_item_embeddings(catalogue, model="m")
-        samples = [worker_sample(repository, f"u{n}", f"item{n % 3}", start + timedelta(seconds=n), ["item4", "item5"], catalogue)
-                   for n in range(20)]
-        repository.upsert_pending_samples([s.pending for s in samples])
+        samples = store_samples(repository, 20, targets=3, history=["seen-a", "seen-b"])
         clock = Clock()
         counting = CountingRepository(repository)
         sync = PoolSync(counting, sync_s=1.0, clock=clock)  # type: ignore[arg-type]
@@ -152,13 +159,8 @@ class LateCommit(CountingRepository):
 
 def test_a_row_that_commits_late_within_the_overlap_is_still_read(database_url: str) -> None:
     migrations.upgrade(database_url)
-    catalogue = {f"item{n}": unit(n) for n in range(4)}
-    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
     with Repository.from_url(database_url) as repository:
-        repository.upsert_item_embeddings(catalogue, model="m")
-        samples = [worker_sample(repository, f"u{n}", f"item{n % 2}", start + timedelta(seconds=n), ["item3"], catalogue)
-                   for n in range(10)]
-        repository.upsert_pending_samples([s.pending for s in samples])  # one stored time for all ten
+        samples = store_samples(repository, 10, targets=2, history=["seen"])
         late = samples[4].request_id
         clock = Clock()
         reader = LateCommit(repository, {late})
@@ -176,12 +178,8 @@ def test_a_row_that_commits_late_within_the_overlap_is_still_read(database_url: 
 
 def test_retention_keeps_the_newest_samples_by_event_time(database_url: str) -> None:
     migrations.upgrade(database_url)
-    catalogue = {"a": unit(1), "b": unit(2)}
-    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
     with Repository.from_url(database_url) as repository:
-        repository.upsert_item_embeddings(catalogue, model="m")
-        samples = [worker_sample(repository, f"u{n}", "a", start + timedelta(seconds=n), ["b"], catalogue) for n in range(150)]
-        repository.upsert_pending_samples([s.pending for s in samples])
+        samples = store_samples(repository, 150, targets=1, history=["seen"])
         sync = PoolSync(repository, max_samples=100)
         sync.sync()
     kept = set(sync.pool.view.keys[: len(sync.pool)])
