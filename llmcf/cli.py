@@ -478,8 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the ranker over HTTP: POST /v1/rank, /healthz, /readyz, /metrics, /docs",
         description="Scores candidates with the newest 'serving' model version of the kind (the newest 'candidate' is "
         "promoted on a first deployment), swapping in newer versions as they are promoted (polled every "
-        "LLMCF_RANKER_MODEL_POLL_S). ICT models retrieve in-context examples from QDRANT_URL, or from the ranker's own "
-        "replica under $LLMCF_HOME/ranker-index synced from the stored CoT samples. Stops cleanly on SIGTERM / Ctrl-C.",
+        "LLMCF_RANKER_MODEL_POLL_S). ICT models retrieve their exact in-context examples from an example pool kept in "
+        "memory, synced from the stored CoT samples every LLMCF_RANKER_POOL_SYNC_S. Stops cleanly on SIGTERM / Ctrl-C.",
     )
     p.add_argument("--host", help="listen address (default LLMCF_RANKER_HOST, 127.0.0.1)")
     p.add_argument("--port", type=_positive_int, help="port (default LLMCF_RANKER_PORT, 8000)")
