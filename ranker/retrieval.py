@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ranker.sample_pool import ExampleRecord, PoolView, SamplePool
+from ranker.sample_pool import PoolView, SamplePool
 
 POSITIVES = 2
 NEGATIVES = 2
@@ -47,40 +47,6 @@ _PERMUTATIONS_OF_4 = np.array(list(itertools.permutations(range(K))), dtype=np.i
 _NORM_SLACK = 1e-4  # float32 dot products may exceed |a||b| by rounding; the bound must never be below the truth
 _MAX_SCORE_CELLS = 4_000_000  # queries x rows scored at once (16 MB of float32)
 _FULL_SCAN_CELLS = 1_000_000  # targets x pool rows under which one request scores the whole pool (measured cheaper)
-
-
-@dataclass(frozen=True)
-class ExampleQuery:
-    """One sample to find examples for: who, which item, when (event time, epoch ms, and `seq`, its place among
-    samples of the same time: a training row's own pool `seq`), and its two text embeddings."""
-
-    user_id: str
-    item_id: str
-    ts_ms: int
-    history_vector: np.ndarray
-    target_vector: np.ndarray
-    seq: int = LATEST_SEQ
-
-
-@dataclass
-class Retrieval:
-    """K examples per query: `slots[b, k]` indexes `records` (-1 = no example found for that slot)."""
-
-    records: list[ExampleRecord]
-    slots: np.ndarray  # (B, K) int64
-
-    @property
-    def freshest_ts_ms(self) -> int | None:
-        """Event time of the newest example used, or None when none was found."""
-        used = {int(i) for i in self.slots.ravel() if i >= 0}
-        return max((self.records[i].ts_ms for i in used), default=None)
-
-    def freshest_age_s(self, now_ms: int) -> float | None:
-        freshest = self.freshest_ts_ms
-        return None if freshest is None else max(0.0, (now_ms - freshest) / 1000.0)
-
-
-# ---- the pool ----------------------------------------------------------------------------------------------------
 
 
 # ---- exact retrieval -------------------------------------------------------------------------------------------------
@@ -118,28 +84,6 @@ class ExactRetriever:
         self.rows_scored = 0  # pool rows whose score was computed, summed over queries (benchmarks)
 
     # ---- the public entry points ---------------------------------------------------------------------------------
-
-    def retrieve(self, queries: Sequence[ExampleQuery], view: PoolView | None = None) -> Retrieval:
-        """K examples for each query, shuffled deterministically per query, with the records they point to."""
-        view = view if view is not None else self.pool.view
-        if not queries:
-            return Retrieval([], np.zeros((0, K), dtype=np.int64))
-        histories = np.stack([q.history_vector for q in queries]).astype(np.float32, copy=False)
-        targets = np.stack([q.target_vector for q in queries]).astype(np.float32, copy=False)
-        users = np.array([view.user_code(q.user_id) for q in queries], dtype=np.int64)
-        ts = np.array([q.ts_ms for q in queries], dtype=np.int64)
-        seq = np.array([q.seq for q in queries], dtype=np.int64)
-        items = [q.item_id for q in queries]
-        if len({q.user_id for q in queries}) == 1 and len(set(ts.tolist())) == 1 and len(set(seq.tolist())) == 1 \
-                and (histories == histories[0]).all():
-            rows = self.top_rows_for_history(view, users[0], ts[0], seq[0], histories[0], items, targets)
-        else:
-            rows = self.top_rows(view, users, items, targets, histories, ts, seq)
-        slots = shuffle_slots(rows, [seed_of(q.user_id, q.item_id, q.ts_ms) for q in queries])
-        used = np.unique(slots[slots >= 0])
-        remap = np.full(view.n + 1, -1, dtype=np.int64)
-        remap[used] = np.arange(len(used))
-        return Retrieval(view.records(used.tolist()), remap[slots])
 
     def top_rows(self, view: PoolView, users: np.ndarray, items: Sequence[str], targets: np.ndarray,
                  histories: np.ndarray, ts: np.ndarray, seq: np.ndarray) -> np.ndarray:

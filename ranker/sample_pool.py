@@ -2,7 +2,7 @@
 
 `SamplePool` holds the samples (history vector h, item, label, user, event time and stream order, CoT) in contiguous
 arrays, plus each item's rows (positives first) and a contiguous block of their history vectors. Writers (`add`,
-`set_cots`, `compact`) publish an immutable `PoolView` after each change by swapping one reference, so a reader (a
+`compact`) publish an immutable `PoolView` after each change by swapping one reference, so a reader (a
 request) works on one consistent snapshot while samples keep arriving. Rows only ever append until `compact` (the
 retention policy) rebuilds the arrays. `ranker.retrieval` searches it; `ranker.examples` (training) and
 `ranker.serving.pool` (the server's sync) fill it.
@@ -61,7 +61,6 @@ class PoolView:
     user_ids: list[str]
     user_codes: dict[str, int]
     max_history_norm: float
-    version: int
     generation: int
 
     @property
@@ -93,8 +92,8 @@ class PoolView:
     @cached_property
     def label_counts(self) -> np.ndarray:
         """(items, 2): each item's rows of label 0 and of label 1."""
-        codes = 2 * self.item[: self.n] + self.label[: self.n]
-        return np.bincount(codes, minlength=2 * self.n_items).reshape(self.n_items, 2)
+        counts = self._by_item[2]
+        return np.stack([counts - self.item_positives, self.item_positives], axis=1)
 
     def rows_of(self, items: np.ndarray) -> np.ndarray:
         """The rows of these item codes, item by item."""
@@ -132,7 +131,6 @@ class SamplePool:
     def __init__(self, dim: int = EMBEDDING_DIMENSION, capacity: int = 1024) -> None:
         self.dim = dim
         self._lock = threading.Lock()
-        self._version = 0
         self._generation = -1
         self._reset(capacity)
         self.view = self._publish()
@@ -189,13 +187,6 @@ class SamplePool:
             self._append(list(fresh.values()))
             self.view = self._publish()
             return len(fresh)
-
-    def set_cots(self, cots: dict[str, np.ndarray]) -> int:
-        """CoT embeddings for samples already in the pool (unknown keys are ignored); returns how many were set."""
-        with self._lock:
-            count = self._set_cots(cots)
-            self.view = self._publish()
-            return count
 
     def _set_cots(self, cots: dict[str, np.ndarray]) -> int:
         count = 0
@@ -274,7 +265,6 @@ class SamplePool:
         self._cap = cap
 
     def _publish(self) -> PoolView:
-        self._version += 1
         return PoolView(
             n=len(self._keys), keys=self._keys, history=self._history, item=self._item, label=self._label,
             user=self._user, ts=self._ts, seq=self._seq, generated=self._generated, cot=self._cot,
@@ -284,7 +274,7 @@ class SamplePool:
             item_rows=list(self._item_rows), item_history=list(self._item_history),
             item_positives=self._item_positives[: len(self._item_rows)].copy(), user_ids=self._user_ids,
             user_codes=self._user_code,
-            max_history_norm=self._max_norm, version=self._version, generation=self._generation,
+            max_history_norm=self._max_norm, generation=self._generation,
         )
 
     def compact(self, keep: int) -> int:

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ranker.features import FeatureSpace, gather_examples
-from ranker.retrieval import LATEST_SEQ, ExactRetriever, ExampleQuery
+from ranker.retrieval import LATEST_SEQ, ExactRetriever, seed_of, shuffle_slots
 from ranker.sample_pool import PoolSample, SamplePool
 
 DIM = 8
@@ -118,6 +118,13 @@ def test_one_history_many_targets_equals_brute_force(full_scan_cells: int, drawn
         assert keys_of(pool, got) == reference(samples, Q(user, target, ts, seq, h, vector)), target
 
 
+def served(pool: SamplePool, user: str, ts: int, h: np.ndarray, items: list[str], vectors: np.ndarray) -> np.ndarray:
+    """What the server feeds the model for one request: each candidate's 2+2 pool rows, shuffled per sample."""
+    view = pool.view
+    rows = ExactRetriever(pool).top_rows_for_history(view, view.user_code(user), ts, LATEST_SEQ, h, items, vectors)
+    return shuffle_slots(rows, [seed_of(user, item, ts) for item in items])
+
+
 def test_retrieve_shuffles_two_positives_and_two_negatives_and_returns_their_records() -> None:
     rng = np.random.default_rng(0)
     items = {f"i{n}": rng.standard_normal(DIM).astype(np.float32) for n in range(3)}
@@ -126,38 +133,37 @@ def test_retrieve_shuffles_two_positives_and_two_negatives_and_returns_their_rec
                           cot=rng.standard_normal(DIM).astype(np.float32) if n % 5 else None) for n in range(40)]
     pool = build(samples)
     h = rng.standard_normal(DIM).astype(np.float32)
-    queries = [ExampleQuery("me", item, 10_000, h, items[item]) for item in items]
+    names = list(items)
 
-    found = ExactRetriever(pool).retrieve(queries)
+    slots = served(pool, "me", 10_000, h, names, np.stack(list(items.values())))
 
-    assert found.slots.shape == (3, 4)
-    for row, q in enumerate(queries):
-        picked = [found.records[i] for i in found.slots[row]]
+    assert slots.shape == (3, 4)
+    view = pool.view
+    for row, item in enumerate(names):
+        picked = view.records(slots[row].tolist())
         assert sorted(r.label for r in picked) == [0, 0, 1, 1]
-        expected = reference(samples, Q("me", q.item_id, 10_000, LATEST_SEQ, h, items[q.item_id]))
+        expected = reference(samples, Q("me", item, 10_000, LATEST_SEQ, h, items[item]))
         assert {r.key for r in picked} == set(expected)
-    by_key = {r.key: r for r in found.records}
-    for key, record in by_key.items():
-        source = samples[int(key[1:])]
+    for record in view.records(np.unique(slots).tolist()):
+        source = samples[int(record.key[1:])]
         assert record.generated == (source.cot is not None) and record.history == source.history
         if source.cot is not None:
             np.testing.assert_array_equal(record.cot, source.cot)
-    again = ExactRetriever(pool).retrieve(queries)
-    np.testing.assert_array_equal(again.slots, found.slots)  # the shuffle is a function of the sample
-    assert found.freshest_ts_ms == max(r.ts_ms for r in found.records)
+    again = served(pool, "me", 10_000, h, names, np.stack(list(items.values())))
+    np.testing.assert_array_equal(again, slots)  # the shuffle is a function of the sample
 
 
 def test_a_label_with_fewer_than_two_samples_leaves_empty_slots_that_encode_as_absent() -> None:
     t = np.full(DIM, 0.25, dtype=np.float32)
     pool = build([PoolSample("only-positive", "u1", "i1", 1, 5, 0, t, t)])
 
-    found = ExactRetriever(pool).retrieve([ExampleQuery("me", "i1", 10, t, t)])
+    slots = served(pool, "me", 10, t, ["i1"], t[None, :])
 
-    assert sorted(found.slots[0].tolist()) == [-1, -1, -1, 0]
+    assert sorted(slots[0].tolist()) == [-1, -1, -1, 0]
     space = FeatureSpace.build(["u1"], ["i1"], np.zeros((1, 384), np.float32), [("drama",)])
     records = [r.__class__(**{**r.__dict__, "history_vector": np.zeros(384, np.float32),
-                              "target_vector": np.zeros(384, np.float32)}) for r in found.records]
-    examples = gather_examples(space.encode_examples(records), found.slots)
+                              "target_vector": np.zeros(384, np.float32)}) for r in pool.view.records([0])]
+    examples = gather_examples(space.encode_examples(records), slots)
     assert examples["ex_present"].sum() == 1.0
 
 
@@ -165,11 +171,14 @@ def test_a_pending_cot_lands_later_and_the_next_retrieval_sees_it() -> None:
     t = np.full(DIM, 0.25, dtype=np.float32)
     pool = build([PoolSample("pending", "u1", "i1", 1, 5, 0, t, t), PoolSample("ready", "u2", "i1", 0, 6, 1, t, t, cot=t)])
     before = pool.view
-    query = [ExampleQuery("me", "i1", 10, t, t)]
 
-    first = {r.key: r for r in ExactRetriever(pool).retrieve(query).records}
+    def picked() -> dict[str, object]:
+        slots = served(pool, "me", 10, t, ["i1"], t[None, :])
+        return {r.key: r for r in pool.view.records(slots[slots >= 0].tolist())}
+
+    first = picked()
     pool.add([PoolSample("pending", "u1", "i1", 1, 5, 0, t, t, cot=2 * t)])
-    later = {r.key: r for r in ExactRetriever(pool).retrieve(query).records}
+    later = picked()
 
     assert first["pending"].cot is None and not first["pending"].generated
     np.testing.assert_array_equal(later["pending"].cot, 2 * t)
