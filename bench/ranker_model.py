@@ -71,6 +71,7 @@ def bench_request_path(args: argparse.Namespace, workdir: Path) -> list[tuple[st
     from ranker.retrieval import LATEST_SEQ, ExactRetriever, seed_of, shuffle_slots
     from ranker.serving.examples import EncodedExamples
     from ranker.serving.models import ModelBundle
+    from ranker.serving.scoring import encode_request
 
     corpus = movielens_corpus("ml-1m")
     samples = Samples.of(corpus, args.home / "cache")
@@ -96,11 +97,7 @@ def bench_request_path(args: argparse.Namespace, workdir: Path) -> list[tuple[st
 
     def features(request: tuple[str, list[str], list[str]]) -> dict[str, np.ndarray]:
         user, history, items = request
-        inputs = space.encode_samples([user] * len(items), items, [()] * len(items))
-        own = space.encode_samples([user], [items[0]], [history])
-        for name in ("history", "history_mask", "history_text"):
-            inputs[name] = np.repeat(own[name], len(items), axis=0)
-        return inputs
+        return encode_request(space, user, items, history)
 
     rows: list[tuple[str, str, str]] = []
     base = [timed(lambda r=r: bundles[False].run(features(r)), 1)[0] for r in requests]

@@ -24,12 +24,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ranker.features import NewItem
+from ranker.features import FeatureSpace, NewItem
 from ranker.retrieval import LATEST_SEQ, ExactRetriever, seed_of, shuffle_slots
 from ranker.sample_pool import SamplePool
 from ranker.serving.examples import EncodedExamples
@@ -52,6 +52,18 @@ class RankResult:
     cold_items: list[str]
     retrieval_s: float
     model_s: float
+
+
+def encode_request(space: FeatureSpace, user_id: str, candidates: Sequence[str], history: Sequence[str],
+                   new_items: Mapping[str, NewItem] | None = None) -> dict[str, np.ndarray]:
+    """The sample inputs of one request: one row per candidate; the history part is the same for every candidate, so
+    it is encoded once and broadcast."""
+    count = len(candidates)
+    inputs = space.encode_samples([user_id] * count, list(candidates), [()] * count, new_items)
+    own = space.encode_samples([user_id], [candidates[0]], [history], new_items)
+    for name in ("history", "history_mask", "history_text"):
+        inputs[name] = np.repeat(own[name], count, axis=0)
+    return inputs
 
 
 class Scorer:
@@ -93,11 +105,7 @@ class Scorer:
         mentioned = list(dict.fromkeys([*candidates, *recent]))
         unknown = [i for i, index in zip(mentioned, space.item_index(mentioned).tolist(), strict=True) if index == 0]
         new_items = self._new_items(unknown)
-        count = len(candidates)
-        items = space.encode_samples([user_id] * count, list(candidates), [()] * count, new_items)
-        own = space.encode_samples([user_id], [candidates[0]], [recent], new_items)
-        for name in ("history", "history_mask", "history_text"):
-            items[name] = np.repeat(own[name], count, axis=0)
+        items = encode_request(space, user_id, candidates, recent, new_items)
 
         example_age_s, retrieval_s = None, 0.0
         if bundle.ict:
