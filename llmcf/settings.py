@@ -64,8 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLMCF_RANKER_MAX_INFLIGHT", "8", "`llmcf serve`: requests scored at once (and scoring threads); beyond that "
             "`/v1/rank` answers 503 overloaded with Retry-After: 1. Scoring is CPU-bound, so latency grows with this "
             "number times one request's cost: a few per core keeps it bounded."),
-    Setting("LLMCF_RANKER_MAX_WAIT_MS", "100", "`llmcf serve`: a request is shed with 503 when the event loop runs later "
-            "than this or when it waited longer than this for a scoring thread."),
+    Setting("LLMCF_RANKER_MAX_WAIT_MS", "100", "`llmcf serve`: beside other requests in flight, a request is shed with 503 "
+            "when the event loop runs later than this or when it waited longer than this for a scoring thread."),
     Setting("LLMCF_RANKER_MAX_BODY_BYTES", "262144", "`llmcf serve`: largest `/v1/rank` request body; larger ones get 413."),
     Setting("LLMCF_RANKER_MODEL_POLL_S", "5", "`llmcf serve`: seconds between checks for a newer 'serving' model version "
             "(hot swap)."),

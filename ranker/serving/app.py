@@ -3,11 +3,12 @@
 `/v1/rank`, in order: bearer token (when `LLMCF_API_TOKEN` is set; 401), a model loaded (503), body size
 (`LLMCF_RANKER_MAX_BODY_BYTES`; 413, checked on Content-Length and again while reading), JSON (400) and the request
 contract (422 naming the field; strict types, 1..1000 candidates), load shedding (503 `overloaded` with
-`Retry-After: 1` at once when `LLMCF_RANKER_MAX_INFLIGHT` requests are scoring already, or when queueing itself shows:
-the event loop runs more than `LLMCF_RANKER_MAX_WAIT_MS` late, or a request waited longer than that for a scoring
-thread; a count of requests in flight alone does not see a saturated CPU or GIL, where requests wait seconds in the
-event loop), then scoring on a thread pool of `LLMCF_RANKER_MAX_INFLIGHT` threads (the event loop never blocks). The bundle is taken once
-per request, so a hot swap never mixes two versions in one answer. An unexpected exception is logged with its traceback
+`Retry-After: 1` at once when `LLMCF_RANKER_MAX_INFLIGHT` requests are scoring already, or when queueing itself shows
+while other requests are in flight: the event loop runs more than `LLMCF_RANKER_MAX_WAIT_MS` late, or a request waited
+longer than that for a scoring thread; a count of requests in flight alone does not see a saturated CPU or GIL,
+where requests wait seconds in the event loop), then scoring on a thread pool of `LLMCF_RANKER_MAX_INFLIGHT` threads
+(the event loop never blocks). The bundle is taken once per request, so a hot swap never mixes two versions in one
+answer. An unexpected exception is logged with its traceback
 and answered 500 without internals. Every answer of `/v1/rank` is counted by status and timed.
 """
 
@@ -109,9 +110,9 @@ class RankerService:
             self.loop_lag_s = max(0.0, loop.time() - expected)
             LOOP_LAG.set(self.loop_lag_s)
 
-    def score(self, submitted: float, *args: Any) -> RankResult:
-        """Scoring on a scoring thread, unless the request already waited too long for one."""
-        if time.perf_counter() - submitted > self.limits.max_wait_s:
+    def score(self, submitted: float, queued: bool, *args: Any) -> RankResult:
+        """Scoring on a scoring thread, unless the request, `queued` behind others, already waited too long for one."""
+        if queued and time.perf_counter() - submitted > self.limits.max_wait_s:
             raise Overloaded
         return self.scorer.score(*args)
 
@@ -226,13 +227,16 @@ async def _rank(service: RankerService, request: Request) -> Response:
         return _error(422, _describe(errors), errors=_fields(errors))
     if service.inflight >= limits.max_inflight:
         return _shed("inflight")
-    if service.loop_lag_s > limits.max_wait_s:
+    # Queueing sheds only beside other requests in flight: a lone request's wait is the loop's own work, and answering
+    # it is how the server makes progress (a burst on a busy machine must not be shed whole).
+    queued = service.inflight > 0
+    if queued and service.loop_lag_s > limits.max_wait_s:
         return _shed("loop_lag")
     service.inflight += 1
     INFLIGHT.inc()
     try:
         result = await asyncio.get_running_loop().run_in_executor(
-            service.executor, service.score, time.perf_counter(), bundle, query.user_id, query.candidates, query.history)
+            service.executor, service.score, time.perf_counter(), queued, bundle, query.user_id, query.candidates, query.history)
     except Overloaded:
         return _shed("queue_wait")
     finally:
