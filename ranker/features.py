@@ -222,12 +222,11 @@ class FeatureSpace:
         if not len(user_ids) == len(item_ids) == len(histories):
             raise ValueError(f"got {len(user_ids)} users, {len(item_ids)} items and {len(histories)} histories")
         history, history_mask = self.history_indices(histories)
-        history_text = np.stack(
-            [
-                history_vector(np.array([self.item_vector(i, new_items) for i in list(h)[-self.history_length :]]))
-                for h in histories
-            ]
-        ) if histories else np.zeros((0, EMBEDDING_DIMENSION), dtype=np.float32)
+        history_text = np.zeros((len(histories), EMBEDDING_DIMENSION), dtype=np.float32)
+        for row, h in enumerate(histories):
+            if len(h):  # an empty history's h is zeros; a request's candidates carry none (`encode_request`)
+                history_text[row] = history_vector(
+                    np.array([self.item_vector(i, new_items) for i in list(h)[-self.history_length :]]))
         items = self.item_index(item_ids)
         item_text = np.stack([self.item_vector(i, new_items) for i in item_ids]) if item_ids else history_text[:0]
         item_tags = self.item_tags[items].copy()

@@ -127,19 +127,14 @@ class ExactRetriever:
         neighbours = [self._neighbours_of(view, item, first[item]) for item in distinct]
         sims = np.stack([nb.sims for nb in neighbours])  # (targets, items)
         excluded = _excluded_rows(view, user, ts, seq)
+        best = _ItemBest(view, history, excluded)
         if view.n * len(distinct) <= self.full_scan_cells:  # a small pool: scoring it all costs less than bounding it
-            everything = np.arange(view.n)
-            score = 0.5 * (view.history[: view.n] @ history)[None, :] + 0.5 * sims[:, view.item[: view.n]]
-            allowed = np.ones(score.shape, dtype=bool) if excluded is None else np.broadcast_to(~excluded, score.shape)
-            shape = score.shape
-            found, _ = _top_per_label(score, allowed, np.broadcast_to(view.label[: view.n], shape),
-                                      np.broadcast_to(view.ts[: view.n], shape), np.broadcast_to(view.seq[: view.n], shape),
-                                      np.broadcast_to(everything, shape))
-            self.rows_scored += score.size
+            self.rows_scored += best.fill_all()
+            codes = np.broadcast_to(np.arange(view.n_items), sims.shape)
+            found, _ = _top_entries(sims, codes, np.ones(sims.shape, dtype=bool), best)
             result[:] = found[[position[item] for item in items]]
             return result
         gmax = float(np.linalg.norm(history)) * view.max_history_norm * (1 + _NORM_SLACK) + 1e-6
-        best = _ItemBest(view, history, excluded)
         found = np.full((len(distinct), K), -1, dtype=np.int64)
         prefix = np.array([_first_prefix(nb, view.label_counts) for nb in neighbours], dtype=np.int64)
         active = np.arange(len(distinct))
@@ -147,14 +142,7 @@ class ExactRetriever:
             codes, present = _padded([neighbours[t].order[: prefix[t]] for t in active.tolist()])
             self.rows_scored += best.fill(np.unique(codes[present]))
             safe = np.where(present, codes, 0)
-            # Per item, its 2 best positives and 2 best negatives by the history term: the only ones that can win.
-            item_term = np.take_along_axis(sims[active], safe, axis=1)[:, :, None]  # (A, P, 1)
-            score = (0.5 * best.g[safe] + 0.5 * item_term).reshape(len(active), -1)  # (A, P * 4)
-            rows = best.row[safe].reshape(len(active), -1)
-            allowed = (rows >= 0) & np.repeat(present, K, axis=1)
-            picked, second = _top_per_label(score, allowed, np.tile(_ENTRY_LABELS, (len(active), codes.shape[1])),
-                                            best.ts[safe].reshape(len(active), -1),
-                                            best.seq[safe].reshape(len(active), -1), np.where(rows >= 0, rows, 0))
+            picked, second = _top_entries(np.take_along_axis(sims[active], safe, axis=1), safe, present, best)
             bounds = [0.5 * gmax + 0.5 * _next_sim(neighbours[t], int(prefix[t])) for t in active.tolist()]
             done, wanted = _settled(second, np.asarray(bounds), [neighbours[t] for t in active.tolist()],
                                     prefix[active], gmax)
@@ -237,9 +225,6 @@ class ExactRetriever:
         return entry
 
 
-_ENTRY_LABELS = np.array([1, 1, 0, 0], dtype=np.int8)  # an item's entries: its 2 best positives, then 2 best negatives
-
-
 class _ItemBest:
     """For one history h: each item's 2 best positive and 2 best negative rows by <h, H> (ties to the later (ts, seq)),
     computed for the items a request reaches, from the pool's contiguous per-item blocks (no row gather)."""
@@ -259,13 +244,26 @@ class _ItemBest:
         if not len(items):
             return 0
         view = self.view
-        self.filled[items] = True
         parts = [view.item_history[i] @ self.history for i in items.tolist()]
         g = np.concatenate(parts).astype(np.float32, copy=False)
         rows = np.concatenate([view.item_rows[i] for i in items.tolist()])
+        self._set(items, g, rows, np.array([len(p) for p in parts], dtype=np.int64))
+        return len(rows)
+
+    def fill_all(self) -> int:
+        """Compute every item's entries from one product over the whole pool (a small pool)."""
+        view = self.view
+        rows, _, counts = view.by_item
+        g = (view.history[: view.n] @ self.history).astype(np.float32, copy=False)[rows]
+        self._set(np.arange(view.n_items), g, rows, counts)
+        return view.n
+
+    def _set(self, items: np.ndarray, g: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> None:
+        """The entries of `items` from their rows' history terms `g` (item by item, `lengths` rows each)."""
+        view = self.view
+        self.filled[items] = True
         if self.excluded is not None:
             g = np.where(self.excluded[rows], np.float32(-np.inf), g)
-        lengths = np.array([len(p) for p in parts], dtype=np.int64)
         positives = view.item_positives[items]
         starts = np.cumsum(lengths) - lengths
         # groups: each item's positives then its negatives, contiguous in the concatenation
@@ -281,9 +279,64 @@ class _ItemBest:
             self.row[owner, entry] = np.where(found, rows[np.maximum(position, 0)], -1)
             self.ts[owner, entry] = np.where(found, ts[np.maximum(position, 0)], 0)
             self.seq[owner, entry] = np.where(found, seq[np.maximum(position, 0)], 0)
-            g = g.copy()
+            if rank == 0:
+                g = g.copy()
             g[position[found]] = -np.inf
-        return len(rows)
+
+
+def _top_entries(item_sims: np.ndarray, codes: np.ndarray, present: np.ndarray,
+                 best: _ItemBest) -> tuple[np.ndarray, np.ndarray]:
+    """Per query (a row of (A, P) item codes, `present` where a code is, and the target's similarity to each): the 2
+    best positive then the 2 best negative pool rows (A, 4), -1 where fewer, and each label's second-best score (A, 2),
+    -inf where fewer than two; ties in score to the later (ts, seq).
+
+    An item's two entries of a label are ordered (the first is at least the second, and fresher on a tie), so the best
+    of a label is the best first entry, and the second best is either the runner-up first entry or the winner's second
+    one: two passes of argmax over (A, P) instead of a sort. Queries with a tie at either place are settled one by one
+    over all their entries (rare outside empty histories and items with equal vectors)."""
+    count = codes.shape[0]
+    picked = np.full((count, K), -1, dtype=np.int64)
+    second = np.full((count, 2), -np.inf)
+    every = np.arange(count)
+    half_sims = 0.5 * item_sims
+    for part, entry in enumerate((0, 2)):  # positives, then negatives
+        first = np.where(present, 0.5 * best.g[codes, entry] + half_sims, -np.inf)
+        top = first.argmax(axis=1)
+        v1 = first[every, top]
+        ties = np.count_nonzero(first == v1[:, None], axis=1) > 1
+        top_code = codes[every, top]
+        runner_up_of_winner = np.where(v1 > -np.inf, 0.5 * best.g[top_code, entry + 1] + half_sims[every, top], -np.inf)
+        first[every, top] = -np.inf
+        other = first.argmax(axis=1)
+        v_other = first[every, other]
+        v2 = np.maximum(v_other, runner_up_of_winner)
+        ties |= (v2 > -np.inf) & ((np.count_nonzero(first == v2[:, None], axis=1) + (runner_up_of_winner == v2)) > 1)
+        ties &= v1 > -np.inf
+        picked[:, 2 * part] = np.where(v1 > -np.inf, best.row[top_code, entry], -1)
+        from_winner = runner_up_of_winner >= v_other
+        picked[:, 2 * part + 1] = np.where(v2 > -np.inf, np.where(from_winner, best.row[top_code, entry + 1],
+                                                                  best.row[codes[every, other], entry]), -1)
+        second[:, part] = v2
+        for query in np.flatnonzero(ties).tolist():
+            picked[query, 2 * part: 2 * part + 2], second[query, part] = _top_two_by_sorting(
+                half_sims[query], codes[query], present[query], best, entry)
+    return picked, second
+
+
+def _top_two_by_sorting(half_sims: np.ndarray, codes: np.ndarray, present: np.ndarray, best: _ItemBest,
+                        entry: int) -> tuple[np.ndarray, float]:
+    """One query's 2 best rows of one label over all its items' two entries, by (score, ts, seq) descending, and the
+    second-best score: the exact rule where argmax alone cannot break a tie."""
+    codes, half_sims = codes[present], half_sims[present]
+    items = np.concatenate([codes, codes])
+    entries = np.repeat([entry, entry + 1], len(codes))
+    score = 0.5 * best.g[items, entries] + np.concatenate([half_sims, half_sims])
+    valid = np.flatnonzero(score > -np.inf)
+    order = valid[np.lexsort((-best.seq[items[valid], entries[valid]], -best.ts[items[valid], entries[valid]],
+                              -score[valid]))][:2]
+    rows = np.full(2, -1, dtype=np.int64)
+    rows[: len(order)] = best.row[items[order], entries[order]]
+    return rows, float(score[order[1]]) if len(order) == 2 else -np.inf
 
 
 def _group_best(values: np.ndarray, ts: np.ndarray, seq: np.ndarray, start: np.ndarray,

@@ -83,7 +83,7 @@ class PoolView:
         return [self.record(int(r)) for r in rows]
 
     @cached_property
-    def _by_item(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def by_item(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The rows grouped by item (CSR: flat rows, each item's start and count), built once per view."""
         counts = np.array([len(rows) for rows in self.item_rows], dtype=np.int64)
         flat = np.concatenate(self.item_rows) if self.item_rows else np.zeros(0, dtype=np.int64)
@@ -92,12 +92,12 @@ class PoolView:
     @cached_property
     def label_counts(self) -> np.ndarray:
         """(items, 2): each item's rows of label 0 and of label 1."""
-        counts = self._by_item[2]
+        counts = self.by_item[2]
         return np.stack([counts - self.item_positives, self.item_positives], axis=1)
 
     def rows_of(self, items: np.ndarray) -> np.ndarray:
         """The rows of these item codes, item by item."""
-        flat, starts, counts = self._by_item
+        flat, starts, counts = self.by_item
         lengths = counts[items]
         total = int(lengths.sum())
         if total == 0:
