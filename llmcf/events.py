@@ -47,6 +47,12 @@ def _rfc3339(value: object) -> object:
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 InteractionKind = Literal["impression", "view", "click", "like", "share", "comment", "rating", "skip"]
 CotBackendName = Literal["transformers", "openai", "template"]
+NOT_LLM_BACKENDS = frozenset({"template"})  # CoT writers that are not language models: never counted as LLM output
+
+
+def is_llm_backend(backend: str | None) -> bool:
+    """Whether a CoT written by `backend` (a `CotResult.backend`; None: no CoT yet) is a language model's."""
+    return backend is not None and backend not in NOT_LLM_BACKENDS
 
 
 class Event(BaseModel):

@@ -51,6 +51,7 @@ class PoolView:
     ts: np.ndarray  # (cap,) int64 event time, epoch ms
     seq: np.ndarray  # (cap,) int64 order among samples of the same event time
     generated: np.ndarray  # (cap,) bool
+    by_llm: np.ndarray  # (cap,) bool: the CoT was written by a language model (not the template fallback)
     cot: np.ndarray  # (cap, D) float32, zeros while pending
     histories: list[tuple[str, ...]]
     item_ids: list[str]
@@ -120,6 +121,7 @@ class PoolSample:
     target_vector: np.ndarray
     history: tuple[str, ...] = ()
     cot: np.ndarray | None = None
+    cot_by_llm: bool = False  # the CoT (when there is one) was written by a language model, not the template fallback
 
 
 class SamplePool:
@@ -148,6 +150,7 @@ class SamplePool:
         self._ts = np.zeros(self._cap, dtype=np.int64)
         self._seq = np.zeros(self._cap, dtype=np.int64)
         self._generated = np.zeros(self._cap, dtype=bool)
+        self._by_llm = np.zeros(self._cap, dtype=bool)
         self._keys: list[str] = []
         self._row_of: dict[str, int] = {}
         self._histories: list[tuple[str, ...]] = []
@@ -173,14 +176,14 @@ class SamplePool:
             return 0
         with self._lock:
             fresh: dict[str, PoolSample] = {}
-            landed: dict[str, np.ndarray] = {}
+            landed: dict[str, PoolSample] = {}
             for sample in samples:
                 if sample.key in self._row_of:
                     if sample.cot is not None:
-                        landed[sample.key] = sample.cot
+                        landed[sample.key] = sample
                 elif sample.key in fresh:
                     if sample.cot is not None:
-                        fresh[sample.key].cot = sample.cot
+                        fresh[sample.key].cot, fresh[sample.key].cot_by_llm = sample.cot, sample.cot_by_llm
                 else:
                     fresh[sample.key] = sample
             self._set_cots(landed)
@@ -188,12 +191,13 @@ class SamplePool:
             self.view = self._publish()
             return len(fresh)
 
-    def _set_cots(self, cots: dict[str, np.ndarray]) -> int:
+    def _set_cots(self, landed: dict[str, PoolSample]) -> int:
         count = 0
-        for key, cot in cots.items():
+        for key, sample in landed.items():
             row = self._row_of.get(key)
             if row is not None:
-                self._cot[row] = cot  # written before the flag: a reader that sees the flag sees the CoT
+                self._cot[row] = sample.cot  # written before the flag: a reader that sees the flag sees the CoT
+                self._by_llm[row] = sample.cot_by_llm
                 self._generated[row] = True
                 count += 1
         return count
@@ -214,6 +218,7 @@ class SamplePool:
         for offset, sample in enumerate(samples):
             if sample.cot is not None:
                 self._cot[start + offset] = sample.cot
+                self._by_llm[start + offset] = sample.cot_by_llm
                 self._generated[start + offset] = True
             self._keys.append(sample.key)
             self._row_of[sample.key] = start + offset
@@ -257,7 +262,7 @@ class SamplePool:
         if needed <= self._cap:
             return
         cap = max(needed, 2 * self._cap)
-        for name in ("_history", "_cot", "_item", "_label", "_user", "_ts", "_seq", "_generated"):
+        for name in ("_history", "_cot", "_item", "_label", "_user", "_ts", "_seq", "_generated", "_by_llm"):
             old = getattr(self, name)
             new = np.zeros((cap, *old.shape[1:]), dtype=old.dtype)
             new[: len(self._keys)] = old[: len(self._keys)]
@@ -267,7 +272,8 @@ class SamplePool:
     def _publish(self) -> PoolView:
         return PoolView(
             n=len(self._keys), keys=self._keys, history=self._history, item=self._item, label=self._label,
-            user=self._user, ts=self._ts, seq=self._seq, generated=self._generated, cot=self._cot,
+            user=self._user, ts=self._ts, seq=self._seq, generated=self._generated, by_llm=self._by_llm,
+            cot=self._cot,
             # Append-only lists and dicts are shared (a view reads only the codes and rows it had); the per-item row
             # arrays are replaced when they grow, so the list of them is copied.
             histories=self._histories, item_ids=self._item_ids, item_vectors=self._item_vectors,
@@ -290,7 +296,7 @@ class SamplePool:
                 PoolSample(view.keys[r], view.user_ids[int(view.user[r])], view.item_ids[int(view.item[r])],
                            int(view.label[r]), int(view.ts[r]), int(view.seq[r]), view.history[r].copy(),
                            view.item_vectors[int(view.item[r])].copy(), view.histories[r],
-                           view.cot[r].copy() if view.generated[r] else None)
+                           view.cot[r].copy() if view.generated[r] else None, bool(view.by_llm[r]))
                 for r in kept.tolist()
             ]
             dropped = view.n - keep

@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from llmcf.metrics import FRESHNESS
-from ranker.serving.metrics import CANDIDATES, EXAMPLE_AGE, INFLIGHT, LOOP_LAG, REQUEST_SECONDS, REQUESTS, SHED
+from ranker.serving.metrics import CANDIDATES, EXAMPLE_AGE, EXAMPLES, INFLIGHT, LOOP_LAG, REQUEST_SECONDS, REQUESTS, SHED
 from ranker.serving.models import ModelHolder
 from ranker.serving.pool import PoolSync
 from ranker.serving.scoring import RankResult, Scorer
@@ -246,6 +246,8 @@ async def _rank(service: RankerService, request: Request) -> Response:
     if result.example_age_s is not None:
         EXAMPLE_AGE.observe(result.example_age_s)
         FRESHNESS.labels(stage="served").observe(result.example_age_s)
+    for cot, count in result.examples.items():
+        EXAMPLES.labels(cot=cot).inc(count)
     return JSONResponse(_answer(query, result), headers={
         "Server-Timing": f"retrieval;dur={result.retrieval_s * 1000:.2f}, model;dur={result.model_s * 1000:.2f}"})
 

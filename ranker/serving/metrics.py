@@ -21,6 +21,10 @@ CANDIDATES = Histogram("llmcf_ranker_candidates", "Candidates per scored `/v1/ra
 EXAMPLE_AGE = Histogram("llmcf_ranker_example_age_seconds",
                         "Event-time age (now - ts) of the freshest in-context example used, per scored request.",
                         buckets=FRESHNESS_BUCKETS)
+EXAMPLES = Counter("llmcf_ranker_examples_total",
+                   "In-context examples served, by their CoT: llm (written by a language model), template (the "
+                   "non-LLM fallback) or pending (not written yet: the placeholder token). llm / all = CoT coverage.",
+                   ["cot"])
 MODEL_AGE = Gauge("llmcf_ranker_model_age_seconds", "Seconds since the serving model version was created (0 when none).")
 MODEL_INFO = Gauge("llmcf_ranker_model_info", "1 for the model version this process serves.", ["version", "kind"])
 MODEL_SWAPS = Counter("llmcf_ranker_model_swaps_total", "Model version loads: ok (swapped in) or failed (old model kept).",

@@ -33,6 +33,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
+from llmcf.events import is_llm_backend
 from llmcf.samples import history_vectors
 from ranker.sample_pool import PoolSample, SamplePool
 from ranker.serving.metrics import POOL_SAMPLES, POOL_SYNC_FAILURES, POOL_SYNC_LAG
@@ -72,7 +73,8 @@ def pool_samples_from_storage(samples: Sequence[StoredCotSample],
         built[sample.sample_id] = PoolSample(
             key=sample.sample_id, user_id=sample.user_id, item_id=sample.item_id, label=int(sample.label),
             ts_ms=int(sample.ts.timestamp() * 1000), seq=sample_seq(sample.sample_id), history_vector=h[i],
-            target_vector=table[row_of[sample.item_id]], history=tuple(history), cot=cot)
+            target_vector=table[row_of[sample.item_id]], history=tuple(history), cot=cot,
+            cot_by_llm=cot is not None and is_llm_backend(sample.backend))
     return [built.get(s.sample_id) for s in samples]
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,6 +52,7 @@ class RankResult:
     cold_items: list[str]
     retrieval_s: float
     model_s: float
+    examples: dict[str, int] = field(default_factory=dict)  # in-context examples used, by CoT: llm, template, pending
 
 
 def encode_request(space: FeatureSpace, user_id: str, candidates: Sequence[str], history: Sequence[str],
@@ -107,7 +108,7 @@ class Scorer:
         new_items = self._new_items(unknown)
         items = encode_request(space, user_id, candidates, recent, new_items)
 
-        example_age_s, retrieval_s = None, 0.0
+        example_age_s, retrieval_s, examples = None, 0.0, {}
         if bundle.ict:
             started = time.perf_counter()
             if self.retriever is None or self.pool is None:
@@ -124,6 +125,10 @@ class Scorer:
             used = slots[slots >= 0]
             if len(used):
                 example_age_s = max(0.0, (now_ms - int(view.ts[used].max())) / 1000.0)
+                generated, by_llm = view.generated[used], view.by_llm[used]  # the flag first, as the encoder reads
+                llm = int(np.count_nonzero(generated & by_llm))
+                examples = {"llm": llm, "template": int(np.count_nonzero(generated)) - llm,
+                            "pending": int(len(used) - np.count_nonzero(generated))}
             retrieval_s = time.perf_counter() - started
         started = time.perf_counter()
         scores = bundle.run_with_tokens(items, tokens, present) if bundle.ict and bundle.split else bundle.run(items)
@@ -132,7 +137,7 @@ class Scorer:
             version_id=bundle.version_id, kind=bundle.kind, scores=scores, example_age_s=example_age_s,
             cold_user=bool(space.user_index([user_id])[0] == 0),
             cold_items=[i for i in dict.fromkeys(candidates) if i in cold],
-            retrieval_s=retrieval_s, model_s=time.perf_counter() - started,
+            retrieval_s=retrieval_s, model_s=time.perf_counter() - started, examples=examples,
         )
 
     def _new_items(self, item_ids: list[str]) -> dict[str, NewItem]:

@@ -51,6 +51,7 @@ def test_a_good_request_gets_scores_in_request_order_from_the_served_version(
     url, service = ict_url
     space = service.holder.current.space
     candidates = [i for i in populated.known_items if space.item_index([i])[0] != 0][:100][::-1]
+    served_before = {cot: examples_served(cot) for cot in ("llm", "template", "pending")}
     answer = rank(url, {"user_id": populated.known_user, "candidates": candidates})
 
     assert answer.status_code == 200, answer.text
@@ -63,6 +64,15 @@ def test_a_good_request_gets_scores_in_request_order_from_the_served_version(
     newest_example_age = body["example_age_s"]  # event time: the stored MovieLens examples are from 1998
     assert newest_example_age is not None and newest_example_age >= time.time() - populated.newest_sample_ts.timestamp() - 5
     assert "retrieval;dur=" in answer.headers["server-timing"]
+    # every stored CoT was written by the template backend: served examples count as template, never as an LLM's
+    served = {cot: examples_served(cot) - before for cot, before in served_before.items()}
+    assert served["llm"] == served["pending"] == 0 and 0 < served["template"] <= 4 * len(candidates)
+
+
+def examples_served(cot: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("llmcf_ranker_examples_total", {"cot": cot}) or 0.0
 
 
 def test_the_stored_history_is_used_unless_the_request_gives_one(ict_url: tuple[str, RankerService], populated: Populated

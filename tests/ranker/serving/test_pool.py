@@ -73,7 +73,13 @@ def test_pool_samples_carry_the_vectors_the_worker_indexes(database_url: str) ->
         stored = list(repository.get_cot_samples([sample.request_id]).values())
         [generated] = pool_samples_from_storage(stored, vectors)
         unembedded = pool_samples_from_storage(stored, {})
+        repository.complete_cot_samples([CotResult(
+            request_id=sample.request_id, user_id="u1", item_id="target", label=1, ts=sample.row.ts,
+            cot_text="because, by a model", cot_embedding=cot.tolist(), backend="transformers", model="smollm2",
+            generated_at=datetime.now(timezone.utc) + timedelta(seconds=1))])
+        [rewritten] = pool_samples_from_storage(list(repository.get_cot_samples([sample.request_id]).values()), vectors)
     np.testing.assert_array_equal(generated.cot, cot)
+    assert not pending.cot_by_llm and not generated.cot_by_llm and rewritten.cot_by_llm  # the template is no LLM
     assert unembedded == [None]  # no embedding of its target item: the worker would not have indexed it either
 
 
