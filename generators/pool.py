@@ -18,6 +18,11 @@ Delivery contract (at-least-once):
 - a process killed at any moment (kill -9) loses nothing: what it had not committed is redelivered to the group, and
   results are keyed by request_id, so the duplicates this causes are absorbed by the idempotent upserts downstream.
 
+Budget (`ttl_s`, `LLMCF_COT_TTL_S`): a request whose `requested_at` is older than the TTL when its batch comes up is
+skipped (counted as `skipped_ttl`), not generated; its sample stays retrievable with the pending placeholder. A pool
+slower than its inflow thus works on requests at most a TTL old and drains an older backlog at consumption speed;
+every request ends generated, skipped or dead-lettered.
+
 Failures and backpressure:
 - a batch whose backend call fails (`BackendError`) is retried request by request; a request that fails `max_attempts`
   times alone (or keeps getting an empty text) goes to `dead-letters` with reason `retries_exhausted`, and its offset
@@ -88,12 +93,13 @@ class PoolConfig:
     drain_timeout_s: float = 120.0
     flush_timeout_s: float = 30.0
     publish_attempts: int = 3
+    ttl_s: float = 0.0  # a request older than this (since requested_at) when its batch comes up is skipped; 0 = never
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_attempts", "max_queued_batches", "publish_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("max_wait_ms", "retry_backoff_s", "revoke_grace_s", "drain_timeout_s", "flush_timeout_s"):
+        for name in ("max_wait_ms", "retry_backoff_s", "revoke_grace_s", "drain_timeout_s", "flush_timeout_s", "ttl_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 
@@ -110,6 +116,7 @@ class PoolStats:
     consumed: int = 0  # polling thread
     batches: int = 0  # generation thread: batches with at least one request for the backend
     published: int = 0  # generation thread
+    skipped: int = 0  # generation thread: requests older than the TTL, not generated
     dead_lettered: int = 0  # generation thread
     completion_tokens: int = 0  # generation thread
     commits: int = 0  # polling thread
@@ -685,6 +692,7 @@ class GeneratorPool:
     def _prepare(self, batch: list[_Work], policy: _BatchDeadLetters) -> list[_Prepared]:
         prepared = []
         topic = self.topics.cot_requests
+        now, skipped = datetime.now(timezone.utc), 0
         for work in batch:
             decoded = decode_batch(CotRequest, [work.record], policy)
             if not decoded:
@@ -698,7 +706,17 @@ class GeneratorPool:
                 EVENTS.labels(topic=topic, outcome="dead_lettered").inc()
                 continue
             EVENTS.labels(topic=topic, outcome="ok").inc()
+            if self.config.ttl_s and (now - request.requested_at).total_seconds() > self.config.ttl_s:
+                skipped += 1
+                continue
             prepared.append(_Prepared(work, request, prompt))
+        if skipped:
+            # Not generated, not an error: the sample stays retrievable with the pending placeholder. The offset is
+            # committed with the batch's.
+            pool_metrics.COTS.labels(backend=self.backend.name, outcome="skipped_ttl").inc(skipped)
+            self.stats.skipped += skipped
+            log.info("skipped %d CoT requests older than the TTL (%g s): the pool is behind its inflow", skipped,
+                     self.config.ttl_s)
         return prepared
 
     def _generate(self, prepared: list[_Prepared]) -> list[Generation | _GenerationFailed]:

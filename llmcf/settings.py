@@ -48,6 +48,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLMCF_COT_SAMPLE_RATE", "0.1", "Share of labelled interactions that get a chain of thought (the paper: 1/10)."),
     Setting("LLMCF_COLD_START_WINDOW_S", "86400", "Interactions on items younger than this (event time, seconds) always "
             "get a chain of thought: priority for new items."),
+    Setting("LLMCF_COT_TTL_S", "900", "`llmcf generate`: a CoT request older than this (seconds since its `requested_at`) "
+            "when its batch comes up is skipped, not generated (counted; its sample stays retrievable as pending), so the "
+            "generators' backlog is bounded in time whatever the inflow; 0 = never skip."),
     Setting("LLMCF_HISTORY_LENGTH", "20", "Items kept per user in the history table (the paper: 20)."),
     Setting("LLMCF_GENERATOR_BACKEND", "transformers", "CoT backend of `llmcf generate`: transformers, openai, or template "
             "(a deterministic non-LLM rationale for load tests)."),
@@ -158,6 +161,7 @@ class Settings:
     cot_sample_rate: float
     cold_start_window_s: float
     history_length: int
+    cot_ttl_s: float
     generator_backend: str
     generator_model: str | None
     generator_device: str
@@ -208,6 +212,7 @@ class Settings:
             cot_sample_rate=_fraction(env, "LLMCF_COT_SAMPLE_RATE"),
             cold_start_window_s=_number(env, "LLMCF_COLD_START_WINDOW_S", 0.0),
             history_length=_integer(env, "LLMCF_HISTORY_LENGTH", 1),
+            cot_ttl_s=_number(env, "LLMCF_COT_TTL_S", 0.0),
             generator_backend=_choice(env, "LLMCF_GENERATOR_BACKEND", ("transformers", "openai", "template")),
             generator_model=_value(env, "LLMCF_GENERATOR_MODEL"),
             generator_device=_value(env, "LLMCF_GENERATOR_DEVICE") or "auto",

@@ -25,6 +25,7 @@ def make_request(
     title: str = "The Lion King (1994)",
     text: str = "A young lion prince flees his kingdom after his father's murder.",
     tags: tuple[str, ...] = ("Animation", "Children's", "Musical"),
+    requested_at: datetime = NOW,
 ) -> CotRequest:
     entries = [
         HistoryEntry(item_id=f"h{i}", title=t, tags=list(g), label=lab)
@@ -36,7 +37,7 @@ def make_request(
         item_id="target",
         label=label,
         ts=NOW,
-        requested_at=NOW,
+        requested_at=requested_at,
         target=ItemSnapshot(item_id="target", title=title, text=text, tags=list(tags)),
         history=entries,
     )

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from confluent_kafka import Producer
@@ -23,16 +24,17 @@ from tests.generators import make_request
 
 
 def publish_requests(settings: Settings, count: int, *, prefix: str = "req", poisoned: set[int] = frozenset(),
-                     extra: list[tuple[bytes | None, bytes | None]] = ()) -> list[str]:
-    """Publish `count` valid CotRequests (titles of `poisoned` indexes contain POISON) plus raw `extra` (key, value)
-    records to cot-requests; return the valid request ids."""
+                     extra: list[tuple[bytes | None, bytes | None]] = (), age_s: float = 0.0) -> list[str]:
+    """Publish `count` valid CotRequests (titles of `poisoned` indexes contain POISON), requested `age_s` seconds ago,
+    plus raw `extra` (key, value) records to cot-requests; return the valid request ids."""
     topic = Topics.from_settings(settings).cot_requests
     producer = Producer(producer_config(settings, settings.kafka_bootstrap_servers))
     ids = []
     for i in range(count):
         request_id = f"{prefix}-{i}"
         title = f"POISON Movie {i}" if i in poisoned else f"Movie {i} ({1950 + i % 50})"
-        request = make_request(label=i % 2, request_id=request_id, title=title)
+        request = make_request(label=i % 2, request_id=request_id, title=title,
+                               requested_at=datetime.now(timezone.utc) - timedelta(seconds=age_s))
         producer.produce(topic, key=request_id.encode(), value=request.to_bytes())
         ids.append(request_id)
     for key, value in extra:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from typing import Sequence
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from generators.backends import CotBackend, Generation, create_backend
 from generators.backends.openai_backend import OpenAIBackend
@@ -121,6 +123,24 @@ def test_every_request_gets_one_result_bad_records_are_dead_lettered_and_offsets
         time.sleep(1.5)
     assert second.stats.consumed == 0
     assert len(read_results(kafka_settings)) == 40
+
+
+def test_requests_older_than_the_ttl_are_skipped_counted_and_committed(kafka_settings, embedder):
+    """A pool behind its inflow: requests past the TTL when their batch comes up are skipped (not generated, not dead
+    letters), counted, and their offsets committed; the fresh ones are generated. Every request is accounted for."""
+    stale = publish_requests(kafka_settings, 7, prefix="stale", age_s=120)
+    fresh = publish_requests(kafka_settings, 5, prefix="fresh")
+    skipped_before = REGISTRY.get_sample_value("llmcf_generator_cots_total",
+                                               {"backend": "template", "outcome": "skipped_ttl"}) or 0.0
+    pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, create_backend("template"), embedder,
+                         replace(FAST, ttl_s=60))
+    with running(pool):
+        wait_until(lambda: pool.stats.published + pool.stats.skipped == 12, 60, "12 requests generated or skipped")
+        wait_until(lambda: uncommitted(kafka_settings) == {}, 30, "every offset committed")
+    assert sorted(r.request_id for r in read_results(kafka_settings)) == sorted(fresh)
+    assert (pool.stats.published, pool.stats.skipped, pool.stats.dead_lettered) == (len(fresh), len(stale), 0)
+    assert REGISTRY.get_sample_value("llmcf_generator_cots_total",
+                                     {"backend": "template", "outcome": "skipped_ttl"}) - skipped_before == len(stale)
 
 
 # ---- retries and dead letters after max attempts, through the real OpenAI backend -------------------------------------
