@@ -64,10 +64,14 @@ def test_hot_swaps_under_concurrent_requests_never_mix_versions(
 
     assert not failures, failures[:3]
     assert swaps("ok") - swapped_ok == 5
-    assert len(answers) > 20 and all(answer.status_code == 200 for answer in answers)
-    seen = {answer.json()["model_version"] for answer in answers}
+    # A busy machine may shed some of the four hammers' requests (503 + Retry-After is the server's answer to overload);
+    # every answer that scored must come from one whole version.
+    assert all(answer.status_code in (200, 503) for answer in answers), {a.status_code for a in answers}
+    scored = [answer for answer in answers if answer.status_code == 200]
+    assert len(scored) > 20
+    seen = {answer.json()["model_version"] for answer in scored}
     assert seen == {a, b}, seen
-    for answer in answers:
+    for answer in scored:
         body_out = answer.json()
         scores = np.array([s["score"] for s in body_out["scores"]])
         np.testing.assert_allclose(scores, expected[body_out["model_version"]], atol=1e-6)
