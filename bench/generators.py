@@ -2,6 +2,8 @@
 
     python -m bench.generators [--prompts 16] [--max-new-tokens N] [--batches 1,4,16] [--repeats 1] [--threads N]
                                [--device cpu]
+    python -m bench.generators --drafts [--temperature 0] [--draft-tokens 4] [--draft-warmup 32] [--batches 1,4,16]
+                               [--dtypes float32,bfloat16]
 
 Transformer runs use the same prompts at every batch size, in two sets: "llmcf" (the real LLM-CF prompt over real
 MovieLens-100k samples with 20-item histories, `movielens_requests`: ~530 tokens, of which ~160 are the shared
@@ -13,6 +15,13 @@ shares each decoding step's weight reads, while each prompt's own prefill is com
 batching, so the longer a prompt's own part against its completion, the smaller the ratio. Other processes on the
 machine skew every figure: the load average is printed before each run, and each row's process CPU time beside its
 wall time.
+
+`--drafts` (issue 14) compares, in one process and on the same prompts (MovieLens-100k requests in stream order, after
+`--draft-warmup` earlier ones whose CoTs fill each backend's draft index), per weight type (`--dtypes`, the first is the
+reference) and batch size: plain decoding, lossless drafts and relaxed (DARE: top 2, p >= 0.1) drafts. It prints the
+prefill and decode seconds (the decoder's own timers), decode tokens/s, the acceptance rate, tokens per verifying pass,
+how many texts equal plain decoding's and the mean `heuristic_rationale_score`. `--temperature 0` (greedy) is where
+lossless drafts must give identical text; the production decoding samples at 0.6.
 """
 
 from __future__ import annotations
@@ -159,6 +168,100 @@ def bench_embedder(sentences: int, threads: int | None) -> list[dict]:
     return rows
 
 
+def bench_drafts(args: argparse.Namespace, batches: list[int]) -> None:
+    """Speculative decoding and bfloat16 A/B in one process (issue 14): per weight type and batch size, plain decoding,
+    lossless drafts and relaxed (DARE) drafts on the same prompts, each backend's draft index first filled with the CoTs
+    it writes for earlier requests (the warm-up)."""
+    from generators.backends import heuristic_rationale_score
+    from generators.backends.drafts import DraftConfig
+    from generators.backends.prefix_decoding import Acceptance
+
+    requests = movielens_requests(args.draft_warmup + args.prompts)
+    prompts = [build_prompt(r, feedback="rating") for r in requests]
+    warmup, measured = prompts[: args.draft_warmup], prompts[args.draft_warmup :]
+    modes = {"plain": None, "lossless": Acceptance(),
+             "relaxed": Acceptance(top_k=args.relaxed_top_k, min_probability=args.relaxed_min_probability)}
+    rows = []
+    for dtype in args.dtypes.split(","):
+        print(f"transformers backend, {dtype}: loading, temperature {args.temperature}, drafts of {args.draft_tokens} "
+              f"tokens (load avg {load_average()})", flush=True)
+        options = GenerationOptions(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=1234)
+        backend = create_backend("transformers", model=args.model, device="cpu", threads=args.threads,
+                                 max_batch=max(batches), options=options, dtype=dtype,
+                                 drafts=DraftConfig(draft_tokens=args.draft_tokens))
+        index, decoder = backend.drafts, backend._prefix_decoder
+        backend.generate(measured[:1])
+        started = time.perf_counter()
+        for start in range(0, len(warmup), max(batches)):
+            backend.generate(warmup[start : start + max(batches)])
+        print(f"  draft index warmed with {len(warmup)} CoTs of earlier requests ({time.perf_counter() - started:.0f} s)",
+              flush=True)
+        for batch in batches:
+            for mode, acceptance in modes.items():
+                backend.drafts, backend.acceptance = (None, Acceptance()) if acceptance is None else (index, acceptance)
+                backend.draft_stats.__init__()
+                decoder.seconds = {"prefill": 0.0, "decode": 0.0}
+                started, tokens, texts = time.perf_counter(), 0, []
+                for start in range(0, len(measured), batch):
+                    for generation in backend.generate(measured[start : start + batch]):
+                        tokens += generation.completion_tokens
+                        texts.append(generation.text)
+                stats = backend.draft_stats
+                rows.append({
+                    "dtype": dtype, "batch": batch, "mode": mode, "seconds": time.perf_counter() - started,
+                    "tokens": tokens, "prefill_s": decoder.seconds["prefill"], "decode_s": decoder.seconds["decode"],
+                    "decode_tokens_per_s": tokens / decoder.seconds["decode"], "cots_per_s": len(measured) / (
+                        time.perf_counter() - started),
+                    "acceptance": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass or 1.0,
+                    "texts": texts,
+                    "score": sum(heuristic_rationale_score(p, t) for p, t in zip(measured, texts, strict=True))
+                    / len(measured),
+                })
+                print(f"  {dtype} batch {batch} {mode}: {rows[-1]['seconds']:.1f} s, decode "
+                      f"{rows[-1]['decode_tokens_per_s']:.1f} tokens/s", flush=True)
+        backend.close()
+
+    def plain_of(row: dict, dtype: str) -> dict:
+        return next(r for r in rows if r["batch"] == row["batch"] and r["mode"] == "plain" and r["dtype"] == dtype)
+
+    reference = rows[0]["dtype"]
+    print(f"\n## Speculative decoding and weight types, SmolLM2-135M on CPU ({args.threads or 'all'} threads), "
+          f"{len(measured)} LLM-CF prompts (MovieLens-100k, stream order, 20-item histories), temperature "
+          f"{args.temperature}, drafts <= {args.draft_tokens} tokens, index warmed with {len(warmup)} CoTs")
+    print(f"{'dtype':<9} {'batch':>5} {'mode':<9} {'seconds':>8} {'CoTs/s':>7} {'prefill s':>9} {'decode s':>8} "
+          f"{'decode tok/s':>12} {'x plain':>7} {'x ' + reference:>9} {'accepted':>8} {'tok/pass':>8} {'same text':>9} "
+          f"{'score':>6}")
+    for r in rows:
+        plain, base = plain_of(r, r["dtype"]), plain_of(r, reference)
+        same = sum(a == b for a, b in zip(r["texts"], plain["texts"], strict=True))
+        print(f"{r['dtype']:<9} {r['batch']:>5} {r['mode']:<9} {r['seconds']:>8.1f} {r['cots_per_s']:>7.2f} "
+              f"{r['prefill_s']:>9.1f} {r['decode_s']:>8.1f} {r['decode_tokens_per_s']:>12.1f} "
+              f"{r['decode_tokens_per_s'] / plain['decode_tokens_per_s']:>7.2f} "
+              f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:>9.2f} {r['acceptance']:>8.2f} "
+              f"{r['tokens_per_pass']:>8.2f} {same:>5}/{len(measured):<3} {r['score']:>6.3f}")
+
+    def best(dtype: str, mode: str, key: str) -> dict:
+        return max((r for r in rows if r["mode"] == mode and r["dtype"] == dtype), key=lambda r: r[key])
+
+    today = best(reference, "plain", "cots_per_s")
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        plain = best(dtype, "plain", "decode_tokens_per_s")
+        for mode in modes:
+            fastest = best(dtype, mode, "decode_tokens_per_s")
+            print(f"{dtype} {mode:<8}: decode tokens/s x{fastest['decode_tokens_per_s'] / plain['decode_tokens_per_s']:.2f} "
+                  f"{dtype} plain's (best batches {fastest['batch']} vs {plain['batch']}), "
+                  f"x{fastest['decode_tokens_per_s'] / best(reference, 'plain', 'decode_tokens_per_s')['decode_tokens_per_s']:.2f} "
+                  f"{reference} plain's; CoTs/s x{best(dtype, mode, 'cots_per_s')['cots_per_s'] / today['cots_per_s']:.2f} "
+                  f"{reference} plain's best (batch {today['batch']})")
+    print("(targets, issue 14: lossless drafts >= 2x the decode tokens/s of plain decoding, each at its best batch, with "
+          "identical greedy text; relaxed >= 3x. 'x plain': against plain decoding of the same weights and batch; 'same "
+          "text': outputs equal to it, guaranteed for lossless drafts only when greedy; 'score': mean "
+          "heuristic_rationale_score, the quality proxy)")
+    for r in rows:
+        del r["texts"]
+    print("\n" + json.dumps({"drafts": rows, "load_average": load_average(), "argv": sys.argv[1:]}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=16, help="prompts per transformer run (default 16)")
@@ -177,8 +280,23 @@ def main() -> None:
     parser.add_argument("--template-prompts", type=int, default=5000)
     parser.add_argument("--sentences", type=int, default=1000, help="sentences for the embedder benchmark")
     parser.add_argument("--skip-embedder", action="store_true")
+    parser.add_argument("--drafts", action="store_true",
+                        help="speculative decoding A/B instead: plain vs lossless vs relaxed drafts, per batch size")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="draft tokens per step at most (default 4)")
+    parser.add_argument("--draft-warmup", type=int, default=32,
+                        help="CoTs written first, for earlier requests, to fill the draft index (default 32)")
+    parser.add_argument("--temperature", type=float, default=0.6,
+                        help="--drafts only: 0 = greedy (lossless text must be identical), default 0.6 (production)")
+    parser.add_argument("--dtypes", default="float32",
+                        help="--drafts only: weight types compared, the first is the reference (e.g. float32,bfloat16)")
+    parser.add_argument("--relaxed-top-k", type=int, default=2, help="relaxed acceptance: the model's top k (DARE: 2)")
+    parser.add_argument("--relaxed-min-probability", type=float, default=0.1,
+                        help="relaxed acceptance: minimum probability of a kept draft token (DARE: 0.1)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    if args.drafts:
+        bench_drafts(args, batches)
+        return
 
     requests = movielens_requests(args.prompts)
     prompt_sets = {

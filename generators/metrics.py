@@ -32,7 +32,8 @@ TOKENS = Counter(
 )
 COTS = Counter(
     "llmcf_generator_cots_total",
-    "Requests finished by the pool, by backend and outcome (ok = result published, retries_exhausted = dead-lettered).",
+    "Requests finished by the pool, by backend and outcome (ok = result published, skipped_ttl = older than "
+    "LLMCF_COT_TTL_S, not generated, retries_exhausted = dead-lettered).",
     ["backend", "outcome"],
 )
 QUEUE_DEPTH = Gauge(
@@ -52,4 +53,16 @@ PAUSES = Counter(
     "llmcf_generator_pauses_total",
     "Times the pool paused consumption, by reason (queue_full, backend_saturated).",
     ["reason"],
+)
+DRAFT_TOKENS = Counter(
+    "llmcf_generator_draft_tokens_total",
+    "Speculative decoding (transformers on CPU, --draft-tokens): draft tokens proposed and accepted; "
+    "accepted / proposed = acceptance rate.",
+    ["outcome"],
+)
+DECODE_PASSES = Counter(
+    "llmcf_generator_decode_passes_total",
+    "Per-sequence decoding passes and the tokens they emitted (kind = passes, tokens); tokens / passes = tokens per "
+    "forward pass (1 without drafts).",
+    ["kind"],
 )

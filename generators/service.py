@@ -34,6 +34,9 @@ class GenerateOptions:
     max_attempts: int = 3
     max_new_tokens: int | None = None
     temperature: float | None = None
+    draft_tokens: int = 0
+    draft_acceptance: str = "lossless"
+    dtype: str | None = None
     metrics_port: int | None = None
 
 
@@ -70,10 +73,21 @@ def run_generator(settings: Settings, options: GenerateOptions) -> int:
             raise UserFacingError("the openai backend needs the served model name: set LLMCF_GENERATOR_MODEL or --model")
         backend_options |= {"base_url": options.openai_base_url, "model": options.model, "concurrency": options.max_batch}
     elif options.backend == "transformers":
-        backend_options |= {"model": options.model, "device": device, "max_batch": options.max_batch}
+        backend_options |= {"model": options.model, "device": device, "max_batch": options.max_batch,
+                            "dtype": options.dtype}
+        if options.draft_tokens:
+            from generators.backends.drafts import DraftConfig
+            from generators.backends.prefix_decoding import RELAXED, Acceptance
+
+            backend_options |= {"drafts": DraftConfig(draft_tokens=options.draft_tokens),
+                                "acceptance": RELAXED if options.draft_acceptance == "relaxed" else Acceptance()}
     elif options.model:
         log.warning("--model / LLMCF_GENERATOR_MODEL (%s) is ignored by the template backend", options.model)
-    config = PoolConfig(max_batch=options.max_batch, max_wait_ms=options.max_wait_ms, max_attempts=options.max_attempts)
+    if options.backend != "transformers" and (options.draft_tokens or options.dtype):
+        log.warning("--draft-tokens and --dtype are options of the transformers backend; the %s backend ignores them",
+                    options.backend)
+    config = PoolConfig(max_batch=options.max_batch, max_wait_ms=options.max_wait_ms, max_attempts=options.max_attempts,
+                        ttl_s=settings.cot_ttl_s)
     bootstrap = resolve_bootstrap(settings)
     ensure_topics(settings, bootstrap)
 
@@ -88,9 +102,10 @@ def run_generator(settings: Settings, options: GenerateOptions) -> int:
             "openai": f"an OpenAI-compatible server at {without_credentials(options.openai_base_url or '')}",
         }[backend.name]
         log.info("generator: backend=%s (%s), model=%s, embedder=%s on %s, group=%s, max batch %d, max wait %d ms, "
-                 "max attempts %d, max new tokens %s, temperature %g", backend.name, described, backend.model,
+                 "max attempts %d, max new tokens %s, temperature %g, TTL %s", backend.name, described, backend.model,
                  embedder.model_name, device, group_id(settings), config.max_batch, config.max_wait_ms,
-                 config.max_attempts, backend.options.max_new_tokens, backend.options.temperature)
+                 config.max_attempts, backend.options.max_new_tokens, backend.options.temperature,
+                 f"{config.ttl_s:g} s" if config.ttl_s else "none")
         pool = GeneratorPool(settings, bootstrap, backend, embedder, config)
         metrics_port = DEFAULT_METRICS_PORT if options.metrics_port is None else options.metrics_port
         try:

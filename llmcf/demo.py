@@ -488,8 +488,10 @@ def _summary(settings: Settings, options: DemoOptions, paths: DemoPaths, replaye
     print(f"window:     {options.dataset}, {window_interactions:,} interactions, published up to event "
           f"{replayer.position.published:,}")
     print("stored:     " + ", ".join(f"{table} {n:,}" for table, n in counts.items()))
-    print(f"CoTs:       {cots.get('generated', 0):,} generated, {cots.get('pending', 0):,} pending "
-          f"(backend {options.backend}; pending samples are retrievable already)")
+    skipped = total(scrape(options.generator_metrics_port), "llmcf_generator_cots_total", outcome="skipped_ttl")
+    print(f"CoTs:       {cots.get('generated', 0):,} generated, {cots.get('pending', 0):,} pending, of which "
+          f"{skipped:,.0f} skipped by the generator (older than LLMCF_COT_TTL_S={settings.cot_ttl_s:g} s when their "
+          f"turn came) (backend {options.backend}; pending samples are retrievable already)")
     for stage in FRESHNESS_STAGES:
         bounds, cumulative = freshness_buckets(freshness, stage)
         p50, p99 = histogram_quantile(0.5, bounds, cumulative), histogram_quantile(0.99, bounds, cumulative)
@@ -501,6 +503,9 @@ def _summary(settings: Settings, options: DemoOptions, paths: DemoPaths, replaye
     example = _example_ranking(repository, options.port)
     if example:
         print(f"ranked:     {example}")
+    coverage = _served_examples(options.port)
+    if coverage:
+        print(f"examples:   {coverage}")
     print("\nTry:")
     print(f"  http://127.0.0.1:{options.port}/docs          the ranker's API (OpenAPI)")
     print(f"  curl -s -X POST http://127.0.0.1:{options.port}/v1/rank -H 'content-type: application/json' \\")
@@ -525,6 +530,19 @@ def _example_ranking(repository: Any, port: int) -> str | None:
         return f"/v1/rank did not answer: {error}"
     scores = ", ".join(f"{s['item_id']} {s['score']:.3f}" for s in body.get("scores", []))
     return f"user {user} by model {body.get('model_version')}: {scores}"
+
+
+def _served_examples(port: int) -> str | None:
+    """The CoT coverage of the in-context examples the ranker has served so far (its /metrics): which share carries a
+    language model's CoT, the template fallback's, or none yet (pending)."""
+    samples = scrape(port)
+    served = {cot: total(samples, "llmcf_ranker_examples_total", cot=cot) for cot in ("llm", "template", "pending")}
+    count = sum(served.values())
+    if not count:
+        return None
+    shares = ", ".join(f"{value / count:.0%} {cot}" for cot, value in served.items())
+    return f"{count:,.0f} in-context examples served by the ranker: {shares} (CoT written by an LLM / by the " \
+           "non-LLM template / not yet)"
 
 
 def _auth_header() -> dict[str, str]:

@@ -17,9 +17,12 @@ only the order of floating-point operations in attention and in a decoding step'
 path, so greedy output matches `model.generate` token for token in practice (tests/generators/test_backends.py checks
 it on the real SmolLM2).
 
-Layout of a batch's cache, per layer: rows x key/value heads x (longest own part + max_new_tokens) x head_dim. Own
-parts are right-aligned (left padding, masked), so the token of decoding step t goes to the same column in every row.
-Positions (rotary) count real tokens only: prefix, then the row's own part, then its generated tokens.
+Layout of a batch's cache, per layer: rows x key/value heads x (longest own part + max_new_tokens [+ draft tokens]) x
+head_dim. Own parts are right-aligned (left padding, masked); each row then writes its generated tokens from the same
+column on, at its own pace (`written`): one token per pass in plain decoding, a token and the drafts kept with it in
+speculative decoding (`Drafter`, `Acceptance`; the drafts a pass refuses are masked and overwritten by the next one).
+Positions (rotary) count real tokens only: prefix, then the row's own part, then its generated tokens. A bfloat16 model
+decodes with bfloat16 caches (softmax in float32).
 
 Lifecycle: build once per model (`PrefixDecoder.supports(model)` first), call from one thread; `prefix()` results may be
 kept for the model's lifetime.
@@ -27,8 +30,10 @@ kept for the model's lifetime.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -98,7 +103,9 @@ class PrefixDecoder:
         self.group = self.heads // self.kv_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.decoder.layers[0].self_attn.scaling
-        self.eos_ids = torch.tensor(eos_ids)
+        self.dtype = next(model.parameters()).dtype  # the caches' too (bfloat16 models decode in bfloat16)
+        self.seconds = {"prefill": 0.0, "decode": 0.0}  # wall time spent in each phase since construction (benchmarks)
+        self._eos = frozenset(eos_ids)
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -110,7 +117,7 @@ class PrefixDecoder:
     def prefix(self, token_ids: list[int]) -> Prefix:
         """Keys and values of `token_ids` (a prompt's shared beginning), computed once."""
         if not token_ids:
-            empty = tuple(torch.zeros(self.kv_heads, 0, self.head_dim) for _ in self.decoder.layers)
+            empty = tuple(torch.zeros(self.kv_heads, 0, self.head_dim, dtype=self.dtype) for _ in self.decoder.layers)
             return Prefix((), empty, empty)
         ids = torch.tensor([token_ids])
         hidden = self.decoder.embed_tokens(ids)
@@ -128,21 +135,29 @@ class PrefixDecoder:
 
     @torch.inference_mode()
     def generate(
-        self, prefix: Prefix, own_parts: list[list[int]], *, max_new_tokens: int, sampling: Sampling, candidates: int = 1
+        self, prefix: Prefix, own_parts: list[list[int]], *, max_new_tokens: int, sampling: Sampling, candidates: int = 1,
+        drafter: Drafter | None = None, acceptance: Acceptance | None = None,
     ) -> list[list[list[int]]]:
         """For each own part, `candidates` continuations of prefix + own part: token ids up to and including the first
-        end-of-sequence token, at most `max_new_tokens`. Sampling uses torch's global generator (seed it to repeat)."""
+        end-of-sequence token, at most `max_new_tokens`. Sampling uses torch's global generator (seed it to repeat).
+
+        With a `drafter`, each step verifies a row's draft tokens in the same forward pass as its next token and keeps
+        those `acceptance` allows (speculative decoding): lossless acceptance gives plain decoding's greedy text, and
+        its distribution when sampling."""
         if not own_parts:
             return []
         if any(not part for part in own_parts):
             raise ValueError("every prompt needs at least one token after the shared prefix")
+        acceptance = acceptance or Acceptance()
         width = max(len(part) for part in own_parts)
         rows = len(own_parts) * candidates
-        total = width + max_new_tokens
-        keys = [torch.zeros(rows, self.kv_heads, total, self.head_dim) for _ in self.decoder.layers]
-        values = [torch.zeros(rows, self.kv_heads, total, self.head_dim) for _ in self.decoder.layers]
+        spare = drafter.max_tokens if drafter is not None else 0
+        total = width + max_new_tokens + spare
+        keys = [torch.zeros(rows, self.kv_heads, total, self.head_dim, dtype=self.dtype) for _ in self.decoder.layers]
+        values = [torch.zeros(rows, self.kv_heads, total, self.head_dim, dtype=self.dtype) for _ in self.decoder.layers]
         valid = torch.zeros(rows, total, dtype=torch.bool)
         first_logits = []
+        started = time.perf_counter()
         for index, part in enumerate(own_parts):
             rows_of_part = slice(index * candidates, (index + 1) * candidates)
             start = width - len(part)
@@ -155,24 +170,56 @@ class PrefixDecoder:
 
         owner = torch.arange(rows)  # row -> index into the outputs (prompt * candidates + candidate)
         positions = torch.tensor([len(prefix) + len(part) for part in own_parts]).repeat_interleave(candidates)
+        prefilled = time.perf_counter()
+        self.seconds["prefill"] += prefilled - started
+        written = torch.full((rows,), width)  # per row, the cache column of its next token
         outputs: list[list[int]] = [[] for _ in range(rows)]
-        tokens = self._sample(torch.cat(first_logits), sampling)
-        for step in range(max_new_tokens):
-            for row, token in zip(owner.tolist(), tokens.tolist(), strict=True):
-                outputs[row].append(token)
-            finished = torch.isin(tokens, self.eos_ids)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+        tokens = sample(torch.cat(first_logits), sampling)
+        emitted = [[token] for token in tokens.tolist()]
+        first_pass = True
+        while True:
+            finished = []
+            for row, new in zip(owner.tolist(), emitted, strict=True):
+                out = outputs[row]
+                # up to and including the first end-of-sequence token, within max_new_tokens
+                count = next((i + 1 for i, token in enumerate(new) if token in self._eos), len(new))
+                count = min(count, max_new_tokens - len(out))
+                out.extend(new[:count])
+                finished.append(len(out) == max_new_tokens or out[-1] in self._eos)
+                if drafter is not None:
+                    drafter.extend(row, new[:count])
+                    if not first_pass:
+                        drafter.steps += 1
+                        drafter.emitted += count
+                        drafter.accepted += min(count, len(new) - 1)  # drafts kept and emitted (none after an end)
+            done = torch.tensor(finished)
+            if bool(done.all()):
                 break
-            if bool(finished.any()):
-                keep = ~finished
-                owner, tokens, positions, valid = owner[keep], tokens[keep], positions[keep], valid[keep]
+            if bool(done.any()):
+                keep = ~done
+                owner, tokens, positions, valid, written = owner[keep], tokens[keep], positions[keep], valid[keep], written[keep]
                 keys = [k[keep] for k in keys]
                 values = [v[keep] for v in values]
-            column = width + step
-            valid[:, column] = True
-            logits = self._decode_step(prefix, tokens, positions, keys, values, valid[:, : column + 1], column)
-            positions = positions + 1
-            tokens = self._sample(logits, sampling)
+            drafts = [
+                drafter.draft(row, max_new_tokens - len(outputs[row]) - 1) if drafter is not None else []
+                for row in owner.tolist()
+            ]
+            length = 1 + max(len(d) for d in drafts)
+            block = tokens[:, None].repeat(1, length)
+            for index, draft in enumerate(drafts):
+                if draft:
+                    block[index, 1 : 1 + len(draft)] = torch.tensor(draft)
+            logits = self._forward_block(prefix, block, positions, keys, values, valid, written)
+            kept, tokens = acceptance.verify(logits, block, torch.tensor([len(d) for d in drafts]), sampling)
+            first_pass = False
+            emitted = [block[index, 1 : 1 + count].tolist() + [token]
+                       for index, (count, token) in enumerate(zip(kept.tolist(), tokens.tolist(), strict=True))]
+            # The row's token and its accepted drafts are now in the cache; the token after them is not yet.
+            columns = torch.arange(total)[None, :]
+            valid |= (columns >= written[:, None]) & (columns <= (written + kept)[:, None])
+            written = written + 1 + kept
+            positions = positions + 1 + kept
+        self.seconds["decode"] += time.perf_counter() - prefilled
         return [outputs[i * candidates : (i + 1) * candidates] for i in range(len(own_parts))]
 
     def _prefill(self, prefix: Prefix, part: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -198,7 +245,7 @@ class PrefixDecoder:
             values.append(value[0])
         return keys, values, self._logits(hidden[:, -1:])[:, -1]
 
-    def _decode_step(
+    def _forward_block(
         self,
         prefix: Prefix,
         tokens: torch.Tensor,
@@ -206,39 +253,47 @@ class PrefixDecoder:
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
         valid: torch.Tensor,
-        column: int,
+        written: torch.Tensor,
     ) -> torch.Tensor:
-        """One token per row: writes its keys and values at `column`, returns the next-token logits (rows x vocabulary)."""
-        rows = len(tokens)
-        hidden = self.decoder.embed_tokens(tokens[:, None])
-        cos, sin = self.decoder.rotary_emb(hidden, positions[:, None])
-        masked = ~valid[:, None, None, :]
+        """`tokens` (rows x L) continue each row from cache column `written[row]` and rotary position
+        `positions[row]`: writes their keys and values there, returns the logits after each (rows x L x vocabulary).
+        Token j of a row sees the prefix, the row's `valid` columns and its own tokens 0..j. Plain decoding is L = 1."""
+        rows, length = tokens.shape
+        steps = torch.arange(length)
+        hidden = self.decoder.embed_tokens(tokens)
+        cos, sin = self.decoder.rotary_emb(hidden, positions[:, None] + steps[None, :])
+        columns = written[:, None] + steps[None, :]  # rows x L: where each token's keys and values go
+        span = int(columns.max()) + 1
+        own = torch.arange(span)[None, None, :]
+        visible = valid[:, None, :span] | ((own >= written[:, None, None]) & (own <= columns[:, :, None]))
+        # rows x 1 x (group x L) x span: the query heads of a group share their row's mask
+        masked = ~visible[:, None, None].expand(rows, 1, self.group, length, span).reshape(rows, 1, -1, span)
+        row_index = torch.arange(rows)[:, None]
         prefix_length = len(prefix)
         for layer, layer_keys, layer_values, prefix_key, prefix_value in zip(
             self.decoder.layers, keys, values, prefix.keys, prefix.values, strict=True
         ):
             query, key, value = self._project(layer, hidden, cos, sin, few_rows_linear)
-            layer_keys[:, :, column] = key[:, :, 0]
-            layer_values[:, :, column] = value[:, :, 0]
-            # rows x kv heads x group x head_dim: the query heads of a group share one key/value head.
-            grouped = (query[:, :, 0] * self.scale).view(rows, self.kv_heads, self.group, self.head_dim)
-            # The prefix is the same for every row: one (rows * group) x head_dim by head_dim x prefix product per head.
-            stacked = grouped.transpose(0, 1).reshape(self.kv_heads, rows * self.group, self.head_dim)
+            layer_keys[row_index, :, columns] = key.transpose(1, 2)
+            layer_values[row_index, :, columns] = value.transpose(1, 2)
+            # rows x kv heads x (group x L) x head_dim: the query heads of a group share one key/value head.
+            grouped = (query * self.scale).reshape(rows, self.kv_heads, self.group * length, self.head_dim)
+            # The prefix is the same for every row: one (rows * group * L) x head_dim by head_dim x prefix product per head.
+            stacked = grouped.transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)
             prefix_scores = torch.matmul(stacked, prefix_key.transpose(1, 2))
-            prefix_scores = prefix_scores.view(self.kv_heads, rows, self.group, prefix_length).transpose(0, 1)
-            own_keys = layer_keys[:, :, : column + 1]
-            own_scores = torch.matmul(grouped, own_keys.transpose(2, 3)).masked_fill_(masked, float("-inf"))
-            weights = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1), dim=-1)
-            prefix_weights = weights[..., :prefix_length].transpose(0, 1).reshape(
-                self.kv_heads, rows * self.group, prefix_length
-            )
-            from_prefix = torch.matmul(prefix_weights, prefix_value).view(self.kv_heads, rows, self.group, self.head_dim)
-            attended = torch.matmul(weights[..., prefix_length:], layer_values[:, :, : column + 1])
+            prefix_scores = prefix_scores.view(self.kv_heads, rows, -1, prefix_length).transpose(0, 1)
+            own_scores = torch.matmul(grouped, layer_keys[:, :, :span].transpose(2, 3)).masked_fill_(masked, float("-inf"))
+            # softmax in float32 whatever the model's type: bfloat16 sums of ~600 weights lose the small ones
+            weights = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1), dim=-1, dtype=torch.float32)
+            weights = weights.to(self.dtype)
+            prefix_weights = weights[..., :prefix_length].transpose(0, 1).reshape(self.kv_heads, -1, prefix_length)
+            from_prefix = torch.matmul(prefix_weights, prefix_value).view(self.kv_heads, rows, -1, self.head_dim)
+            attended = torch.matmul(weights[..., prefix_length:], layer_values[:, :, :span])
             attended = attended + from_prefix.transpose(0, 1)
             hidden = self._finish_layer(
-                layer, hidden, attended.reshape(rows, self.heads, 1, self.head_dim), few_rows_linear
+                layer, hidden, attended.reshape(rows, self.heads, length, self.head_dim), few_rows_linear
             )
-        return self._logits(hidden, few_rows_linear)[:, -1]
+        return self._logits(hidden, few_rows_linear)
 
     def _project(
         self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -269,18 +324,100 @@ class PrefixDecoder:
     def _logits(self, hidden: torch.Tensor, linear: Linear = torch.nn.Module.__call__) -> torch.Tensor:
         return linear(self.model.lm_head, self.decoder.norm(hidden)).float()
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+
+def distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The probabilities sampling draws from (sampling.temperature > 0): softmax at the temperature, cut to the top-p
+    nucleus (the tokens whose preceding cumulative probability is below top_p) and renormalised. Any leading shape."""
+    scaled = logits / sampling.temperature
+    if sampling.top_p < 1.0:
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        probabilities = ordered.softmax(dim=-1)
+        outside = probabilities.cumsum(dim=-1) - probabilities >= sampling.top_p
+        scaled = scaled.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+    return scaled.softmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """One token per row of `logits` (rows x vocabulary): the argmax when greedy, else a draw from `distribution`."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    return _draw(distribution(logits, sampling))
+
+
+def _draw(probabilities: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: one uniform number per row (torch.multinomial draws one exponential per vocabulary entry,
+    which costs more than the rest of a small model's step at batch 16)."""
+    cumulative = probabilities.cumsum(dim=-1)
+    draws = torch.rand(len(cumulative), 1) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, draws)[:, 0].clamp_(max=cumulative.shape[1] - 1)
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """Which draft tokens a speculative step keeps.
+
+    Lossless (`top_k` 1, `min_probability` 0): greedy keeps a draft token while it is the model's argmax, so the text
+    is plain greedy decoding's; sampling keeps draft token d with probability p(d) and, at the first rejection, draws
+    from p with d removed (speculative sampling with a one-point draft distribution), so the text follows the model's
+    distribution. Relaxed (DARE): a draft token is kept when it is among the model's `top_k` and its probability (at
+    temperature 1) is at least `min_probability`; the text changes (bench.generators measures how much)."""
+
+    top_k: int = 1
+    min_probability: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or not 0.0 <= self.min_probability <= 1.0:
+            raise ValueError("top_k must be >= 1 and min_probability within [0, 1]")
+
+    @property
+    def lossless(self) -> bool:
+        return self.top_k == 1 and self.min_probability == 0.0
+
+    def verify(self, logits: torch.Tensor, block: torch.Tensor, drafted: torch.Tensor,
+               sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logits` (rows x L x vocabulary) after each token of `block` (rows x L: a row's token, then `drafted[row]`
+        draft tokens, then padding): per row, how many draft tokens are kept and the token that follows them."""
+        rows, length, _ = logits.shape
+        drafts = block[:, 1:]
+        in_draft = torch.arange(length - 1)[None, :] < drafted[:, None]
+        index = torch.arange(rows)
+        probabilities = None
+        if self.lossless and sampling.temperature == 0:
+            agrees = logits[:, :-1].argmax(dim=-1) == drafts
+        elif self.lossless:
+            probabilities = distribution(logits, sampling)
+            p_draft = probabilities[:, :-1].gather(-1, drafts[..., None])[..., 0]
+            agrees = torch.rand(p_draft.shape) < p_draft
+        else:
+            ranked = logits[:, :-1].topk(self.top_k, dim=-1).indices
+            p_draft = logits[:, :-1].softmax(dim=-1).gather(-1, drafts[..., None])[..., 0]
+            agrees = (ranked == drafts[..., None]).any(dim=-1) & (p_draft >= self.min_probability)
+        kept = (agrees & in_draft).long().cumprod(dim=1).sum(dim=1)
+        after = logits[index, kept]
         if sampling.temperature == 0:
-            return logits.argmax(dim=-1)
-        scaled = logits / sampling.temperature
-        if sampling.top_p < 1.0:
-            ordered, order = scaled.sort(dim=-1, descending=True)
-            # Drop the tokens after the nucleus: those whose preceding cumulative probability already reaches top_p.
-            outside = ordered.softmax(dim=-1).cumsum(dim=-1) - ordered.softmax(dim=-1) >= sampling.top_p
-            scaled = scaled.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
-        # Inverse-CDF sampling: one uniform number per row (torch.multinomial draws one exponential per vocabulary entry,
-        # which costs more than the rest of a small model's step at batch 16).
-        cumulative = scaled.softmax(dim=-1).cumsum(dim=-1)
-        draws = torch.rand(len(cumulative), 1) * cumulative[:, -1:]
-        return torch.searchsorted(cumulative, draws)[:, 0].clamp_(max=cumulative.shape[1] - 1)
+            return kept, after.argmax(dim=-1)
+        if probabilities is None:
+            return kept, sample(after, sampling)
+        following = probabilities[index, kept]
+        rejected = kept < drafted  # the draft token at `kept` was refused: draw from the rest
+        refused = drafts[index, kept.clamp(max=length - 2)] if length > 1 else block[:, 0]
+        following = torch.where(rejected[:, None], following.scatter(-1, refused[:, None], 0.0), following)
+        return kept, _draw(following)
+
+
+RELAXED = Acceptance(top_k=2, min_probability=0.1)  # DARE's published setting
+
+
+class Drafter(Protocol):
+    """Draft tokens per decoding row (`drafts.RequestDrafter`): `extend` reports each row's newly emitted tokens,
+    `draft` proposes up to `limit` next ones, `max_tokens` bounds every draft; the decoder counts each row's verifying
+    passes (`steps`), the tokens they emitted (`emitted`) and the draft tokens among them (`accepted`)."""
+
+    max_tokens: int
+    steps: int
+    emitted: int
+    accepted: int
+
+    def extend(self, row: int, tokens: list[int]) -> None: ...
+
+    def draft(self, row: int, limit: int) -> list[int]: ...

@@ -19,6 +19,11 @@ there). Both: the model's chat template, sampling at the options' temperature (g
 Prompts are sorted by length before they are cut into batches of `max_batch`, so a batch pads little. With
 `candidates > 1` each prompt gets n sampled continuations and the best by `heuristic_rationale_score` is kept.
 
+Options of the CPU decoder, both off by default because they change what is measured or written (see
+`python -m bench.generators --drafts`): `drafts` (speculative decoding, drafts retrieved from the prompt and from the
+CoTs this backend already wrote, `drafts.py`; lossless by default) and `dtype="bfloat16"` (on CPUs with native support;
+the text changes: other rounding).
+
 Lifecycle: construct (loads the model, pins torch's intra-op threads), `generate` from one thread, `close()`.
 """
 
@@ -33,12 +38,15 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from generators import metrics
 from generators.backends import CotBackend, Generation, GenerationOptions, pick_best_candidate
-from generators.backends.prefix_decoding import Prefix, PrefixDecoder, Sampling
+from generators.backends.drafts import DraftConfig, DraftIndex, RequestDrafter
+from generators.backends.prefix_decoding import Acceptance, Prefix, PrefixDecoder, Sampling
 from generators.prompt import Prompt
 from llmcf.errors import UserFacingError
 from llmcf.settings import Settings
@@ -71,6 +79,9 @@ class TransformersBackend(CotBackend):
         threads: int | None = None,
         max_batch: int | None = None,
         home: str | os.PathLike[str] | None = None,
+        drafts: DraftConfig | None = None,
+        acceptance: Acceptance | None = None,
+        dtype: str | None = None,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,7 +93,7 @@ class TransformersBackend(CotBackend):
         model_dir, self.model = resolve_model_dir(model, models_home / "models")
 
         started = time.perf_counter()
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else torch.float32
+        dtype = resolve_dtype(dtype, self.device)
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self._tokenizer.padding_side = "left"
         self._model = AutoModelForCausalLM.from_pretrained(
@@ -109,6 +120,12 @@ class TransformersBackend(CotBackend):
             PrefixDecoder(self._model, self._eos_ids) if not on_gpu and PrefixDecoder.supports(self._model) else None
         )
         self._prefixes: dict[tuple[int, ...], Prefix] = {}
+        # Speculative decoding (CPU decoder only): drafts from the chains of thought this backend wrote.
+        self.drafts = DraftIndex(drafts) if drafts is not None and self._prefix_decoder is not None else None
+        if drafts is not None and self.drafts is None:
+            log.warning("speculative decoding runs in the CPU decoder only; decoding %s without drafts", self.model)
+        self.acceptance = acceptance or Acceptance()
+        self.draft_stats = DraftStats()
         log.info("decoding with %s", "the shared-prefix decoder" if self._prefix_decoder else "transformers' generate")
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
@@ -178,15 +195,30 @@ class TransformersBackend(CotBackend):
     def _generate_with_prefix(self, prefix: Prefix, prompts: list[Prompt], token_ids: list[list[int]]) -> list[Generation]:
         options = self.options
         candidates = 1 if options.greedy else options.candidates
+        drafter = None
+        if self.drafts is not None:
+            drafter = RequestDrafter(self.drafts, [ids for ids in token_ids for _ in range(candidates)],
+                                     [p.request.target.item_id for p in prompts for _ in range(candidates)])
         outputs = self._prefix_decoder.generate(
             prefix,
             [ids[len(prefix) :] for ids in token_ids],
             max_new_tokens=options.max_new_tokens,
             sampling=Sampling(temperature=options.temperature, top_p=options.top_p),
             candidates=candidates,
+            drafter=drafter,
+            acceptance=self.acceptance,
         )
+        if drafter is not None:
+            self.draft_stats.add(drafter)
+            metrics.DRAFT_TOKENS.labels("proposed").inc(drafter.drafted)
+            metrics.DRAFT_TOKENS.labels("accepted").inc(drafter.accepted)
+            metrics.DECODE_PASSES.labels("passes").inc(drafter.steps)
+            metrics.DECODE_PASSES.labels("tokens").inc(drafter.emitted)
         generations = []
         for prompt, ids, sequences in zip(prompts, token_ids, outputs, strict=True):
+            if self.drafts is not None:
+                for sequence in sequences:
+                    self.drafts.add(prompt.request.target.item_id, sequence[: _completion_length(sequence, self._eos_ids)])
             texts = [self._decode(sequence) for sequence in sequences]
             text = texts[0] if candidates == 1 else pick_best_candidate(prompt, texts)
             generations.append(
@@ -244,6 +276,31 @@ class TransformersBackend(CotBackend):
             torch.cuda.empty_cache()
 
 
+@dataclass
+class DraftStats:
+    """Speculative decoding's totals since the backend started: verifying passes (one per row per forward pass), the
+    tokens they emitted (first tokens, from the prefill, not counted), draft tokens proposed and kept."""
+
+    passes: int = 0
+    tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def add(self, drafter: RequestDrafter) -> None:
+        self.passes += drafter.steps
+        self.tokens += drafter.emitted
+        self.drafted += drafter.drafted
+        self.accepted += drafter.accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / self.passes if self.passes else 0.0
+
+
 GROUPED_QUERY_SDPA = "llmcf_grouped_query_sdpa"
 
 
@@ -282,6 +339,30 @@ def _cpu_attention() -> str:
     AttentionInterface.register(GROUPED_QUERY_SDPA, grouped_query_sdpa)
     AttentionMaskInterface.register(GROUPED_QUERY_SDPA, sdpa_mask)
     return GROUPED_QUERY_SDPA
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The weights' type: `name`, else bfloat16 on a GPU that has it (float16 otherwise) and float32 on a CPU. bfloat16
+    on a CPU is for those with native support (AVX512-BF16 or AMX: its matrix products measured 2.5-3x float32's on
+    2 cores); elsewhere it is emulated and slower, so it is refused."""
+    if name is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserFacingError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+    if device.type == "cpu" and name != "float32" and not (name == "bfloat16" and _cpu_has_bfloat16()):
+        raise UserFacingError(f"{name} on this CPU is emulated (no AVX512-BF16 / AMX): use float32")
+    return getattr(torch, name)
+
+
+def _cpu_has_bfloat16() -> bool:
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool((probe and probe()) or (amx and amx()))
 
 
 def resolve_device(device: str) -> torch.device:

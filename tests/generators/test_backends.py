@@ -481,15 +481,15 @@ def test_few_rows_linear_computes_the_module_s_own_product_for_any_row_count():
 def test_sampling_follows_temperature_and_nucleus():
     import torch
 
-    from generators.backends.prefix_decoding import PrefixDecoder, Sampling
+    from generators.backends.prefix_decoding import Sampling, sample
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).expand(4000, -1)
     torch.manual_seed(3)
-    counts = torch.bincount(PrefixDecoder._sample(logits, Sampling(temperature=1.0)), minlength=4) / 4000
+    counts = torch.bincount(sample(logits, Sampling(temperature=1.0)), minlength=4) / 4000
     torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.03, rtol=0)
-    nucleus = torch.bincount(PrefixDecoder._sample(logits, Sampling(temperature=1.0, top_p=0.7)), minlength=4) / 4000
+    nucleus = torch.bincount(sample(logits, Sampling(temperature=1.0, top_p=0.7)), minlength=4) / 4000
     assert nucleus[2] == 0 and nucleus[3] == 0 and abs(nucleus[0] - 0.5 / 0.8) < 0.03
-    assert PrefixDecoder._sample(logits[:2], Sampling(temperature=0)).tolist() == [0, 0]
+    assert sample(logits[:2], Sampling(temperature=0)).tolist() == [0, 0]
 
 
 @pytest.mark.slow
