@@ -18,10 +18,14 @@ Delivery contract (at-least-once):
 - a process killed at any moment (kill -9) loses nothing: what it had not committed is redelivered to the group, and
   results are keyed by request_id, so the duplicates this causes are absorbed by the idempotent upserts downstream.
 
-Budget (`ttl_s`, `LLMCF_COT_TTL_S`): a request whose `requested_at` is older than the TTL when its batch comes up is
-skipped (counted as `skipped_ttl`), not generated; its sample stays retrievable with the pending placeholder. A pool
-slower than its inflow thus works on requests at most a TTL old and drains an older backlog at consumption speed;
-every request ends generated, skipped or dead-lettered.
+Budget (`ttl_s`, `LLMCF_COT_TTL_S`): a request that would be older than the TTL by the time its result is published
+(its age, plus the generation time of its batch and of those ahead of it, from the pool's recent batches) is skipped
+(counted as `skipped_ttl`), not generated; its sample stays retrievable with the pending placeholder. The polling
+thread skips such requests as it consumes them (finished at once, without waiting for the generation thread), and the
+generation thread skips those that aged past it while queued. A pool slower than its inflow thus publishes only results
+within about a TTL of their request, and every request ends generated, skipped or dead-lettered. The backlog itself is
+not bounded yet: consumption pauses while the queue is full, and measured at 10x capacity a member then fetches from
+a few of its partitions per resume while the others wait (their requests are skipped when reached).
 
 Failures and backpressure:
 - a batch whose backend call fails (`BackendError`) is retried request by request; a request that fails `max_attempts`
@@ -57,7 +61,7 @@ from generators import metrics as pool_metrics
 from generators.backends import BackendError, BackendSaturated, CotBackend, Generation
 from generators.prompt import Prompt, build_prompt
 from llmcf.dead_letters import DeadLetterDeliveryError, DeadLetterPolicy, KafkaDeadLetterSink, SourceRecord, decode_batch
-from llmcf.events import CotRequest, CotResult, DeadLetter, DeadLetterReason
+from llmcf.events import CotRequest, CotResult, DeadLetter, DeadLetterReason, decode
 from llmcf.kafka import consumer_config, producer_config
 from llmcf.metrics import COMMITTED_OFFSET, CONSUMER_LAG, END_OFFSET, EVENTS, observe_freshness
 from llmcf.settings import Settings
@@ -116,11 +120,16 @@ class PoolStats:
     consumed: int = 0  # polling thread
     batches: int = 0  # generation thread: batches with at least one request for the backend
     published: int = 0  # generation thread
-    skipped: int = 0  # generation thread: requests older than the TTL, not generated
+    skipped_on_arrival: int = 0  # polling thread: requests past the TTL when consumed, not generated
+    skipped_in_queue: int = 0  # generation thread: requests that passed the TTL while queued, not generated
     dead_lettered: int = 0  # generation thread
     completion_tokens: int = 0  # generation thread
     commits: int = 0  # polling thread
     pauses: dict[str, int] = field(default_factory=lambda: {"queue_full": 0, "backend_saturated": 0})  # polling thread
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_on_arrival + self.skipped_in_queue
 
 
 @dataclass(frozen=True)
@@ -308,6 +317,7 @@ class GeneratorPool:
         self._paused: list[TopicPartition] = []
         self._pause_reason: str | None = None
         self._saturated_until = 0.0  # monotonic; written by the generation thread, read by the polling thread
+        self._batch_seconds = 0.0  # recent generation time of a batch (moving average); written by the generation thread
         self._waiting = 0  # requests consumed and unfinished (queue depth), polling thread
         self._stopping = False
         self._consumer: Consumer | None = None
@@ -395,12 +405,37 @@ class GeneratorPool:
         epoch = self._ownership.epoch(partition)
         if epoch is None or not self._offsets.consumed(partition, offset, epoch):
             return  # fetched just before a revoke: the partition's new owner reads it
+        self.stats.consumed += 1
+        if self._expired_on_arrival(message.value()):
+            self._offsets.dispatched(partition, epoch)
+            self._offsets.finished(partition, offset, epoch)  # committable with its neighbours, never generated
+            self.stats.skipped_on_arrival += 1
+            EVENTS.labels(topic=self.topics.cot_requests, outcome="ok").inc()
+            pool_metrics.COTS.labels(backend=self.backend.name, outcome="skipped_ttl").inc()
+            return
         if not self._collecting:
             self._collecting_since = time.monotonic()
         record = SourceRecord(message.value(), message.key(), message.topic(), partition, offset)
         self._collecting.append(_Work(record, epoch))
-        self.stats.consumed += 1
         self._waiting += 1
+
+    def _expired_on_arrival(self, value: bytes | None) -> bool:
+        """Whether a valid request is already too old to be generated within the TTL (an invalid one goes on to the
+        generation thread, which dead-letters it)."""
+        if not self.config.ttl_s:
+            return False
+        try:
+            request = decode(CotRequest, value)
+        except Exception:  # noqa: BLE001 - any undecodable record is the generation thread's to dead-letter
+            return False
+        # its batch waits for the one generating and those queued, then generates
+        return self._too_old(request, datetime.now(timezone.utc), batches_ahead=self._work.qsize() + 1)
+
+    def _too_old(self, request: CotRequest, now: datetime, batches_ahead: int = 0) -> bool:
+        """Its result would be published after the TTL: its age plus the generation time of its batch and of the
+        `batches_ahead` before it (a recent batch's, measured) exceed it."""
+        expected_s = (batches_ahead + 1) * self._batch_seconds
+        return (now - request.requested_at).total_seconds() + expected_s > self.config.ttl_s
 
     def _dispatch_ready(self) -> None:
         """Hand the collected requests to the generation queue when the batch is full or has waited `max_wait_ms`."""
@@ -646,7 +681,10 @@ class GeneratorPool:
             self.stats.batches += 1
         started = time.perf_counter()
         outcomes = self._generate(prepared)
-        pool_metrics.BATCH_SECONDS.labels(backend=self.backend.name).observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        pool_metrics.BATCH_SECONDS.labels(backend=self.backend.name).observe(seconds)
+        if prepared:
+            self._batch_seconds = seconds if not self._batch_seconds else 0.7 * self._batch_seconds + 0.3 * seconds
 
         succeeded: list[tuple[_Prepared, Generation]] = []
         for item, outcome in zip(prepared, outcomes, strict=True):
@@ -706,7 +744,7 @@ class GeneratorPool:
                 EVENTS.labels(topic=topic, outcome="dead_lettered").inc()
                 continue
             EVENTS.labels(topic=topic, outcome="ok").inc()
-            if self.config.ttl_s and (now - request.requested_at).total_seconds() > self.config.ttl_s:
+            if self.config.ttl_s and self._too_old(request, now):
                 skipped += 1
                 continue
             prepared.append(_Prepared(work, request, prompt))
@@ -714,9 +752,9 @@ class GeneratorPool:
             # Not generated, not an error: the sample stays retrievable with the pending placeholder. The offset is
             # committed with the batch's.
             pool_metrics.COTS.labels(backend=self.backend.name, outcome="skipped_ttl").inc(skipped)
-            self.stats.skipped += skipped
-            log.info("skipped %d CoT requests older than the TTL (%g s): the pool is behind its inflow", skipped,
-                     self.config.ttl_s)
+            self.stats.skipped_in_queue += skipped
+            log.info("skipped %d CoT requests that would be older than the TTL (%g s) when generated (a batch takes "
+                     "%.1f s): the pool is behind its inflow", skipped, self.config.ttl_s, self._batch_seconds)
         return prepared
 
     def _generate(self, prepared: list[_Prepared]) -> list[Generation | _GenerationFailed]:

@@ -49,8 +49,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLMCF_COLD_START_WINDOW_S", "86400", "Interactions on items younger than this (event time, seconds) always "
             "get a chain of thought: priority for new items."),
     Setting("LLMCF_COT_TTL_S", "900", "`llmcf generate`: a CoT request older than this (seconds since its `requested_at`) "
-            "when its batch comes up is skipped, not generated (counted; its sample stays retrievable as pending), so the "
-            "generators' backlog is bounded in time whatever the inflow; 0 = never skip."),
+            "by the time its result would be published is skipped, not generated (counted; its sample stays retrievable as "
+            "pending), so a pool behind its inflow publishes only results within about a TTL of their request; 0 = never."),
     Setting("LLMCF_HISTORY_LENGTH", "20", "Items kept per user in the history table (the paper: 20)."),
     Setting("LLMCF_GENERATOR_BACKEND", "transformers", "CoT backend of `llmcf generate`: transformers, openai, or template "
             "(a deterministic non-LLM rationale for load tests)."),
