@@ -3,10 +3,10 @@
     python -m bench.generators [--prompts 16] [--max-new-tokens N] [--batches 1,4,16] [--repeats 1] [--threads N]
                                [--device cpu]
     python -m bench.generators --drafts [--temperature 0] [--draft-tokens 4] [--draft-warmup 32] [--batches 1,4,16]
-                               [--dtypes float32,bfloat16]
+                               [--dtypes float32,bfloat16] [--prompt-forms tags,compact] [--modes plain,lossless,relaxed]
 
 Transformer runs use the same prompts at every batch size, in two sets: "llmcf" (the real LLM-CF prompt over real
-MovieLens-100k samples with 20-item histories, `movielens_requests`: ~530 tokens, of which ~160 are the shared
+MovieLens-100k samples with 20-item histories, `movielens_requests`: ~435 tokens, of which ~165 are the shared
 instructions that the CPU backend prefills once per process) and "short" (the same requests cut to 2 history items),
 with the production decoding (sampling at T=0.6, one candidate, fixed seed, and by default the backend's own
 `max_new_tokens`: 96 on CPU, 256 on a GPU, as `llmcf generate` runs); tokens/s counts the tokens actually generated.
@@ -16,12 +16,16 @@ batching, so the longer a prompt's own part against its completion, the smaller 
 machine skew every figure: the load average is printed before each run, and each row's process CPU time beside its
 wall time.
 
-`--drafts` (issue 14) compares, in one process and on the same prompts (MovieLens-100k requests in stream order, after
-`--draft-warmup` earlier ones whose CoTs fill each backend's draft index), per weight type (`--dtypes`, the first is the
-reference) and batch size: plain decoding, lossless drafts and relaxed (DARE: top 2, p >= 0.1) drafts. It prints the
-prefill and decode seconds (the decoder's own timers), decode tokens/s, the acceptance rate, tokens per verifying pass,
-how many texts equal plain decoding's and the mean `heuristic_rationale_score`. `--temperature 0` (greedy) is where
-lossless drafts must give identical text; the production decoding samples at 0.6.
+`--drafts` (issue 14) compares generator configurations in one process, on the same requests (MovieLens-100k in
+stream order, after `--draft-warmup` earlier ones whose CoTs fill each backend's draft index): per weight type
+(`--dtypes`, the first is the reference), prompt form (`--prompt-forms`: "tags", each history line with its item's
+tags as before issue 14, and "compact", the default, titles only) and batch size, each decoding mode (`--modes`: plain,
+lossless drafts, relaxed DARE drafts: top 2, p >= 0.1). It prints the prefill and decode seconds (the decoder's own
+timers), decode tokens/s, the acceptance rate, tokens per verifying pass, how many texts equal plain decoding's and the
+mean `heuristic_rationale_score`; then the default configuration (`llmcf generate` on this machine: its weight type,
+the compact prompt, no drafts, batch 48) against today's (the first weight type, the tags prompt, no drafts, batch 16),
+with the gain split into weights, prompt and batch size. `--temperature 0` (greedy) is where lossless drafts must give
+identical text; the production decoding samples at 0.6.
 """
 
 from __future__ import annotations
@@ -169,18 +173,20 @@ def bench_embedder(sentences: int, threads: int | None) -> list[dict]:
 
 
 def bench_drafts(args: argparse.Namespace, batches: list[int]) -> None:
-    """Speculative decoding and bfloat16 A/B in one process (issue 14): per weight type and batch size, plain decoding,
-    lossless drafts and relaxed (DARE) drafts on the same prompts, each backend's draft index first filled with the CoTs
-    it writes for earlier requests (the warm-up)."""
+    """Generator configurations A/B in one process (issue 14): per weight type, prompt form and batch size, plain
+    decoding, lossless drafts and relaxed (DARE) drafts on the same requests, each backend's draft index first filled
+    with the CoTs it writes for earlier requests (the warm-up)."""
     from generators.backends import heuristic_rationale_score
     from generators.backends.drafts import DraftConfig
     from generators.backends.prefix_decoding import Acceptance
+    from generators.backends.transformers_backend import CPU_MAX_BATCH, default_dtype_name
 
     requests = movielens_requests(args.draft_warmup + args.prompts)
-    prompts = [build_prompt(r, feedback="rating") for r in requests]
-    warmup, measured = prompts[: args.draft_warmup], prompts[args.draft_warmup :]
-    modes = {"plain": None, "lossless": Acceptance(),
-             "relaxed": Acceptance(top_k=args.relaxed_top_k, min_probability=args.relaxed_min_probability)}
+    forms = args.prompt_forms.split(",")
+    prompts = {form: [build_prompt(r, feedback="rating", history_tags=form == "tags") for r in requests] for form in forms}
+    all_modes = {"plain": None, "lossless": Acceptance(),
+                 "relaxed": Acceptance(top_k=args.relaxed_top_k, min_probability=args.relaxed_min_probability)}
+    modes = {mode: all_modes[mode] for mode in args.modes.split(",")}
     rows = []
     for dtype in args.dtypes.split(","):
         print(f"transformers backend, {dtype}: loading, temperature {args.temperature}, drafts of {args.draft_tokens} "
@@ -190,73 +196,102 @@ def bench_drafts(args: argparse.Namespace, batches: list[int]) -> None:
                                  max_batch=max(batches), options=options, dtype=dtype,
                                  drafts=DraftConfig(draft_tokens=args.draft_tokens))
         index, decoder = backend.drafts, backend._prefix_decoder
-        backend.generate(measured[:1])
+        warmup = prompts[forms[-1]][: args.draft_warmup]
+        backend.drafts = None  # first-call allocations are not throughput; the index must not learn a measured CoT
+        backend.generate(prompts[forms[0]][-1:])
+        backend.drafts = index
         started = time.perf_counter()
         for start in range(0, len(warmup), max(batches)):
             backend.generate(warmup[start : start + max(batches)])
         print(f"  draft index warmed with {len(warmup)} CoTs of earlier requests ({time.perf_counter() - started:.0f} s)",
               flush=True)
-        for batch in batches:
-            for mode, acceptance in modes.items():
-                backend.drafts, backend.acceptance = (None, Acceptance()) if acceptance is None else (index, acceptance)
-                backend.draft_stats.__init__()
-                decoder.seconds = {"prefill": 0.0, "decode": 0.0}
-                started, tokens, texts = time.perf_counter(), 0, []
-                for start in range(0, len(measured), batch):
-                    for generation in backend.generate(measured[start : start + batch]):
-                        tokens += generation.completion_tokens
-                        texts.append(generation.text)
-                stats = backend.draft_stats
-                rows.append({
-                    "dtype": dtype, "batch": batch, "mode": mode, "seconds": time.perf_counter() - started,
-                    "tokens": tokens, "prefill_s": decoder.seconds["prefill"], "decode_s": decoder.seconds["decode"],
-                    "decode_tokens_per_s": tokens / decoder.seconds["decode"], "cots_per_s": len(measured) / (
-                        time.perf_counter() - started),
-                    "acceptance": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass or 1.0,
-                    "texts": texts,
-                    "score": sum(heuristic_rationale_score(p, t) for p, t in zip(measured, texts, strict=True))
-                    / len(measured),
-                })
-                print(f"  {dtype} batch {batch} {mode}: {rows[-1]['seconds']:.1f} s, decode "
-                      f"{rows[-1]['decode_tokens_per_s']:.1f} tokens/s", flush=True)
+        for form in forms:
+            measured = prompts[form][args.draft_warmup :]
+            for batch in batches:
+                for mode, acceptance in modes.items():
+                    backend.drafts, backend.acceptance = (None, Acceptance()) if acceptance is None else (index, acceptance)
+                    backend.draft_stats.__init__()
+                    decoder.seconds = {"prefill": 0.0, "decode": 0.0}
+                    started, tokens, prompt_tokens, texts = time.perf_counter(), 0, 0, []
+                    for start in range(0, len(measured), batch):
+                        for generation in backend.generate(measured[start : start + batch]):
+                            tokens += generation.completion_tokens
+                            prompt_tokens += generation.prompt_tokens
+                            texts.append(generation.text)
+                    seconds = time.perf_counter() - started
+                    stats = backend.draft_stats
+                    rows.append({
+                        "dtype": dtype, "prompt": form, "batch": batch, "mode": mode, "seconds": seconds,
+                        "tokens": tokens, "prompt_tokens": prompt_tokens / len(measured),
+                        "prefill_s": decoder.seconds["prefill"], "decode_s": decoder.seconds["decode"],
+                        "decode_tokens_per_s": tokens / decoder.seconds["decode"], "cots_per_s": len(measured) / seconds,
+                        "acceptance": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass or 1.0,
+                        "texts": texts,
+                        "score": sum(heuristic_rationale_score(p, t) for p, t in zip(measured, texts, strict=True))
+                        / len(measured),
+                    })
+                    print(f"  {dtype} {form} prompt, batch {batch} {mode}: {seconds:.1f} s, decode "
+                          f"{rows[-1]['decode_tokens_per_s']:.1f} tokens/s", flush=True)
         backend.close()
 
-    def plain_of(row: dict, dtype: str) -> dict:
-        return next(r for r in rows if r["batch"] == row["batch"] and r["mode"] == "plain" and r["dtype"] == dtype)
+    def row_of(dtype: str, form: str, mode: str, batch: int) -> dict | None:
+        return next((r for r in rows if (r["dtype"], r["prompt"], r["mode"], r["batch"]) == (dtype, form, mode, batch)),
+                    None)
 
     reference = rows[0]["dtype"]
-    print(f"\n## Speculative decoding and weight types, SmolLM2-135M on CPU ({args.threads or 'all'} threads), "
-          f"{len(measured)} LLM-CF prompts (MovieLens-100k, stream order, 20-item histories), temperature "
-          f"{args.temperature}, drafts <= {args.draft_tokens} tokens, index warmed with {len(warmup)} CoTs")
-    print(f"{'dtype':<9} {'batch':>5} {'mode':<9} {'seconds':>8} {'CoTs/s':>7} {'prefill s':>9} {'decode s':>8} "
-          f"{'decode tok/s':>12} {'x plain':>7} {'x ' + reference:>9} {'accepted':>8} {'tok/pass':>8} {'same text':>9} "
-          f"{'score':>6}")
+    count = args.prompts
+    print(f"\n## Generator configurations, SmolLM2-135M on CPU ({args.threads or 'all'} threads), {count} LLM-CF prompts "
+          f"(MovieLens-100k, stream order, 20-item histories), temperature {args.temperature}, "
+          f"<= {args.max_new_tokens or 'the backend default'} new tokens, drafts <= {args.draft_tokens} tokens, "
+          f"index warmed with {args.draft_warmup} CoTs")
+    print(f"{'dtype':<9} {'prompt':<8} {'tokens':>6} {'batch':>5} {'mode':<9} {'seconds':>8} {'CoTs/s':>7} "
+          f"{'prefill s':>9} {'decode s':>8} {'decode tok/s':>12} {'x plain':>7} {'accepted':>8} {'tok/pass':>8} "
+          f"{'same text':>9} {'score':>6}")
     for r in rows:
-        plain, base = plain_of(r, r["dtype"]), plain_of(r, reference)
-        same = sum(a == b for a, b in zip(r["texts"], plain["texts"], strict=True))
-        print(f"{r['dtype']:<9} {r['batch']:>5} {r['mode']:<9} {r['seconds']:>8.1f} {r['cots_per_s']:>7.2f} "
-              f"{r['prefill_s']:>9.1f} {r['decode_s']:>8.1f} {r['decode_tokens_per_s']:>12.1f} "
-              f"{r['decode_tokens_per_s'] / plain['decode_tokens_per_s']:>7.2f} "
-              f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:>9.2f} {r['acceptance']:>8.2f} "
-              f"{r['tokens_per_pass']:>8.2f} {same:>5}/{len(measured):<3} {r['score']:>6.3f}")
+        plain = row_of(r["dtype"], r["prompt"], "plain", r["batch"])
+        same = sum(a == b for a, b in zip(r["texts"], plain["texts"], strict=True)) if plain else 0
+        ratio = f"{r['decode_tokens_per_s'] / plain['decode_tokens_per_s']:>7.2f}" if plain else f"{'-':>7}"
+        print(f"{r['dtype']:<9} {r['prompt']:<8} {r['prompt_tokens']:>6.0f} {r['batch']:>5} {r['mode']:<9} "
+              f"{r['seconds']:>8.1f} {r['cots_per_s']:>7.2f} {r['prefill_s']:>9.1f} {r['decode_s']:>8.1f} "
+              f"{r['decode_tokens_per_s']:>12.1f} {ratio} {r['acceptance']:>8.2f} {r['tokens_per_pass']:>8.2f} "
+              f"{same:>5}/{count:<3} {r['score']:>6.3f}")
 
-    def best(dtype: str, mode: str, key: str) -> dict:
-        return max((r for r in rows if r["mode"] == mode and r["dtype"] == dtype), key=lambda r: r[key])
+    def best(key: str, **where: object) -> dict | None:
+        chosen = [r for r in rows if all(r[k] == v for k, v in where.items())]
+        return max(chosen, key=lambda r: r[key]) if chosen else None
 
-    today = best(reference, "plain", "cots_per_s")
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        plain = best(dtype, "plain", "decode_tokens_per_s")
-        for mode in modes:
-            fastest = best(dtype, mode, "decode_tokens_per_s")
-            print(f"{dtype} {mode:<8}: decode tokens/s x{fastest['decode_tokens_per_s'] / plain['decode_tokens_per_s']:.2f} "
-                  f"{dtype} plain's (best batches {fastest['batch']} vs {plain['batch']}), "
-                  f"x{fastest['decode_tokens_per_s'] / best(reference, 'plain', 'decode_tokens_per_s')['decode_tokens_per_s']:.2f} "
-                  f"{reference} plain's; CoTs/s x{best(dtype, mode, 'cots_per_s')['cots_per_s'] / today['cots_per_s']:.2f} "
-                  f"{reference} plain's best (batch {today['batch']})")
+        for form in forms:
+            plain = best("decode_tokens_per_s", dtype=dtype, prompt=form, mode="plain")
+            for mode in modes:
+                fastest = best("decode_tokens_per_s", dtype=dtype, prompt=form, mode=mode)
+                if plain and fastest:
+                    print(f"{dtype} {form} {mode:<8}: decode tokens/s x{fastest['decode_tokens_per_s'] / plain['decode_tokens_per_s']:.2f} "
+                          f"plain's (best batches {fastest['batch']} vs {plain['batch']})")
+    # Today's configuration (before issue 14) against the default `llmcf generate` runs now, and where the gain comes from.
+    today = row_of(reference, forms[0], "plain", 16)
+    default_dtype = default_dtype_name()
+    steps = [("weights", row_of(default_dtype, forms[0], "plain", 16)), ("prompt", row_of(default_dtype, "compact", "plain", 16)),
+             ("batch", row_of(default_dtype, "compact", "plain", CPU_MAX_BATCH))]
+    if today and all(row for _, row in steps):
+        line, previous = [], today
+        for name, row in steps:
+            line.append(f"{name} ({row['dtype']}, {row['prompt']} prompt, batch {row['batch']}) "
+                        f"x{row['cots_per_s'] / previous['cots_per_s']:.2f}")
+            previous = row
+        drafted = row_of(default_dtype, "compact", "lossless", CPU_MAX_BATCH)
+        print(f"\ndefault configuration ({default_dtype}, compact prompt, no drafts, batch {CPU_MAX_BATCH}) against "
+              f"today's ({reference}, {forms[0]} prompt, no drafts, batch 16): CoTs/s "
+              f"x{previous['cots_per_s'] / today['cots_per_s']:.2f} = " + ", then ".join(line)
+              + (f"; lossless drafts on top x{drafted['cots_per_s'] / previous['cots_per_s']:.2f}" if drafted else ""))
+    else:
+        print(f"\n(the default configuration against today's needs --dtypes {reference},{default_dtype} --prompt-forms "
+              f"tags,compact --batches 16,{CPU_MAX_BATCH} with plain decoding)")
     print("(targets, issue 14: lossless drafts >= 2x the decode tokens/s of plain decoding, each at its best batch, with "
-          "identical greedy text; relaxed >= 3x. 'x plain': against plain decoding of the same weights and batch; 'same "
-          "text': outputs equal to it, guaranteed for lossless drafts only when greedy; 'score': mean "
-          "heuristic_rationale_score, the quality proxy)")
+          "identical greedy text; relaxed >= 3x; the default configuration >= 2x today's CoTs/s. 'x plain': against "
+          "plain decoding of the same weights, prompt and batch; 'same text': outputs equal to it, guaranteed for "
+          "lossless drafts only when greedy; 'score': mean heuristic_rationale_score, the quality proxy; 'tokens': "
+          "prompt tokens per request, the shared instructions included)")
     for r in rows:
         del r["texts"]
     print("\n" + json.dumps({"drafts": rows, "load_average": load_average(), "argv": sys.argv[1:]}))
@@ -289,6 +324,11 @@ def main() -> None:
                         help="--drafts only: 0 = greedy (lossless text must be identical), default 0.6 (production)")
     parser.add_argument("--dtypes", default="float32",
                         help="--drafts only: weight types compared, the first is the reference (e.g. float32,bfloat16)")
+    parser.add_argument("--prompt-forms", default="tags,compact",
+                        help="--drafts only: prompt forms compared, the first is the reference: tags (each history "
+                        "line with its item's tags, before issue 14) and compact (titles only, the default)")
+    parser.add_argument("--modes", default="plain,lossless,relaxed",
+                        help="--drafts only: decoding modes compared (plain, lossless and relaxed drafts)")
     parser.add_argument("--relaxed-top-k", type=int, default=2, help="relaxed acceptance: the model's top k (DARE: 2)")
     parser.add_argument("--relaxed-min-probability", type=float, default=0.1,
                         help="relaxed acceptance: minimum probability of a kept draft token (DARE: 0.1)")

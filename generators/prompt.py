@@ -7,6 +7,10 @@ the chain of thought is a label-conditioned rationale, and it ends with "Let's t
 The prompt is a pair of chat messages (system + user) so each backend can apply its model's chat template; `Prompt.as_text()`
 renders them as plain text for endpoints without one (OpenAI `/v1/completions`). Its size is bounded whatever the request
 holds: the history is cut to its last `max_history` entries and every text to `max_text_chars` characters.
+
+History lines name the items only ("+ title"); the profile's tags are given per label as counts beside them. The earlier
+form, each line with its item's tags (`history_tags=True`), is ~40% more of each request's own prompt tokens, which a
+CPU generator prefills one by one (`python -m bench.generators --drafts` measures both forms side by side).
 """
 
 from __future__ import annotations
@@ -76,8 +80,9 @@ class Prompt:
         return "\n\n".join(parts) + "\n\nAssistant:"
 
 
-def instructions(wording: LabelWording) -> str:
+def instructions(wording: LabelWording, history_tags: bool = False) -> str:
     """The fixed task text that opens every user message: the four parts to reason through and how history lines read."""
+    line = "title | tags" if history_tags else "title"
     return (
         "Explain why the user reacted to the target item as they did. The reaction is known and must not be questioned.\n"
         "Reason in four parts:\n"
@@ -86,8 +91,8 @@ def instructions(wording: LabelWording) -> str:
         "2. Target item: its main features.\n"
         "3. Match: how well the profile and the target item fit.\n"
         "4. Diversity: does the user seek variety or stay with familiar kinds of items?\n"
-        f'History lines, oldest first, read "+ title | tags" for an item the user {wording.positive} and '
-        f'"- title | tags" for one they {wording.negative}.'
+        f'History lines, oldest first, read "+ {line}" for an item the user {wording.positive} and '
+        f'"- {line}" for one they {wording.negative}.'
     )
 
 
@@ -97,8 +102,10 @@ def build_prompt(
     feedback: FeedbackKind = "click",
     max_history: int = DEFAULT_MAX_HISTORY,
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+    history_tags: bool = False,
 ) -> Prompt:
-    """Build the LLM-CF prompt for one labelled sample; `feedback` picks the label's words (clicked vs liked).
+    """Build the LLM-CF prompt for one labelled sample; `feedback` picks the label's words (clicked vs liked);
+    `history_tags` writes each history item's tags on its line (the earlier, longer form).
 
     The history is taken to be in time order (oldest first), as the streams stage keeps it; its last `max_history` entries
     are shown. The fixed instructions come first, so every prompt with the same wording starts with the same text; the
@@ -110,10 +117,10 @@ def build_prompt(
     wording = WORDINGS[feedback]
     history = list(request.history)[-max_history:]
     label_statement = f"The user {wording.verb(request.label)} the target item."
-    fixed = instructions(wording)
+    fixed = instructions(wording, history_tags)
     sections = [
         fixed,
-        _history_section(history, len(request.history), wording),
+        _history_section(history, len(request.history), wording, history_tags),
         _target_section(request.target, max_text_chars),
         f"## Known outcome\n{label_statement} Conclude consistently with it.",
         STEP_BY_STEP,
@@ -125,12 +132,12 @@ def build_prompt(
     return Prompt(request=request, messages=messages, wording=wording, instructions=fixed)
 
 
-def _history_section(history: list[HistoryEntry], total: int, wording: LabelWording) -> str:
+def _history_section(history: list[HistoryEntry], total: int, wording: LabelWording, tags: bool) -> str:
     if not history:
         return "## User history\nThe user has no earlier interactions (a new user)."
     shown = f"last {len(history)} of {total}" if total > len(history) else f"{len(history)}"
     lines = [f"## User history ({shown} items)"]
-    lines.extend(f"{'+' if entry.label == 1 else '-'} {_item_line(entry)}" for entry in history)
+    lines.extend(f"{'+' if entry.label == 1 else '-'} {_item_line(entry, tags)}" for entry in history)
     liked = [e for e in history if e.label == 1]
     disliked = [e for e in history if e.label == 0]
     lines.append(f"Summary: {len(liked)} {wording.positive}, {len(disliked)} {wording.negative}.")
@@ -168,9 +175,9 @@ def _year_if_only_restated(description: str, title: str, tags: list[str]) -> str
     return years[0] if years else ""
 
 
-def _item_line(item: ItemSnapshot) -> str:
+def _item_line(item: ItemSnapshot, tags: bool) -> str:
     title = truncate(item.title, _MAX_TITLE_CHARS)
-    return f"{title} | {', '.join(item.tags[:_MAX_TAGS])}" if item.tags else title
+    return f"{title} | {', '.join(item.tags[:_MAX_TAGS])}" if tags and item.tags else title
 
 
 def top_tags(items: list[HistoryEntry], limit: int = _TOP_TAGS) -> list[tuple[str, int]]:

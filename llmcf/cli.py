@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default LLMCF_GENERATOR_MODEL)")
     p.add_argument("--device", help="cpu, cuda:N or auto (default LLMCF_GENERATOR_DEVICE); also used by the embedder")
     p.add_argument("--openai-base-url", help="openai backend: server URL (default LLMCF_OPENAI_BASE_URL)")
-    p.add_argument("--max-batch", type=_positive_int, default=16, help="requests per batch (default 16)")
+    p.add_argument("--max-batch", type=_positive_int,
+                   help="requests per batch (default: transformers 48 on a CPU, 64 on a GPU; other backends 16)")
     p.add_argument("--max-wait-ms", type=_non_negative_int, default=200,
                    help="longest wait for a batch to fill after its first request (default 200)")
     p.add_argument("--max-attempts", type=_positive_int, default=3,
@@ -366,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lossless: the model's own text (greedy) or distribution (sampling); relaxed: DARE's rule, a "
                    "draft token in the model's top 2 with probability >= 0.1 is kept (the text changes)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="transformers: the weights' type (default float32 on a CPU, bfloat16 on a GPU that has it); "
-                   "bfloat16 on a CPU with AVX512-BF16 or AMX measured 1.3x the CoTs/s of float32, other rounding")
+                   help="transformers: the weights' type (default bfloat16 where the CPU or GPU computes it natively: "
+                   "AVX512-BF16 or AMX, CUDA with bf16; else float32 on a CPU, float16 on a GPU)")
     p.add_argument("--metrics-port", type=_non_negative_int,
                    help="port of /metrics; 0 = none (default LLMCF_METRICS_PORT, else 9102)")
     p.set_defaults(func=_cmd_generate)

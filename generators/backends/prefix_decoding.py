@@ -21,6 +21,8 @@ Layout of a batch's cache, per layer: rows x key/value heads x (longest own part
 head_dim. Own parts are right-aligned (left padding, masked); each row then writes its generated tokens from the same
 column on, at its own pace (`written`): one token per pass in plain decoding, a token and the drafts kept with it in
 speculative decoding (`Drafter`, `Acceptance`; the drafts a pass refuses are masked and overwritten by the next one).
+Every pass attends over the whole allocated width, the columns not yet written masked: a slice of the first columns
+would be copied before each product.
 Positions (rotary) count real tokens only: prefix, then the row's own part, then its generated tokens. A bfloat16 model
 decodes with bfloat16 caches (softmax in float32).
 
@@ -263,9 +265,12 @@ class PrefixDecoder:
         hidden = self.decoder.embed_tokens(tokens)
         cos, sin = self.decoder.rotary_emb(hidden, positions[:, None] + steps[None, :])
         columns = written[:, None] + steps[None, :]  # rows x L: where each token's keys and values go
-        span = int(columns.max()) + 1
+        # Attention reads each layer's whole allocated cache, its unwritten columns masked: the matrix products then
+        # take the cache as it lies, where a slice of its first columns is copied first (in bfloat16 that copy cost
+        # more than the products themselves).
+        span = keys[0].shape[2]
         own = torch.arange(span)[None, None, :]
-        visible = valid[:, None, :span] | ((own >= written[:, None, None]) & (own <= columns[:, :, None]))
+        visible = valid[:, None] | ((own >= written[:, None, None]) & (own <= columns[:, :, None]))
         # rows x 1 x (group x L) x span: the query heads of a group share their row's mask
         masked = ~visible[:, None, None].expand(rows, 1, self.group, length, span).reshape(rows, 1, -1, span)
         row_index = torch.arange(rows)[:, None]
@@ -282,13 +287,13 @@ class PrefixDecoder:
             stacked = grouped.transpose(0, 1).reshape(self.kv_heads, -1, self.head_dim)
             prefix_scores = torch.matmul(stacked, prefix_key.transpose(1, 2))
             prefix_scores = prefix_scores.view(self.kv_heads, rows, -1, prefix_length).transpose(0, 1)
-            own_scores = torch.matmul(grouped, layer_keys[:, :, :span].transpose(2, 3)).masked_fill_(masked, float("-inf"))
+            own_scores = torch.matmul(grouped, layer_keys.transpose(2, 3)).masked_fill_(masked, float("-inf"))
             # softmax in float32 whatever the model's type: bfloat16 sums of ~600 weights lose the small ones
             weights = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1), dim=-1, dtype=torch.float32)
             weights = weights.to(self.dtype)
             prefix_weights = weights[..., :prefix_length].transpose(0, 1).reshape(self.kv_heads, -1, prefix_length)
             from_prefix = torch.matmul(prefix_weights, prefix_value).view(self.kv_heads, rows, -1, self.head_dim)
-            attended = torch.matmul(weights[..., prefix_length:], layer_values[:, :, :span])
+            attended = torch.matmul(weights[..., prefix_length:], layer_values)
             attended = attended + from_prefix.transpose(0, 1)
             hidden = self._finish_layer(
                 layer, hidden, attended.reshape(rows, self.heads, length, self.head_dim), few_rows_linear
@@ -378,6 +383,8 @@ class Acceptance:
         """`logits` (rows x L x vocabulary) after each token of `block` (rows x L: a row's token, then `drafted[row]`
         draft tokens, then padding): per row, how many draft tokens are kept and the token that follows them."""
         rows, length, _ = logits.shape
+        if length == 1:  # no row has drafts (plain decoding): only the next token, without the verifying gathers
+            return torch.zeros(rows, dtype=torch.long), sample(logits[:, 0], sampling)
         drafts = block[:, 1:]
         in_draft = torch.arange(length - 1)[None, :] < drafted[:, None]
         index = torch.arange(rows)

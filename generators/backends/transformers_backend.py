@@ -10,7 +10,7 @@ a loser discards its copy.
 
 Decoding on CPU, for Llama-architecture models (SmolLM2 included): `prefix_decoding.PrefixDecoder`. Every prompt opens
 with the same instructions (`Prompt.instructions`); their KV cache is computed once per process (a few prefixes are
-kept) and shared by every row of every batch, so a request pays only for its own part of the prompt (~370 of ~530
+kept) and shared by every row of every batch, so a request pays only for its own part of the prompt (~270 of ~435
 tokens for LLM-CF prompts on MovieLens), prefilled without padding, then the batch decodes together on a pre-allocated
 cache. Greedy output is the same as transformers' `generate` on the full prompt (tested). Elsewhere (GPUs, other
 architectures): transformers' `generate`, batched with LEFT padding, SDPA attention (on CPU `grouped_query_sdpa`, see
@@ -19,10 +19,11 @@ there). Both: the model's chat template, sampling at the options' temperature (g
 Prompts are sorted by length before they are cut into batches of `max_batch`, so a batch pads little. With
 `candidates > 1` each prompt gets n sampled continuations and the best by `heuristic_rationale_score` is kept.
 
-Options of the CPU decoder, both off by default because they change what is measured or written (see
-`python -m bench.generators --drafts`): `drafts` (speculative decoding, drafts retrieved from the prompt and from the
-CoTs this backend already wrote, `drafts.py`; lossless by default) and `dtype="bfloat16"` (on CPUs with native support;
-the text changes: other rounding).
+Weights are bfloat16 where the hardware computes it natively (`default_dtype_name`; on a CPU with AVX512-BF16 or AMX a
+batch of SmolLM2 CoTs measured ~1.35x float32's CoTs/s, other rounding, so other text), float32 on other CPUs.
+Speculative decoding (`drafts`: drafts retrieved from the prompt and from the CoTs this backend already wrote,
+`drafts.py`; lossless by default) is an option of the CPU decoder, off by default: at the production temperature (0.6)
+too few drafts are accepted for a verifying pass to pay (see `python -m bench.generators --drafts`).
 
 Lifecycle: construct (loads the model, pins torch's intra-op threads), `generate` from one thread, `close()`.
 """
@@ -58,7 +59,7 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIR_NAME = "smollm2-135m-instruct"
 CPU_MAX_NEW_TOKENS = 96
 GPU_MAX_NEW_TOKENS = 256
-CPU_MAX_BATCH = 16
+CPU_MAX_BATCH = 48  # decoding steps read the weights once for every row: 48 rows measured 1.28x 16's CoTs/s
 GPU_MAX_BATCH = 64
 MAX_CACHED_PREFIXES = 4
 
@@ -345,18 +346,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The weights' type: `name`, else bfloat16 on a GPU that has it (float16 otherwise) and float32 on a CPU. bfloat16
-    on a CPU is for those with native support (AVX512-BF16 or AMX: its matrix products measured 2.5-3x float32's on
-    2 cores); elsewhere it is emulated and slower, so it is refused."""
-    if name is None:
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+    """The weights' type: `name`, else `default_dtype_name(device)`. bfloat16 on a CPU is for those with native support
+    (AVX512-BF16 or AMX); elsewhere it is emulated and slower, so it is refused."""
+    name = name or default_dtype_name(device)
     if name not in DTYPES:
         raise UserFacingError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
     if device.type == "cpu" and name != "float32" and not (name == "bfloat16" and _cpu_has_bfloat16()):
         raise UserFacingError(f"{name} on this CPU is emulated (no AVX512-BF16 / AMX): use float32")
     return getattr(torch, name)
+
+
+def default_dtype_name(device: torch.device | None = None) -> str:
+    """bfloat16 where the hardware computes it natively (a GPU that has it, a CPU with AVX512-BF16 or AMX: there its
+    matrix products measured 2.5-3x float32's on 2 cores), else float16 on a GPU and float32 on a CPU."""
+    if device is not None and device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if _cpu_has_bfloat16() else "float32"
 
 
 def _cpu_has_bfloat16() -> bool:

@@ -508,7 +508,8 @@ def test_prefix_caching_does_not_change_greedy_output_of_the_real_smollm2():
         make_request(label=0, title="Casper (1995)", history=[], tags=()),
     ]
     prompts = [build_prompt(r, feedback="rating") for r in requests]
-    backend = create_backend("transformers", temperature=0.0, max_new_tokens=40)
+    # float32: the reference below is the stock model in float32 (the default on a CPU with native bfloat16 is bfloat16)
+    backend = create_backend("transformers", temperature=0.0, max_new_tokens=40, dtype="float32")
     try:
         shared = backend._shared_prefix(prompts[0], *_chat_text_and_ids(backend._tokenizer, prompts[0]))
         assert len(shared) > 100  # the system message and the instructions
@@ -530,6 +531,20 @@ def test_prefix_caching_does_not_change_greedy_output_of_the_real_smollm2():
         expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
         assert generation.text == expected
         assert generation.prompt_tokens == len(ids)
+
+
+def test_weights_default_to_bfloat16_only_where_the_hardware_computes_it(monkeypatch):
+    import torch
+
+    from generators.backends import transformers_backend as tb
+
+    monkeypatch.setattr(tb, "_cpu_has_bfloat16", lambda: True)
+    assert tb.default_dtype_name() == "bfloat16" and tb.resolve_dtype(None, torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(tb, "_cpu_has_bfloat16", lambda: False)
+    assert tb.default_dtype_name() == "float32" and tb.resolve_dtype(None, torch.device("cpu")) == torch.float32
+    with pytest.raises(UserFacingError, match="emulated"):
+        tb.resolve_dtype("bfloat16", torch.device("cpu"))
+    assert tb.resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
 
 def _chat_text_and_ids(tokenizer, prompt) -> tuple[str, list[int]]:

@@ -20,7 +20,18 @@ def test_rating_feedback_says_liked():
     text = user_text(build_prompt(make_request(label=0), feedback="rating"))
     assert "The user did not like the target item." in text
     assert "click" not in text
-    assert "+ Toy Story (1995) | Animation, Children's, Comedy\n- Heat (1995) | Action, Crime, Thriller" in text
+    assert "+ Toy Story (1995)\n- Heat (1995)\n" in text
+
+
+def test_history_lines_carry_item_tags_only_in_the_longer_form():
+    """The default names history items only (their tags are counted per label in the summary); `history_tags=True`
+    writes each item's tags on its line, and the instructions describe whichever form follows them."""
+    compact = build_prompt(make_request(), feedback="rating")
+    tagged = build_prompt(make_request(), feedback="rating", history_tags=True)
+    assert "+ Toy Story (1995)\n" in user_text(compact) and '"+ title" for an item' in compact.instructions
+    assert "+ Toy Story (1995) | Animation, Children's, Comedy\n" in user_text(tagged)
+    assert '"+ title | tags" for an item' in tagged.instructions
+    assert "Frequent tags, liked: " in user_text(compact) and len(user_text(compact)) < len(user_text(tagged))
 
 
 def test_prompt_has_the_four_parts_history_and_target():
