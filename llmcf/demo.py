@@ -312,7 +312,9 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
     paths.processes.write_text(json.dumps({c.name: c.process.pid for c in children if c.process}))
 
     stop = threading.Event()
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Both signals set the event, so Ctrl-C stops the run the same way wherever it lands, and also where SIGINT was
+    # inherited as ignored (a shell's background job): Python installs no KeyboardInterrupt handler there.
+    previous_handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     replayer = _Replayer(settings, options, position, paths, stop)
     series = FreshnessSeries()
     try:
@@ -323,11 +325,9 @@ def run_demo(settings: Settings, options: DemoOptions) -> int:
             replayer.start()
             print("== 4/4 running (Ctrl-C stops everything; running the demo again resumes)")
             outcome = _watch(settings, options, children, replayer, window_events, window_interactions, series, stop)
-    except KeyboardInterrupt:
-        stop.set()
-        outcome = "interrupted"
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     if replayer.ident is not None:
         replayer.join()
     print()
