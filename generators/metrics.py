@@ -32,13 +32,23 @@ TOKENS = Counter(
 )
 COTS = Counter(
     "llmcf_generator_cots_total",
-    "Requests finished by the pool, by backend and outcome (ok = result published, skipped_ttl = older than "
-    "LLMCF_COT_TTL_S, not generated, retries_exhausted = dead-lettered).",
+    "Requests finished by the pool, by backend and outcome (ok = result published; not generated: skipped_ttl = "
+    "would be older than LLMCF_COT_TTL_S, skipped_backlog = ranked last in a full backlog (LLMCF_COT_MAX_BACKLOG), "
+    "skipped_duplicate = its sample is generating or was generated; retries_exhausted = dead-lettered).",
     ["backend", "outcome"],
 )
 QUEUE_DEPTH = Gauge(
     "llmcf_generator_queue_depth",
-    "Requests consumed and not yet finished: being collected, queued for generation, or generating.",
+    "Requests consumed and not yet finished: in the backlog, queued for generation, or generating.",
+)
+BACKLOG = Gauge(
+    "llmcf_generator_backlog",
+    "Requests waiting in the backlog for a batch (at most LLMCF_COT_MAX_BACKLOG).",
+)
+CAPACITY = Gauge(
+    "llmcf_generator_capacity_cots_per_second",
+    "CoTs per second of a batch's turn (generation, embedding, publication) over recent batches: what the member "
+    "writes when its backlog never empties.",
 )
 REQUEST_LATENCY = Histogram(
     "llmcf_generator_request_latency_seconds",
@@ -47,11 +57,11 @@ REQUEST_LATENCY = Histogram(
 )
 PAUSED = Gauge(
     "llmcf_generator_paused",
-    "1 while the pool has paused consumption (generation queue full or backend saturated), else 0.",
+    "1 while the pool has paused consumption (backend saturated), else 0.",
 )
 PAUSES = Counter(
     "llmcf_generator_pauses_total",
-    "Times the pool paused consumption, by reason (queue_full, backend_saturated).",
+    "Times the pool paused consumption, by reason (backend_saturated).",
     ["reason"],
 )
 DRAFT_TOKENS = Counter(

@@ -1,10 +1,11 @@
 """The generator pool: a Kafka consumer group on `cot-requests` that writes `cot-results`, one process per GPU.
 
 Two threads per process:
-- the polling thread (the caller of `run()`) owns the confluent-kafka consumer: it polls, collects micro-batches (up to
-  `max_batch` requests or `max_wait_ms` after the first, whichever comes first), hands them to a queue of at most
-  `max_queued_batches` batches, pauses consumption while that queue is full or the backend is saturated (and keeps
-  polling, so the group membership stays alive), commits offsets and serves rebalances;
+- the polling thread (the caller of `run()`) owns the confluent-kafka consumer: it consumes at the inflow's pace into
+  the `Backlog` (bounded, in priority order: `generators.backlog`), forms each batch from the backlog's first
+  requests when the generation queue (`max_queued_batches`) has room and `max_batch` requests wait or the oldest has
+  waited `max_wait_ms`, pauses consumption only while the backend is saturated (and keeps polling, so the group
+  membership stays alive), commits offsets and serves rebalances;
 - the generation thread decodes each batch (`decode_batch`; bad records go to `dead-letters`), builds the LLM-CF prompts,
   calls the backend, embeds the chains of thought, publishes `CotResult`s (key = request_id) with an idempotent producer
   and flushes them, then reports the batch as finished.
@@ -18,14 +19,18 @@ Delivery contract (at-least-once):
 - a process killed at any moment (kill -9) loses nothing: what it had not committed is redelivered to the group, and
   results are keyed by request_id, so the duplicates this causes are absorbed by the idempotent upserts downstream.
 
-Budget (`ttl_s`, `LLMCF_COT_TTL_S`): a request that would be older than the TTL by the time its result is published
-(its age, plus the generation time of its batch and of those ahead of it, from the pool's recent batches) is skipped
-(counted as `skipped_ttl`), not generated; its sample stays retrievable with the pending placeholder. The polling
-thread skips such requests as it consumes them (finished at once, without waiting for the generation thread), and the
-generation thread skips those that aged past it while queued. A pool slower than its inflow thus publishes only results
-within about a TTL of their request, and every request ends generated, skipped or dead-lettered. The backlog itself is
-not bounded yet: consumption pauses while the queue is full, and measured at 10x capacity a member then fetches from
-a few of its partitions per resume while the others wait (their requests are skipped when reached).
+Budget: the pool generates what its capacity allows, in priority order (cold-start items first, then the newest
+event time), and skips the rest, each skip counted by reason (`llmcf_generator_cots_total{outcome="skipped_*"}`):
+- `skipped_ttl` (`ttl_s`, `LLMCF_COT_TTL_S`): a request that would be older than the TTL when its result is published
+  (its age, plus the generation time of the batches ahead of it and of its own, from the pool's recent batches). The
+  polling thread sweeps the backlog after each poll, so an overloaded pool publishes only results within about a TTL
+  of their request; the generation thread skips those that aged past it while queued;
+- `skipped_backlog` (`max_backlog`, `LLMCF_COT_MAX_BACKLOG`): the backlog is full and the request ranks last;
+- `skipped_duplicate`: a request for a sample this member is generating or generated recently (the stream worker
+  publishes at least once).
+Skipped requests are finished at once (committable), not generated; their samples stay retrievable with the pending
+placeholder. Whatever the inflow, the pool holds at most `max_backlog` waiting requests plus the batches queued and
+generating, and every request ends generated, skipped or dead-lettered.
 
 Failures and backpressure:
 - a batch whose backend call fails (`BackendError`) is retried request by request; a request that fails `max_attempts`
@@ -59,6 +64,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from generators import metrics as pool_metrics
 from generators.backends import BackendError, BackendSaturated, CotBackend, Generation
+from generators.backlog import Backlog, SkipReason
 from generators.prompt import Prompt, build_prompt
 from llmcf.dead_letters import DeadLetterDeliveryError, DeadLetterPolicy, KafkaDeadLetterSink, SourceRecord, decode_batch
 from llmcf.events import CotRequest, CotResult, DeadLetter, DeadLetterReason, decode
@@ -76,6 +82,9 @@ MAX_COT_CHARS = 16384  # CotResult.cot_text's limit: a runaway generation is cut
 _POLL_TIMEOUT_S = 0.1
 _BLOCKED_POLL_TIMEOUT_S = 0.02
 _REPORT_EVERY_S = 1.0
+_CONSUME_MAX = 500  # records per consume() call: the backlog takes the inflow's pace, and _expire runs once per call
+_SKIP_OUTCOMES: dict[SkipReason, str] = {"ttl": "skipped_ttl", "backlog_full": "skipped_backlog",
+                                         "duplicate": "skipped_duplicate"}
 _PROGRESS_LOG_EVERY_S = 10.0
 
 
@@ -91,7 +100,8 @@ class PoolConfig:
     max_batch: int = 16
     max_wait_ms: int = 200
     max_attempts: int = 3
-    max_queued_batches: int = 2
+    max_queued_batches: int = 1  # batches formed ahead of the generation thread: a later one reflects newer priorities
+    max_backlog: int = 1000  # requests waiting for a batch (a few MB); the lowest-priority one is skipped beyond it
     retry_backoff_s: float = 0.5
     revoke_grace_s: float = 5.0
     drain_timeout_s: float = 120.0
@@ -100,7 +110,7 @@ class PoolConfig:
     ttl_s: float = 0.0  # a request older than this (since requested_at) when its batch comes up is skipped; 0 = never
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_attempts", "max_queued_batches", "publish_attempts"):
+        for name in ("max_batch", "max_attempts", "max_queued_batches", "publish_attempts", "max_backlog"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("max_wait_ms", "retry_backoff_s", "revoke_grace_s", "drain_timeout_s", "flush_timeout_s", "ttl_s"):
@@ -120,24 +130,28 @@ class PoolStats:
     consumed: int = 0  # polling thread
     batches: int = 0  # generation thread: batches with at least one request for the backend
     published: int = 0  # generation thread
-    skipped_on_arrival: int = 0  # polling thread: requests past the TTL when consumed, not generated
+    skipped_ttl: int = 0  # polling thread: requests in the backlog that would be published past the TTL
     skipped_in_queue: int = 0  # generation thread: requests that passed the TTL while queued, not generated
+    skipped_backlog: int = 0  # polling thread: requests ranked last in a full backlog
+    skipped_duplicate: int = 0  # polling thread: requests for a sample waiting, generating or generated recently
     dead_lettered: int = 0  # generation thread
     completion_tokens: int = 0  # generation thread
     commits: int = 0  # polling thread
-    pauses: dict[str, int] = field(default_factory=lambda: {"queue_full": 0, "backend_saturated": 0})  # polling thread
+    pauses: dict[str, int] = field(default_factory=lambda: {"backend_saturated": 0})  # polling thread
 
     @property
     def skipped(self) -> int:
-        return self.skipped_on_arrival + self.skipped_in_queue
+        return self.skipped_ttl + self.skipped_in_queue + self.skipped_backlog + self.skipped_duplicate
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Work:
     """A consumed record, tagged with the assignment epoch of its partition when it was consumed."""
 
     record: SourceRecord
     epoch: int
+    request_id: str | None = None  # None for a record that does not decode
+    generated: bool = False  # set by the generation thread before the batch comes back
 
 
 @dataclass(frozen=True)
@@ -312,13 +326,12 @@ class GeneratorPool:
         self._finished: queue.Queue[list[_Work]] = queue.Queue()
         self._ownership = _Ownership()
         self._offsets = OffsetTracker()
-        self._collecting: list[_Work] = []
-        self._collecting_since = 0.0
+        self._backlog: Backlog[_Work] = Backlog(self.config.max_backlog)
         self._paused: list[TopicPartition] = []
-        self._pause_reason: str | None = None
         self._saturated_until = 0.0  # monotonic; written by the generation thread, read by the polling thread
-        self._batch_seconds = 0.0  # recent generation time of a batch (moving average); written by the generation thread
-        self._waiting = 0  # requests consumed and unfinished (queue depth), polling thread
+        self._batch_seconds = 0.0  # a batch's turn: generation, embedding, publication (moving average); generation thread
+        self._capacity = 0.0  # CoTs per second of a batch's turn (moving average); generation thread
+        self._waiting = 0  # requests in the backlog, queued or generating (queue depth), polling thread
         self._stopping = False
         self._consumer: Consumer | None = None
         self._producer = Producer(producer_config(settings, bootstrap, "llmcf-generator"))
@@ -337,8 +350,19 @@ class GeneratorPool:
         self._stop.set()
 
     @property
+    def backlog_size(self) -> int:
+        """Requests waiting in the backlog right now (read from any thread: a sample for tests, benches and logs)."""
+        return len(self._backlog)
+
+    @property
+    def capacity(self) -> float:
+        """CoTs per second of a batch's turn (generation, embedding, publication) over recent batches (0 before the
+        first); any thread may read it."""
+        return self._capacity
+
+    @property
     def paused(self) -> bool:
-        """Whether consumption is paused right now (generation queue full or backend saturated)."""
+        """Whether consumption is paused right now (the backend is saturated)."""
         return bool(self._paused)
 
     def run(self) -> None:
@@ -368,27 +392,28 @@ class GeneratorPool:
         while not self._stop.is_set():
             self._apply_finished()
             self._commit()
-            # A batch blocked by a full queue takes a freed slot first, so consumption resumes only when there is room
-            # beyond it (no pause/resume churn per batch).
             self._dispatch_ready()
             self._update_pause()
-            room = max(1, self.config.max_batch - len(self._collecting))
             timeout = _POLL_TIMEOUT_S
-            if self._collecting:
-                batch_due = self._collecting_since + self.config.max_wait_ms / 1000 - time.monotonic()
-                # A due batch still here is waiting for room in the queue: poll briefly, but never spin.
+            oldest = self._backlog.oldest_arrival_s()
+            if oldest is not None:
+                batch_due = oldest + self.config.max_wait_ms / 1000 - time.monotonic()
+                # A due batch still here is waiting for room in the queue: poll briefly (the generation thread takes
+                # the queued batch at any moment, and the next one should be ready soon after), but never spin.
                 timeout = min(timeout, batch_due) if batch_due > 0 else _BLOCKED_POLL_TIMEOUT_S
             try:
-                messages = consumer.consume(room, timeout)
+                messages = consumer.consume(_CONSUME_MAX, timeout)
             except KafkaException as exc:
                 raise PoolFailure(f"consuming {self.topics.cot_requests}: {exc}") from exc
             for message in messages:
                 self._collect(message)
+            self._expire()
             self._dispatch_ready()
             now = time.monotonic()
             if now >= next_report:
                 self._report_offsets()
                 pool_metrics.QUEUE_DEPTH.set(self._waiting)
+                pool_metrics.BACKLOG.set(len(self._backlog))
                 next_report = now + _REPORT_EVERY_S
             progress.maybe_log(self._waiting, self.paused)
 
@@ -406,30 +431,40 @@ class GeneratorPool:
         if epoch is None or not self._offsets.consumed(partition, offset, epoch):
             return  # fetched just before a revoke: the partition's new owner reads it
         self.stats.consumed += 1
-        if self._expired_on_arrival(message.value()):
-            self._offsets.dispatched(partition, epoch)
-            self._offsets.finished(partition, offset, epoch)  # committable with its neighbours, never generated
-            self.stats.skipped_on_arrival += 1
-            EVENTS.labels(topic=self.topics.cot_requests, outcome="ok").inc()
-            pool_metrics.COTS.labels(backend=self.backend.name, outcome="skipped_ttl").inc()
-            return
-        if not self._collecting:
-            self._collecting_since = time.monotonic()
-        record = SourceRecord(message.value(), message.key(), message.topic(), partition, offset)
-        self._collecting.append(_Work(record, epoch))
-        self._waiting += 1
-
-    def _expired_on_arrival(self, value: bytes | None) -> bool:
-        """Whether a valid request is already too old to be generated within the TTL (an invalid one goes on to the
-        generation thread, which dead-letters it)."""
-        if not self.config.ttl_s:
-            return False
         try:
-            request = decode(CotRequest, value)
-        except Exception:  # noqa: BLE001 - any undecodable record is the generation thread's to dead-letter
-            return False
-        # its batch waits for the one generating and those queued, then generates
-        return self._too_old(request, datetime.now(timezone.utc), batches_ahead=self._work.qsize() + 1)
+            request: CotRequest | None = decode(CotRequest, message.value())
+        except Exception:  # noqa: BLE001 - an undecodable record goes first to the generation thread, which dead-letters it
+            request = None
+        record = SourceRecord(message.value(), message.key(), message.topic(), partition, offset)
+        work = _Work(record, epoch, request.request_id if request is not None else None)
+        self._waiting += 1
+        for skipped, reason in self._backlog.offer(work, request, time.monotonic()):
+            self._skip(skipped, reason)
+
+    def _expire(self) -> None:
+        """Skip the waiting requests whose results would be published past the TTL: the request at backlog position i
+        waits for the batch generating, those queued and the i // max_batch before its own, then its own."""
+        if not self.config.ttl_s or not len(self._backlog):
+            return
+        ahead, batch_s, size = self._work.qsize() + 1, self._batch_seconds, self.config.max_batch
+        for work in self._backlog.expire(time.time(), self.config.ttl_s,
+                                         lambda position: (ahead + position // size + 1) * batch_s):
+            self._skip(work, "ttl")
+
+    def _skip(self, work: _Work, reason: SkipReason) -> None:
+        """Finish a request without generating it: committable with its neighbours, counted by reason."""
+        partition, epoch = work.record.partition, work.epoch
+        self._offsets.dispatched(partition, epoch)
+        self._offsets.finished(partition, work.record.offset, epoch)
+        self._waiting -= 1
+        if reason == "ttl":
+            self.stats.skipped_ttl += 1
+        elif reason == "backlog_full":
+            self.stats.skipped_backlog += 1
+        else:
+            self.stats.skipped_duplicate += 1
+        EVENTS.labels(topic=self.topics.cot_requests, outcome="ok").inc()
+        pool_metrics.COTS.labels(backend=self.backend.name, outcome=_SKIP_OUTCOMES[reason]).inc()
 
     def _too_old(self, request: CotRequest, now: datetime, batches_ahead: int = 0) -> bool:
         """Its result would be published after the TTL: its age plus the generation time of its batch and of the
@@ -438,52 +473,42 @@ class GeneratorPool:
         return (now - request.requested_at).total_seconds() + expected_s > self.config.ttl_s
 
     def _dispatch_ready(self) -> None:
-        """Hand the collected requests to the generation queue when the batch is full or has waited `max_wait_ms`."""
-        while self._collecting:
-            full = len(self._collecting) >= self.config.max_batch
-            waited = time.monotonic() - self._collecting_since >= self.config.max_wait_ms / 1000
-            if not (full or waited):
+        """While the generation queue has room, hand it the backlog's first `max_batch` requests once that many wait
+        or the oldest has waited `max_wait_ms` (formed as late as possible, so a batch follows the latest priorities)."""
+        while len(self._backlog) and not self._work.full():  # this thread is the queue's only producer
+            oldest = self._backlog.oldest_arrival_s()
+            waited = oldest is not None and time.monotonic() - oldest >= self.config.max_wait_ms / 1000
+            if len(self._backlog) < self.config.max_batch and not waited:
                 return
-            batch = self._collecting[: self.config.max_batch]
-            try:
-                self._work.put_nowait(batch)
-            except queue.Full:
-                return  # `_update_pause` pauses consumption until the generation thread takes a batch
+            batch = self._backlog.take(self.config.max_batch)
             for work in batch:
                 self._offsets.dispatched(work.record.partition, work.epoch)
-            self._collecting = self._collecting[len(batch):]
-            self._collecting_since = time.monotonic()
+            self._work.put_nowait(batch)
 
     def _update_pause(self) -> None:
         consumer = self._consumer
         assert consumer is not None
+        # Only a saturated backend pauses (it may stay so for minutes): a full generation queue does not, the backlog
+        # takes the inflow and skips what ranks last.
         saturated = time.monotonic() < self._saturated_until
-        reason = "backend_saturated" if saturated else "queue_full" if self._work.full() else None
-        if reason is not None and not self._paused:
+        if saturated and not self._paused:
             assignment = consumer.assignment()
             if not assignment:
                 return
             consumer.pause(assignment)
             self._paused = assignment
-            self._count_pause(reason)
+            self.stats.pauses["backend_saturated"] += 1
+            pool_metrics.PAUSES.labels(reason="backend_saturated").inc()
             pool_metrics.PAUSED.set(1)
-            log.debug("paused %d partitions: %s", len(assignment), reason)
-        elif reason is not None and reason != self._pause_reason:
-            self._count_pause(reason)  # already paused (e.g. queue full while the backend is waiting out a 429)
-        elif reason is None and self._paused:
+            log.debug("paused %d partitions: backend saturated", len(assignment))
+        elif not saturated and self._paused:
             owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
             still_owned = [tp for tp in self._paused if (tp.topic, tp.partition) in owned]
             if still_owned:
                 consumer.resume(still_owned)
             self._paused = []
-            self._pause_reason = None
             pool_metrics.PAUSED.set(0)
             log.debug("resumed consumption")
-
-    def _count_pause(self, reason: str) -> None:
-        self._pause_reason = reason
-        self.stats.pauses[reason] += 1
-        pool_metrics.PAUSES.labels(reason=reason).inc()
 
     def _apply_finished(self, wait_s: float = 0.0) -> None:
         """Mark the finished batches' offsets done (optionally waiting up to `wait_s` for the first one)."""
@@ -494,6 +519,8 @@ class GeneratorPool:
         while True:
             for work in batch:
                 self._offsets.finished(work.record.partition, work.record.offset, work.epoch)
+                if work.request_id is not None:
+                    self._backlog.finished(work.request_id, work.generated)
             self._waiting -= len(batch)
             try:
                 batch = self._finished.get_nowait()
@@ -589,9 +616,8 @@ class GeneratorPool:
         self._forget(lost)
 
     def _drop_collected(self, partitions: list[int]) -> None:
-        kept = [w for w in self._collecting if w.record.partition not in partitions]
-        self._waiting -= len(self._collecting) - len(kept)
-        self._collecting = kept
+        """Forget the waiting requests of these partitions, uncommitted: their new owner consumes them again."""
+        self._waiting -= len(self._backlog.remove(lambda work: work.record.partition in partitions))
 
     def _forget(self, partitions: list[int]) -> None:
         # The dispatched requests of these partitions leave the queue depth when their batches come back.
@@ -620,10 +646,10 @@ class GeneratorPool:
         self._stopping = True
         consumer = self._consumer
         assert consumer is not None
-        if self._collecting:
-            log.info("stopping: %d collected requests not started, left uncommitted for redelivery", len(self._collecting))
-            self._waiting -= len(self._collecting)
-            self._collecting = []
+        left = self._backlog.remove(lambda _: True)
+        if left:
+            log.info("stopping: %d requests of the backlog not started, left uncommitted for redelivery", len(left))
+            self._waiting -= len(left)
         deadline = time.monotonic() + self.config.drain_timeout_s
         self._send_end_of_work(deadline)
         while self._generation_thread.is_alive() and time.monotonic() < deadline:
@@ -683,8 +709,6 @@ class GeneratorPool:
         outcomes = self._generate(prepared)
         seconds = time.perf_counter() - started
         pool_metrics.BATCH_SECONDS.labels(backend=self.backend.name).observe(seconds)
-        if prepared:
-            self._batch_seconds = seconds if not self._batch_seconds else 0.7 * self._batch_seconds + 0.3 * seconds
 
         succeeded: list[tuple[_Prepared, Generation]] = []
         for item, outcome in zip(prepared, outcomes, strict=True):
@@ -715,6 +739,14 @@ class GeneratorPool:
             for (item, generation), text, vector in zip(succeeded, texts, vectors, strict=True)
         ]
         self._deliver(results, policy)
+        if prepared:
+            # What the budget plans with: a batch's whole turn (generation, embedding, publication), recent batches
+            # weighted most.
+            seconds = time.perf_counter() - started
+            self._batch_seconds = seconds if not self._batch_seconds else 0.7 * self._batch_seconds + 0.3 * seconds
+            rate = len(prepared) / max(seconds, 1e-9)
+            self._capacity = rate if not self._capacity else 0.7 * self._capacity + 0.3 * rate
+            pool_metrics.CAPACITY.set(self._capacity)
 
         published_at = time.time()
         observe_freshness("cot_generated", [result.ts for result in results], now=published_at)
@@ -723,6 +755,8 @@ class GeneratorPool:
             pool_metrics.TOKENS.labels(backend=self.backend.name, kind="prompt").inc(generation.prompt_tokens)
             pool_metrics.TOKENS.labels(backend=self.backend.name, kind="completion").inc(generation.completion_tokens)
             self.stats.completion_tokens += generation.completion_tokens
+        for item, _ in succeeded:
+            item.work.generated = True
         pool_metrics.COTS.labels(backend=self.backend.name, outcome="ok").inc(len(results))
         self.stats.published += len(results)
         self.stats.dead_lettered += len(policy.batch_letters)
@@ -859,8 +893,10 @@ class _Progress:
         published, tokens = self._stats.published, self._stats.completion_tokens
         if published != self._last_published or waiting:
             elapsed = now - self._last_at
-            log.info("%d results published (%.1f CoTs/s, %.0f tokens/s over %.0f s), %d dead-lettered, %d requests "
-                     "waiting%s", published, (published - self._last_published) / elapsed,
-                     (tokens - self._last_tokens) / elapsed, elapsed, self._stats.dead_lettered, waiting,
-                     ", consumption paused" if paused else "")
+            stats = self._stats
+            log.info("%d results published (%.1f CoTs/s, %.0f tokens/s over %.0f s), %d skipped (ttl %d, backlog full "
+                     "%d, duplicate %d), %d dead-lettered, %d requests waiting%s", published,
+                     (published - self._last_published) / elapsed, (tokens - self._last_tokens) / elapsed, elapsed,
+                     stats.skipped, stats.skipped_ttl + stats.skipped_in_queue, stats.skipped_backlog,
+                     stats.skipped_duplicate, stats.dead_lettered, waiting, ", consumption paused" if paused else "")
         self._last_at, self._last_published, self._last_tokens = now, published, tokens

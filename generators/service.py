@@ -97,7 +97,7 @@ def run_generator(settings: Settings, options: GenerateOptions) -> int:
     try:
         max_batch = options.max_batch or (backend.max_batch if backend.name == "transformers" else DEFAULT_MAX_BATCH)
         config = PoolConfig(max_batch=max_batch, max_wait_ms=options.max_wait_ms, max_attempts=options.max_attempts,
-                            ttl_s=settings.cot_ttl_s)
+                            ttl_s=settings.cot_ttl_s, max_backlog=settings.cot_max_backlog)
         embedder = TextEmbedder.load(device)
         described = {
             "template": "a deterministic rationale built from the request's data, NOT a language model",
@@ -105,10 +105,10 @@ def run_generator(settings: Settings, options: GenerateOptions) -> int:
             "openai": f"an OpenAI-compatible server at {without_credentials(options.openai_base_url or '')}",
         }[backend.name]
         log.info("generator: backend=%s (%s), model=%s, embedder=%s on %s, group=%s, max batch %d, max wait %d ms, "
-                 "max attempts %d, max new tokens %s, temperature %g, TTL %s", backend.name, described, backend.model,
-                 embedder.model_name, device, group_id(settings), config.max_batch, config.max_wait_ms,
+                 "max attempts %d, max new tokens %s, temperature %g, TTL %s, max backlog %d", backend.name, described,
+                 backend.model, embedder.model_name, device, group_id(settings), config.max_batch, config.max_wait_ms,
                  config.max_attempts, backend.options.max_new_tokens, backend.options.temperature,
-                 f"{config.ttl_s:g} s" if config.ttl_s else "none")
+                 f"{config.ttl_s:g} s" if config.ttl_s else "none", config.max_backlog)
         pool = GeneratorPool(settings, bootstrap, backend, embedder, config)
         metrics_port = DEFAULT_METRICS_PORT if options.metrics_port is None else options.metrics_port
         try:

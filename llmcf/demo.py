@@ -488,10 +488,13 @@ def _summary(settings: Settings, options: DemoOptions, paths: DemoPaths, replaye
     print(f"window:     {options.dataset}, {window_interactions:,} interactions, published up to event "
           f"{replayer.position.published:,}")
     print("stored:     " + ", ".join(f"{table} {n:,}" for table, n in counts.items()))
-    skipped = total(scrape(options.generator_metrics_port), "llmcf_generator_cots_total", outcome="skipped_ttl")
-    print(f"CoTs:       {cots.get('generated', 0):,} generated, {cots.get('pending', 0):,} pending, of which "
-          f"{skipped:,.0f} skipped by the generator (older than LLMCF_COT_TTL_S={settings.cot_ttl_s:g} s when their "
-          f"turn came) (backend {options.backend}; pending samples are retrievable already)")
+    generator = scrape(options.generator_metrics_port)
+    skipped = {reason: total(generator, "llmcf_generator_cots_total", outcome=f"skipped_{reason}")
+               for reason in ("ttl", "backlog", "duplicate")}
+    print(f"CoTs:       {cots.get('generated', 0):,} generated, {cots.get('pending', 0):,} pending (retrievable "
+          f"already; backend {options.backend}); the generator skipped {sum(skipped.values()):,.0f} requests: "
+          f"{skipped['ttl']:,.0f} would be older than LLMCF_COT_TTL_S={settings.cot_ttl_s:g} s, "
+          f"{skipped['backlog']:,.0f} last in a full backlog, {skipped['duplicate']:,.0f} duplicates")
     for stage in FRESHNESS_STAGES:
         bounds, cumulative = freshness_buckets(freshness, stage)
         p50, p99 = histogram_quantile(0.5, bounds, cumulative), histogram_quantile(0.99, bounds, cumulative)

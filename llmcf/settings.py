@@ -51,6 +51,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLMCF_COT_TTL_S", "900", "`llmcf generate`: a CoT request older than this (seconds since its `requested_at`) "
             "by the time its result would be published is skipped, not generated (counted; its sample stays retrievable as "
             "pending), so a pool behind its inflow publishes only results within about a TTL of their request; 0 = never."),
+    Setting("LLMCF_COT_MAX_BACKLOG", "1000", "`llmcf generate`: CoT requests a generator member keeps waiting for a batch, "
+            "ordered cold-start items first, then newest event time; beyond it the last in that order is skipped, not "
+            "generated (counted), so memory and lag stay bounded whatever the inflow."),
     Setting("LLMCF_HISTORY_LENGTH", "20", "Items kept per user in the history table (the paper: 20)."),
     Setting("LLMCF_GENERATOR_BACKEND", "transformers", "CoT backend of `llmcf generate`: transformers, openai, or template "
             "(a deterministic non-LLM rationale for load tests)."),
@@ -162,6 +165,7 @@ class Settings:
     cold_start_window_s: float
     history_length: int
     cot_ttl_s: float
+    cot_max_backlog: int
     generator_backend: str
     generator_model: str | None
     generator_device: str
@@ -213,6 +217,7 @@ class Settings:
             cold_start_window_s=_number(env, "LLMCF_COLD_START_WINDOW_S", 0.0),
             history_length=_integer(env, "LLMCF_HISTORY_LENGTH", 1),
             cot_ttl_s=_number(env, "LLMCF_COT_TTL_S", 0.0),
+            cot_max_backlog=_integer(env, "LLMCF_COT_MAX_BACKLOG", 1),
             generator_backend=_choice(env, "LLMCF_GENERATOR_BACKEND", ("transformers", "openai", "template")),
             generator_model=_value(env, "LLMCF_GENERATOR_MODEL"),
             generator_device=_value(env, "LLMCF_GENERATOR_DEVICE") or "auto",

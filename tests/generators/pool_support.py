@@ -24,9 +24,11 @@ from tests.generators import make_request
 
 
 def publish_requests(settings: Settings, count: int, *, prefix: str = "req", poisoned: set[int] = frozenset(),
-                     extra: list[tuple[bytes | None, bytes | None]] = (), age_s: float = 0.0) -> list[str]:
+                     extra: list[tuple[bytes | None, bytes | None]] = (), age_s: float = 0.0,
+                     event_minutes: bool = False, reason: str = "sampled") -> list[str]:
     """Publish `count` valid CotRequests (titles of `poisoned` indexes contain POISON), requested `age_s` seconds ago,
-    plus raw `extra` (key, value) records to cot-requests; return the valid request ids."""
+    with `reason`, the i-th at event time NOW + i minutes if `event_minutes` (else all at NOW), plus raw `extra`
+    (key, value) records to cot-requests; return the valid request ids."""
     topic = Topics.from_settings(settings).cot_requests
     producer = Producer(producer_config(settings, settings.kafka_bootstrap_servers))
     ids = []
@@ -35,6 +37,7 @@ def publish_requests(settings: Settings, count: int, *, prefix: str = "req", poi
         title = f"POISON Movie {i}" if i in poisoned else f"Movie {i} ({1950 + i % 50})"
         request = make_request(label=i % 2, request_id=request_id, title=title,
                                requested_at=datetime.now(timezone.utc) - timedelta(seconds=age_s))
+        request = request.model_copy(update={"reason": reason, "ts": request.ts + timedelta(minutes=i if event_minutes else 0)})
         producer.produce(topic, key=request_id.encode(), value=request.to_bytes())
         ids.append(request_id)
     for key, value in extra:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Sequence
 
 import numpy as np
 import pytest
+from confluent_kafka import Producer
 from prometheus_client import REGISTRY
 
 from generators.backends import CotBackend, Generation, create_backend
@@ -17,6 +19,9 @@ from generators.backends.template_backend import TEMPLATE_MARKER
 from generators.pool import GeneratorPool, OffsetTracker, PoolConfig
 from generators.prompt import Prompt
 from llmcf.embeddings import EMBEDDING_DIMENSION, TextEmbedder
+from llmcf.kafka import producer_config
+from llmcf.topics import Topics
+from tests.generators import make_request
 from tests.generators.pool_support import (
     ChatCompletionsServer,
     publish_requests,
@@ -48,18 +53,26 @@ class SerialisedEmbedder:
 
 
 class SlowTemplateBackend(CotBackend):
-    """The template backend, `delay_s` slower per call, recording the largest batch it was given."""
+    """The template backend, `delay_s` slower per call, recording each call's request ids; with `hold`, every call
+    waits until the event is set."""
 
     name = "template"
 
-    def __init__(self, delay_s: float):
+    def __init__(self, delay_s: float, hold: threading.Event | None = None):
         self._inner = create_backend("template")
         self.model, self.options, self.max_batch = self._inner.model, self._inner.options, self._inner.max_batch
         self.delay_s = delay_s
-        self.largest_batch = 0
+        self.hold = hold
+        self.calls: list[list[str]] = []
+
+    @property
+    def largest_batch(self) -> int:
+        return max(map(len, self.calls), default=0)
 
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
-        self.largest_batch = max(self.largest_batch, len(prompts))
+        self.calls.append([prompt.request.request_id for prompt in prompts])
+        if self.hold is not None:
+            self.hold.wait(60)
         time.sleep(self.delay_s)
         return self._inner.generate(prompts)
 
@@ -143,6 +156,19 @@ def test_requests_older_than_the_ttl_are_skipped_counted_and_committed(kafka_set
                                      {"backend": "template", "outcome": "skipped_ttl"}) - skipped_before == len(stale)
 
 
+def test_a_request_for_a_sample_already_generated_is_skipped_as_a_duplicate(kafka_settings, embedder):
+    """The stream worker publishes at least once: a second request for a generated sample is not generated again."""
+    ids = publish_requests(kafka_settings, 5)
+    pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, create_backend("template"), embedder,
+                         FAST)
+    with running(pool):
+        wait_until(lambda: pool.stats.published == 5, 60, "5 results")
+        assert publish_requests(kafka_settings, 5) == ids  # the same request ids again
+        wait_until(lambda: pool.stats.skipped_duplicate == 5, 60, "5 duplicates skipped")
+        wait_until(lambda: uncommitted(kafka_settings) == {}, 30, "every offset committed")
+    assert pool.stats.published == 5 and len(read_results(kafka_settings)) == 5
+
+
 # ---- retries and dead letters after max attempts, through the real OpenAI backend -------------------------------------
 
 
@@ -204,24 +230,97 @@ def test_backend_saturation_pauses_consumption_then_everything_completes(kafka_s
 # ---- bounded in-flight work -------------------------------------------------------------------------------------------
 
 
-def test_in_flight_work_is_bounded_and_consumption_pauses_while_the_queue_is_full(kafka_settings, embedder):
-    ids = publish_requests(kafka_settings, 30)
+def test_a_burst_beyond_the_backlog_skips_the_oldest_keeps_work_bounded_and_accounts_for_every_request(
+        kafka_settings, embedder):
+    """30 requests at once into a slow pool with room for 6 waiting: consumption never pauses for it, the pool holds at
+    most the backlog plus a queued and a generating batch, the newest requests (by event time) are generated, the rest
+    are skipped as `backlog_full`, and generated + skipped = requested."""
+    ids = publish_requests(kafka_settings, 30, event_minutes=True)
     backend = SlowTemplateBackend(delay_s=0.25)
-    config = PoolConfig(max_batch=3, max_wait_ms=20, max_queued_batches=1)
+    config = PoolConfig(max_batch=3, max_wait_ms=20, max_queued_batches=1, max_backlog=6)
     pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, backend, embedder, config)
     most_waiting = 0
     with running(pool):
         def finished() -> bool:
             nonlocal most_waiting
-            most_waiting = max(most_waiting, pool.stats.consumed - pool.stats.published - pool.stats.dead_lettered)
-            return pool.stats.published == 30
+            stats = pool.stats
+            most_waiting = max(most_waiting, stats.consumed - stats.published - stats.skipped - stats.dead_lettered)
+            return stats.published + stats.skipped == 30
 
-        wait_until(finished, 60, "30 results from a slow backend", interval_s=0.02)
-    assert pool.stats.pauses["queue_full"] >= 1
+        wait_until(finished, 60, "30 requests generated or skipped by a slow backend", interval_s=0.02)
+        wait_until(lambda: uncommitted(kafka_settings) == {}, 30, "every offset committed")
+    assert pool.stats.pauses == {"backend_saturated": 0}
     assert backend.largest_batch == 3
-    # One batch generating, one queued, one being collected (plus a fetch in flight when the pause lands).
-    assert most_waiting <= 3 * config.max_batch + 3
-    assert sorted(r.request_id for r in read_results(kafka_settings)) == sorted(ids)
+    # the backlog, one batch queued, one generating (and a request counted consumed just before its skip)
+    assert most_waiting <= config.max_backlog + 2 * config.max_batch + 1
+    generated = [r.request_id for r in read_results(kafka_settings)]
+    assert len(generated) == len(set(generated)) == pool.stats.published
+    assert pool.stats.skipped_backlog == 30 - pool.stats.published > 0
+    assert set(ids[-config.max_backlog:]) <= set(generated)  # the newest event times are never the ones skipped
+
+
+def test_batches_follow_priority_cold_start_items_first_then_the_newest_event_time(kafka_settings, embedder):
+    """Requests published before the pool starts, the backend held until all are consumed: once the first two batches
+    (formed before everything arrived) are out of the way, cold-start requests come first, then newest event time."""
+    sampled = publish_requests(kafka_settings, 10, prefix="sampled", event_minutes=True)
+    cold = publish_requests(kafka_settings, 4, prefix="cold", event_minutes=True, reason="cold_start")
+    hold = threading.Event()
+    backend = SlowTemplateBackend(delay_s=0.0, hold=hold)
+    pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, backend, embedder,
+                         PoolConfig(max_batch=2, max_wait_ms=20, max_queued_batches=1))
+    with running(pool):
+        wait_until(lambda: pool.stats.consumed == 14 and backend.calls, 60, "every request consumed")
+        hold.set()
+        wait_until(lambda: pool.stats.published == 14, 60, "14 results")
+    later = [request_id for call in backend.calls[2:] for request_id in call]
+    expected = [i for i in reversed(cold) if i in later] + [i for i in reversed(sampled) if i in later]
+    assert later == expected and len(later) == 10
+    assert pool.stats.skipped == 0
+
+
+def test_ten_times_its_capacity_keeps_the_backlog_bounded_and_every_request_is_accounted_for(kafka_settings, embedder):
+    """Requests sent open-loop at ~10x a slow member's capacity (2 per 0.1 s batch) for 8 s: the backlog never exceeds
+    its bound, the consumer keeps up with the inflow, the overflow is skipped and counted, and once the inflow stops
+    generated + skipped + dead-lettered = requested, with one result per generated request (`bench.cot_budget` runs
+    the same protocol for minutes on the real LLM and reports latencies against the TTL)."""
+    backend = SlowTemplateBackend(delay_s=0.1)
+    config = PoolConfig(max_batch=2, max_wait_ms=20, ttl_s=3, max_backlog=8)
+    pool = GeneratorPool(kafka_settings, kafka_settings.kafka_bootstrap_servers, backend, embedder, config)
+    sent: list[str] = []
+    rate, seconds = 200.0, 8.0
+
+    def publish() -> None:
+        producer = Producer(producer_config(kafka_settings, kafka_settings.kafka_bootstrap_servers))
+        topic = Topics.from_settings(kafka_settings).cot_requests
+        start = time.monotonic()
+        for i in range(int(rate * seconds)):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            request = make_request(request_id=f"load-{i}", requested_at=datetime.now(timezone.utc))
+            producer.produce(topic, key=request.request_id.encode(), value=request.to_bytes())
+            producer.poll(0)
+            sent.append(request.request_id)
+        assert producer.flush(30) == 0
+
+    most_backlog = 0
+    with running(pool):
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+
+        def accounted() -> bool:
+            nonlocal most_backlog
+            most_backlog = max(most_backlog, pool.backlog_size)
+            stats = pool.stats
+            return not publisher.is_alive() and stats.published + stats.skipped + stats.dead_lettered == len(sent)
+
+        wait_until(accounted, 180, "every request sent generated, skipped or dead-lettered", interval_s=0.05)
+        wait_until(lambda: uncommitted(kafka_settings) == {}, 30, "every offset committed")
+    stats = pool.stats
+    assert len(sent) == int(rate * seconds)
+    assert 0 < most_backlog <= config.max_backlog
+    assert stats.published > 0 and stats.skipped_ttl + stats.skipped_in_queue + stats.skipped_backlog > 0
+    assert stats.skipped_duplicate == stats.dead_lettered == 0
+    generated = [r.request_id for r in read_results(kafka_settings)]
+    assert len(generated) == len(set(generated)) == stats.published
 
 
 # ---- rebalances: a second member joins mid-stream ----------------------------------------------------------------------
