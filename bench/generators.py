@@ -21,8 +21,10 @@ stream order, after `--draft-warmup` earlier ones whose CoTs fill each backend's
 (`--dtypes`, the first is the reference), prompt form (`--prompt-forms`: "tags", each history line with its item's
 tags as before issue 14, and "compact", the default, titles only) and batch size, each decoding mode (`--modes`: plain,
 lossless drafts, relaxed DARE drafts: top 2, p >= 0.1). It prints the prefill and decode seconds (the decoder's own
-timers), decode tokens/s, the acceptance rate, tokens per verifying pass, how many texts equal plain decoding's and the
-mean `heuristic_rationale_score`; then the default configuration (`llmcf generate` on this machine: its weight type,
+timers), decode tokens/s, the acceptance rate, tokens per verifying pass, how many texts equal plain decoding's, the
+mean `heuristic_rationale_score` and the quality delta against plain decoding with the first weight type (mean cosine
+similarity of the CoTs' all-MiniLM-L6-v2 embeddings, same prompts and batch; `--dtypes bfloat16,int8` gives int8's);
+then the default configuration (`llmcf generate` on this machine: its weight type,
 the compact prompt, no drafts, batch 48) against today's (the first weight type, the tags prompt, no drafts, batch 16),
 with the gain split into weights, prompt and batch size. `--temperature 0` (greedy) is where lossless drafts must give
 identical text; the production decoding samples at 0.6.
@@ -37,6 +39,8 @@ import sys
 import time
 from collections import defaultdict, deque
 from datetime import UTC, datetime
+
+import numpy as np
 
 from generators.backends import GenerationOptions, create_backend
 from generators.prompt import DEFAULT_MAX_HISTORY, Prompt, build_prompt
@@ -142,8 +146,6 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def bench_embedder(sentences: int, threads: int | None) -> list[dict]:
-    import numpy as np
-
     from llmcf.embeddings import TextEmbedder
 
     texts = [r.target.text for r in movielens_requests(sentences)]
@@ -240,13 +242,26 @@ def bench_drafts(args: argparse.Namespace, batches: list[int]) -> None:
 
     reference = rows[0]["dtype"]
     count = args.prompts
+    # Quality delta, besides the heuristic score: how close each row's CoTs are in meaning to those of plain decoding
+    # with the reference weights, on the same prompts (prompt form and batch): mean cosine of their embeddings.
+    from llmcf.embeddings import TextEmbedder
+
+    embedder = TextEmbedder.load("cpu")
+    for r in rows:
+        r["vectors"] = embedder.embed(r["texts"])
+    for r in rows:
+        base = row_of(reference, r["prompt"], "plain", r["batch"])
+        r["similarity"] = float(np.mean([
+            float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
+            for a, b in zip(r["vectors"], base["vectors"], strict=True)
+        ])) if base else float("nan")
     print(f"\n## Generator configurations, SmolLM2-135M on CPU ({args.threads or 'all'} threads), {count} LLM-CF prompts "
           f"(MovieLens-100k, stream order, 20-item histories), temperature {args.temperature}, "
           f"<= {args.max_new_tokens or 'the backend default'} new tokens, drafts <= {args.draft_tokens} tokens, "
           f"index warmed with {args.draft_warmup} CoTs")
     print(f"{'dtype':<9} {'prompt':<8} {'tokens':>6} {'batch':>5} {'mode':<9} {'seconds':>8} {'CoTs/s':>7} "
           f"{'prefill s':>9} {'decode s':>8} {'decode tok/s':>12} {'x plain':>7} {'accepted':>8} {'tok/pass':>8} "
-          f"{'same text':>9} {'score':>6}")
+          f"{'same text':>9} {'score':>6} {'sim ref':>7}")
     for r in rows:
         plain = row_of(r["dtype"], r["prompt"], "plain", r["batch"])
         same = sum(a == b for a, b in zip(r["texts"], plain["texts"], strict=True)) if plain else 0
@@ -254,7 +269,7 @@ def bench_drafts(args: argparse.Namespace, batches: list[int]) -> None:
         print(f"{r['dtype']:<9} {r['prompt']:<8} {r['prompt_tokens']:>6.0f} {r['batch']:>5} {r['mode']:<9} "
               f"{r['seconds']:>8.1f} {r['cots_per_s']:>7.2f} {r['prefill_s']:>9.1f} {r['decode_s']:>8.1f} "
               f"{r['decode_tokens_per_s']:>12.1f} {ratio} {r['acceptance']:>8.2f} {r['tokens_per_pass']:>8.2f} "
-              f"{same:>5}/{count:<3} {r['score']:>6.3f}")
+              f"{same:>5}/{count:<3} {r['score']:>6.3f} {r['similarity']:>7.3f}")
 
     def best(key: str, **where: object) -> dict | None:
         chosen = [r for r in rows if all(r[k] == v for k, v in where.items())]
@@ -285,15 +300,18 @@ def bench_drafts(args: argparse.Namespace, batches: list[int]) -> None:
               f"x{previous['cots_per_s'] / today['cots_per_s']:.2f} = " + ", then ".join(line)
               + (f"; lossless drafts on top x{drafted['cots_per_s'] / previous['cots_per_s']:.2f}" if drafted else ""))
     else:
-        print(f"\n(the default configuration against today's needs --dtypes {reference},{default_dtype} --prompt-forms "
+        print(f"\n(the default configuration against today's needs --dtypes float32,{default_dtype} --prompt-forms "
               f"tags,compact --batches 16,{CPU_MAX_BATCH} with plain decoding)")
     print("(targets, issue 14: lossless drafts >= 2x the decode tokens/s of plain decoding, each at its best batch, with "
           "identical greedy text; relaxed >= 3x; the default configuration >= 2x today's CoTs/s. 'x plain': against "
           "plain decoding of the same weights, prompt and batch; 'same text': outputs equal to it, guaranteed for "
-          "lossless drafts only when greedy; 'score': mean heuristic_rationale_score, the quality proxy; 'tokens': "
-          "prompt tokens per request, the shared instructions included)")
+          "lossless drafts only when greedy; 'score': mean heuristic_rationale_score, the quality proxy; 'sim ref': "
+          f"mean cosine similarity (all-MiniLM-L6-v2) of the CoTs to those of plain decoding with {reference} weights "
+          "on the same prompts and batch, the quality delta of drafts and weight types (1 = the same meaning; two "
+          "sampled runs differ even with the same weights); 'tokens': prompt tokens per request, the shared "
+          "instructions included)")
     for r in rows:
-        del r["texts"]
+        del r["texts"], r["vectors"]
     print("\n" + json.dumps({"drafts": rows, "load_average": load_average(), "argv": sys.argv[1:]}))
 
 

@@ -366,9 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-acceptance", choices=["lossless", "relaxed"], default="lossless",
                    help="lossless: the model's own text (greedy) or distribution (sampling); relaxed: DARE's rule, a "
                    "draft token in the model's top 2 with probability >= 0.1 is kept (the text changes)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "int8"],
                    help="transformers: the weights' type (default bfloat16 where the CPU or GPU computes it natively: "
-                   "AVX512-BF16 or AMX, CUDA with bf16; else float32 on a CPU, float16 on a GPU)")
+                   "AVX512-BF16 or AMX, CUDA with bf16; else float32 on a CPU, float16 on a GPU); int8: CPU only, "
+                   "dynamically quantized linear layers, other text (see `python -m bench.generators --drafts`)")
     p.add_argument("--metrics-port", type=_non_negative_int,
                    help="port of /metrics; 0 = none (default LLMCF_METRICS_PORT, else 9102)")
     p.set_defaults(func=_cmd_generate)

@@ -20,7 +20,8 @@ Prompts are sorted by length before they are cut into batches of `max_batch`, so
 `candidates > 1` each prompt gets n sampled continuations and the best by `heuristic_rationale_score` is kept.
 
 Weights are bfloat16 where the hardware computes it natively (`default_dtype_name`; on a CPU with AVX512-BF16 or AMX a
-batch of SmolLM2 CoTs measured ~1.35x float32's CoTs/s, other rounding, so other text), float32 on other CPUs.
+batch of SmolLM2 CoTs measured ~1.35x float32's CoTs/s, other rounding, so other text), float32 on other CPUs; int8
+linear layers (`quantize_int8`, CPU only) are opt-in: other text, its quality delta printed by `bench.generators`.
 Speculative decoding (`drafts`: drafts retrieved from the prompt and from the CoTs this backend already wrote,
 `drafts.py`; lossless by default) is an option of the CPU decoder, off by default: at the production temperature (0.6)
 too few drafts are accepted for a verifying pass to pay (see `python -m bench.generators --drafts`).
@@ -94,7 +95,8 @@ class TransformersBackend(CotBackend):
         model_dir, self.model = resolve_model_dir(model, models_home / "models")
 
         started = time.perf_counter()
-        dtype = resolve_dtype(dtype, self.device)
+        dtype_name = dtype or default_dtype_name(self.device)
+        dtype = resolve_dtype(dtype_name, self.device)
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self._tokenizer.padding_side = "left"
         self._model = AutoModelForCausalLM.from_pretrained(
@@ -102,8 +104,11 @@ class TransformersBackend(CotBackend):
         )
         self._model.to(self.device)
         self._model.eval()
+        if dtype_name == "int8":
+            self._model = quantize_int8(self._model)
         self.load_seconds = time.perf_counter() - started
-        log.info("loaded %s from %s on %s (%s) in %.1f s", self.model, model_dir, self.device, dtype, self.load_seconds)
+        log.info("loaded %s from %s on %s (%s) in %.1f s", self.model, model_dir, self.device, dtype_name,
+                 self.load_seconds)
 
         if not self._tokenizer.chat_template:
             raise UserFacingError(f"model {model_dir} has no chat template; use an instruction-tuned (chat) model")
@@ -126,6 +131,10 @@ class TransformersBackend(CotBackend):
         if drafts is not None and self.drafts is None:
             log.warning("speculative decoding runs in the CPU decoder only; decoding %s without drafts", self.model)
         self.acceptance = acceptance or Acceptance()
+        if self.drafts is not None and dtype_name == "int8":
+            # Dynamic quantization scales each pass's activations by the rows in it, so a verifying pass computes other
+            # numbers than a plain step: measured, 0 of 48 greedy texts equal plain int8 decoding's.
+            log.warning("int8 weights with drafts: the text differs from plain decoding's even with lossless acceptance")
         self.draft_stats = DraftStats()
         log.info("decoding with %s", "the shared-prefix decoder" if self._prefix_decoder else "transformers' generate")
 
@@ -342,18 +351,39 @@ def _cpu_attention() -> str:
     return GROUPED_QUERY_SDPA
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The weights' type: `name`, else `default_dtype_name(device)`. bfloat16 on a CPU is for those with native support
-    (AVX512-BF16 or AMX); elsewhere it is emulated and slower, so it is refused."""
+    """The type the weights load in: `name`, else `default_dtype_name(device)`. bfloat16 on a CPU is for those with
+    native support (AVX512-BF16 or AMX); elsewhere it is emulated and slower, so it is refused. int8 (CPU only) loads
+    float32, which `quantize_int8` then quantizes."""
     name = name or default_dtype_name(device)
     if name not in DTYPES:
         raise UserFacingError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+    if name == "int8":
+        if device.type != "cpu":
+            raise UserFacingError("int8 weights are a CPU option (dynamic quantization); on a GPU use bfloat16")
+        return torch.float32
     if device.type == "cpu" and name != "float32" and not (name == "bfloat16" and _cpu_has_bfloat16()):
         raise UserFacingError(f"{name} on this CPU is emulated (no AVX512-BF16 / AMX): use float32")
     return getattr(torch, name)
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Every linear layer with int8 weights and float32 activations quantized per call (torch's dynamic quantization):
+    a quarter of float32's weight reads per decoding step, other rounding, so other text (its quality delta is
+    printed by `python -m bench.generators --drafts --dtypes bfloat16,int8`)."""
+    import warnings
+
+    # torch announces that torch.ao.quantization moves to torchao; it works in the pinned torch (2.13), and the
+    # int8 test fails first where it does not.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*", category=UserWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def default_dtype_name(device: torch.device | None = None) -> str:

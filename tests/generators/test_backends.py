@@ -547,6 +547,27 @@ def test_weights_default_to_bfloat16_only_where_the_hardware_computes_it(monkeyp
     assert tb.resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
 
+def test_int8_weights_quantize_every_linear_layer_and_decode_through_the_cpu_path():
+    """`--dtype int8` (opt-in): the real SmolLM2 with int8 linear layers writes through the shared-prefix decoder (which
+    hands quantized layers their own kernel), and int8 is refused on a GPU."""
+    import torch
+
+    from generators.backends import transformers_backend as tb
+
+    backend = create_backend("transformers", temperature=0.0, max_new_tokens=12, dtype="int8")
+    try:
+        layers = [m for m in backend._model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+        assert len(layers) >= 7 * backend._model.config.num_hidden_layers  # q, k, v, o, gate, up, down per layer
+        assert not any(type(m) is torch.nn.Linear for m in backend._model.modules())
+        assert backend._prefix_decoder is not None
+        generations = backend.generate([build_prompt(make_request(label=1)), build_prompt(make_request(label=0))])
+        assert all(g.text.strip() and 0 < g.completion_tokens <= 12 for g in generations)
+    finally:
+        backend.close()
+    with pytest.raises(UserFacingError, match="CPU option"):
+        tb.resolve_dtype("int8", torch.device("cuda:0"))
+
+
 def _chat_text_and_ids(tokenizer, prompt) -> tuple[str, list[int]]:
     text = tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True, tokenize=False)
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
