@@ -274,7 +274,7 @@ def test_batches_follow_priority_cold_start_items_first_then_the_newest_event_ti
         wait_until(lambda: pool.stats.published == 14, 60, "14 results")
     later = [request_id for call in backend.calls[2:] for request_id in call]
     expected = [i for i in reversed(cold) if i in later] + [i for i in reversed(sampled) if i in later]
-    assert later == expected and len(later) == 10
+    assert later == expected and len(later) >= 10  # the first two batches hold 2 each, or 1 if 20 ms passed first
     assert pool.stats.skipped == 0
 
 
