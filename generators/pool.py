@@ -466,11 +466,10 @@ class GeneratorPool:
         EVENTS.labels(topic=self.topics.cot_requests, outcome="ok").inc()
         pool_metrics.COTS.labels(backend=self.backend.name, outcome=_SKIP_OUTCOMES[reason]).inc()
 
-    def _too_old(self, request: CotRequest, now: datetime, batches_ahead: int = 0) -> bool:
-        """Its result would be published after the TTL: its age plus the generation time of its batch and of the
-        `batches_ahead` before it (a recent batch's, measured) exceed it."""
-        expected_s = (batches_ahead + 1) * self._batch_seconds
-        return (now - request.requested_at).total_seconds() + expected_s > self.config.ttl_s
+    def _too_old(self, request: CotRequest, now: datetime) -> bool:
+        """Its result would be published after the TTL: its age plus its own batch's generation time (a recent
+        batch's, measured) exceed it."""
+        return (now - request.requested_at).total_seconds() + self._batch_seconds > self.config.ttl_s
 
     def _dispatch_ready(self) -> None:
         """While the generation queue has room, hand it the backlog's first `max_batch` requests once that many wait
