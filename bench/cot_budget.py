@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from confluent_kafka import Producer
 
 from bench.generator_pool import fresh_settings, run_through_pool
 from bench.generators import load_average, movielens_requests
+from bench.overload import percentile
 from generators.backends import CotBackend, create_backend
 from generators.pool import GeneratorPool, PoolConfig
 from llmcf.embeddings import TextEmbedder
@@ -105,11 +105,6 @@ class Publisher(threading.Thread):
             self.sent[request.request_id] = request
         if self.producer.flush(60):
             raise RuntimeError("requests undelivered after 60 s")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] if ordered else float("nan")
 
 
 def overload(bootstrap: str, home: Path, backend: CotBackend, embedder: TextEmbedder, args: argparse.Namespace,
