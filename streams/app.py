@@ -5,9 +5,10 @@ Agents (raw bytes in, decoded by the processors through the dead-letter policy):
 - `interactions`: `InteractionBatchProcessor` with the `history` table (last N items per user, changelog-backed; the
   topic is keyed by user id, so table and topic are co-partitioned and nothing is repartitioned);
 - `cot-results`: `ResultBatchProcessor` (complete samples in PostgreSQL and the index).
-A timer publishes consumer lag, committed and end offsets per partition every few seconds, and resolves a partition
-whose committed offset stalled behind processed records (`streams.stalls`, `streams.commits`: faust-streaming drops
-records around a rebalance): consumed again from there, or committed past offsets that hold no record.
+A timer publishes consumer lag, committed and end offsets per partition every few seconds, and repairs what
+faust-streaming's bookkeeping gets wrong around a rebalance (`streams.commits`, `streams.stalls`): offset ranges Faust
+reports as holding no record, and a partition whose committed offset stalled behind processed records, are read from
+the broker and processed again, or committed past where they hold no record.
 
 Lifecycle contract of every agent: it takes batches with `stream.take_events(batch_size, within)` and awaits the
 processor until the batch is durable. Faust acks a batch when the body returns, even if it raised, and commits acked
@@ -300,7 +301,7 @@ def create_app(
 
     @app.timer(LAG_INTERVAL_S)
     async def report_lag() -> None:
-        """Lag, committed and end offsets per consumed partition; resolves stalled partitions."""
+        """Lag, committed and end offsets per consumed partition; verifies Faust's gaps; resolves stalled partitions."""
         assigned = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in consumed_topics)
         if not assigned:
             return
@@ -314,35 +315,46 @@ def create_app(
             if end is not None:
                 END_OFFSET.labels(**labels).set(end)
                 CONSUMER_LAG.labels(**labels).set(max(0, end - position))
-        for (topic, partition), offset in stall_guard.stalled(committed, ends, time.monotonic()).items():
-            await resolve_stall(TP(topic, partition), offset)
-
-    async def resolve_stall(tp: TP, committed: int) -> None:
-        """A commit standing still at `committed`: read the records from there up to the next acknowledged offset
-        (or the partition's end) from the broker, process them, and acknowledge that range, so the commit passes it.
-        Offsets without records (transaction markers, compaction) are simply acknowledged."""
         consumer = app.consumer
-        end = consumer.first_acknowledged_after(tp, committed) or consumer.highwater(tp)
-        if end is None or end <= committed:
-            return
+        for tp, ranges in consumer.take_gaps().items():
+            if tp.topic not in consumed_topics:
+                continue
+            for start, end in ranges:
+                if not await repair(tp, start, end, "reported by Faust as holding no record") \
+                        and tp in consumer.assignment():
+                    consumer.return_gap(tp, start, end)
+        for (topic, partition), offset in stall_guard.stalled(committed, ends, time.monotonic()).items():
+            tp = TP(topic, partition)
+            # From the committed offset up to the next acknowledged one, or the partition's end.
+            end = consumer.first_acknowledged_after(tp, offset) or consumer.highwater(tp)
+            if end is not None and end > offset:
+                await repair(tp, offset, end, f"committed at offset {offset} for {stall_guard.patience_s:.0f} s with "
+                             "later records processed, or waiting while its agent is idle")
+
+    async def repair(tp: TP, start: int, end: int, why: str) -> bool:
+        """Offsets `start` to `end - 1` of `tp` never reached the stream, or Faust cannot tell: read their records from
+        the broker, process them (again, perhaps: the processors are idempotent), and acknowledge the range, so that
+        the commit passes it. Offsets without records (transaction markers, compaction) are simply acknowledged. False
+        if the broker did not deliver them (the caller tries again later)."""
         records = await asyncio.get_running_loop().run_in_executor(
-            None, offset_probe.read, tp.topic, tp.partition, committed, end)
+            None, offset_probe.read, tp.topic, tp.partition, start, end)
         if records is None:
-            log.warning("%s[%d]: could not read offsets %d to %d to repair a stalled commit; trying again later",
-                        tp.topic, tp.partition, committed, end - 1)
-            return
+            log.warning("%s[%d]: could not read offsets %d to %d (%s); trying again later",
+                        tp.topic, tp.partition, start, end - 1, why)
+            return False
         if records:
-            log.warning("%s[%d] has been committed at offset %d for %.0f s with later records processed, or waiting "
-                        "while its agent is idle (records dropped around a rebalance): processing the %d records of "
-                        "offsets %d to %d again", tp.topic, tp.partition, committed, stall_guard.patience_s,
-                        len(records), committed, end - 1)
+            log.warning("%s[%d]: offsets %d to %d %s (Faust drops records around a rebalance): processing their %d "
+                        "records again", tp.topic, tp.partition, start, end - 1, why, len(records))
             PARTITION_REWINDS.labels(topic=tp.topic).inc()
             async with processing[tp.topic]:
                 await until_processed(tp.topic, partial(processors[tp.topic], records))
         else:
             log.info("%s[%d]: offsets %d to %d hold no record (transaction markers or compacted records): committing "
-                     "past them", tp.topic, tp.partition, committed, end - 1)
-        consumer.acknowledge(tp, committed, end)
+                     "past them", tp.topic, tp.partition, start, end - 1)
+        if tp not in app.consumer.assignment():
+            return True  # revoked meanwhile: its new owner consumes from the committed offset
+        app.consumer.acknowledge(tp, start, end)
+        return True
 
     def close() -> None:
         publisher.close()

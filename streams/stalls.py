@@ -17,7 +17,9 @@ moved for `patience_s` although either
 The worker then repairs it (`streams.app`): it reads the records from the committed offset up to the next
 acknowledged one (or the partition's end) from the broker itself, processes them like any batch (the processors are
 idempotent, so a record processed twice changes nothing), and acknowledges that range, offsets without records
-(transaction markers, compacted records, which the exact commit rule of `streams.commits` waits on) included.
+(transaction markers, compacted records, which the exact commit rule of `streams.commits` waits on) included. Ranges
+Faust itself reports as holding no record are verified the same way, at the next lag report, without this patience
+(`streams.commits`).
 """
 
 from __future__ import annotations

@@ -57,12 +57,29 @@ def test_a_group_that_never_committed_starts_at_offset_zero(consumer: ExactCommi
     assert consumer._new_offset(TP0) == 3
 
 
-def test_offsets_without_records_between_fetched_ones_count_as_acknowledged(consumer: ExactCommitConsumer) -> None:
+def test_offsets_faust_reports_without_records_are_verified_before_they_are_committed(
+        consumer: ExactCommitConsumer) -> None:
     consumer._committed_offset[TP0] = 10
     acknowledge(consumer, 10)
-    asyncio.run(consumer._add_gap(TP0, 11, 13))  # records 10 and 13 fetched: 11 and 12 hold none
+    asyncio.run(consumer._add_gap(TP0, 11, 13))  # records 10 and 13 delivered in turn: Faust believes 11-12 hold none
     acknowledge(consumer, 13)
+    assert consumer._new_offset(TP0) == 11, "a reported gap is not acknowledged by itself"
+    consumer._committed_offset[TP0] = 11
+    assert consumer.take_gaps() == {TP0: [(11, 13)]}
+    assert consumer.take_gaps() == {}, "a gap is handed out once"
+    consumer.acknowledge(TP0, 11, 13)  # the worker read them from the broker (and processed what it found)
     assert consumer._new_offset(TP0) == 14
+
+
+def test_a_gap_right_after_faust_s_seek_to_the_committed_offset_includes_that_offset(
+        consumer: ExactCommitConsumer) -> None:
+    # Faust's seek sets its read offset to the committed one (10) without delivering record 10; a record of an older
+    # fetch (25) then reports 11-24 as a gap, although 10-24 may all hold records that were never processed.
+    consumer._committed_offset[TP0] = 10
+    asyncio.run(consumer._add_gap(TP0, 11, 25))
+    acknowledge(consumer, 25)
+    assert consumer._new_offset(TP0) is None
+    assert consumer.take_gaps() == {TP0: [(10, 25)]}
 
 
 def test_a_marker_right_at_the_committed_offset_is_a_gap_too(consumer: ExactCommitConsumer) -> None:
@@ -70,7 +87,19 @@ def test_a_marker_right_at_the_committed_offset_is_a_gap_too(consumer: ExactComm
     consumer._committed_offset[TP0] = 10
     asyncio.run(consumer._add_gap(TP0, 10, 11))
     acknowledge(consumer, 11)
+    assert consumer.take_gaps() == {TP0: [(10, 11)]}
+    consumer.acknowledge(TP0, 10, 11)
     assert consumer._new_offset(TP0) == 12
+
+
+def test_gaps_below_the_committed_offset_are_not_handed_out(consumer: ExactCommitConsumer) -> None:
+    consumer._committed_offset[TP0] = 3
+    asyncio.run(consumer._add_gap(TP0, 5, 9))
+    consumer._committed_offset[TP0] = 7  # committed meanwhile, e.g. the records were delivered after all
+    assert consumer.take_gaps() == {TP0: [(7, 9)]}
+    asyncio.run(consumer._add_gap(TP0, 8, 9))
+    consumer._committed_offset[TP0] = 9
+    assert consumer.take_gaps() == {}
 
 
 def test_a_marker_at_the_committed_offset_after_a_restart_holds_the_commit_until_acknowledged(
