@@ -190,6 +190,29 @@ def _cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _cmd_cots(args: argparse.Namespace, settings: Settings) -> int:
+    from llmcf.threads import pin_native_threads
+
+    pin_native_threads(args.threads)  # before numpy and torch load
+    from pathlib import Path
+
+    from generators.service import resolve_device
+    from ranker.llm_cots import WriteOptions, write_cots
+
+    backend = args.backend or ("openai" if settings.generator_backend == "openai" else "transformers")
+    options = WriteOptions(
+        dataset=args.dataset, fraction=args.fraction, seed=args.seed, backend=backend,
+        model=args.model or settings.generator_model, openai_base_url=args.openai_base_url or settings.openai_base_url,
+        device=resolve_device(args.device or settings.generator_device) if backend == "transformers" else "remote",
+        dtype=args.dtype, threads=args.threads, max_batch=args.max_batch, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, limit=args.limit,
+    )
+    path = write_cots(options, settings.home, Path(args.out) if args.out else None,
+                      log=lambda line: print(line, flush=True))
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from llmcf.threads import pin_native_threads
 
@@ -373,6 +396,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=_non_negative_int,
                    help="port of /metrics; 0 = none (default LLMCF_METRICS_PORT, else 9102)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "cots",
+        help="write the evaluation's LLM CoT file: CoTs for a fixed, seeded sample of MovieLens training rows",
+        description="Writes, with the generator pool's backend and the stream's prompt, the chains of thought of a "
+        "uniform --fraction (default 1%) of the training rows of the time split that `llmcf evaluate` uses (seed "
+        "--seed) into a gzip JSON-lines file (default data/cots/<dataset>-llm-cots.jsonl.gz, versioned in the "
+        "repository) and its manifest (<name>.json: sample, model, decoding, command, time). Resumable: rows already "
+        "in the file are skipped, so stop it any time (Ctrl-C) and run the same command again. SmolLM2-135M on 2 CPU "
+        "cores writes about 2 CoTs/s (about 70 minutes for ml-1m's 8,002 rows); on a GPU (--device cuda:0) or a "
+        "served LLM (--backend openai) much faster. The template backend is refused: it is not an LLM.",
+    )
+    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-1m")
+    p.add_argument("--fraction", type=_positive_float, default=0.01,
+                   help="share of the training rows to write CoTs for (default 0.01)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row sample and of sampled decoding (default 0)")
+    p.add_argument("--out", help="the CoT file (default data/cots/<dataset>-llm-cots.jsonl.gz in the repository)")
+    p.add_argument("--limit", type=_positive_int, help="write at most N new CoTs in this run (default: all missing)")
+    p.add_argument("--backend", choices=["transformers", "openai"],
+                   help="transformers (local model) or openai (OpenAI-compatible server); default transformers, or "
+                   "openai when LLMCF_GENERATOR_BACKEND says so")
+    p.add_argument("--model", help="transformers: model directory or .gguf (default SmolLM2-135M-Instruct); openai: "
+                   "served model name (default LLMCF_GENERATOR_MODEL)")
+    p.add_argument("--device", help="transformers: cpu, cuda:N or auto (default LLMCF_GENERATOR_DEVICE)")
+    p.add_argument("--openai-base-url", help="openai backend: server URL (default LLMCF_OPENAI_BASE_URL)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "int8"],
+                   help="transformers: the weights' type (default as `llmcf generate`)")
+    p.add_argument("--max-batch", type=_positive_int, help="prompts per batch (default as `llmcf generate`)")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="tokens per chain of thought (default: the backend's)")
+    p.add_argument("--temperature", type=_non_negative_float, help="sampling temperature, 0 = greedy (default 0.6)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned; default 2)")
+    p.set_defaults(func=_cmd_cots)
 
     p = sub.add_parser(
         "worker",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from llmcf.embeddings import MODEL_NAME
 from llmcf.events import CotRequest, HistoryEntry, ItemSnapshot, from_epoch_ms
 from ranker.data import Corpus, EmbeddingCache, embedding_cache_path
 from ranker.dataset import Samples
+
+if TYPE_CHECKING:
+    from generators.prompt import Prompt
 
 
 @dataclass
@@ -72,8 +75,9 @@ def generate_cot_vectors(samples: Samples, rows: np.ndarray, backend_name: str, 
     return EmbeddingCache(embedding_cache_path(cache_dir, "cot")).embed(texts)
 
 
-def _generate_cots(samples: Samples, rows: np.ndarray, backend_name: str) -> list[str]:
-    from generators.backends import create_backend
+def cot_prompts(samples: Samples, rows: np.ndarray) -> list[Prompt]:
+    """The stream's CoT prompt for each corpus row: the request a stream worker would build for it (history = the
+    user's items before it), worded for ratings."""
     from generators.prompt import build_prompt
 
     corpus = samples.corpus
@@ -93,6 +97,13 @@ def _generate_cots(samples: Samples, rows: np.ndarray, backend_name: str) -> lis
             target=ItemSnapshot(**snapshot(int(corpus.item[row]))), history=history, requested_at=requested_at,
         )
         prompts.append(build_prompt(request, feedback="rating"))
+    return prompts
+
+
+def _generate_cots(samples: Samples, rows: np.ndarray, backend_name: str) -> list[str]:
+    from generators.backends import create_backend
+
+    prompts = cot_prompts(samples, rows)
     if not prompts:
         return []
     with create_backend(backend_name) as backend:

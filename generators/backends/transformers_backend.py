@@ -95,7 +95,7 @@ class TransformersBackend(CotBackend):
         model_dir, self.model = resolve_model_dir(model, models_home / "models")
 
         started = time.perf_counter()
-        dtype_name = dtype or default_dtype_name(self.device)
+        self.dtype_name = dtype_name = dtype or default_dtype_name(self.device)
         dtype = resolve_dtype(dtype_name, self.device)
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self._tokenizer.padding_side = "left"

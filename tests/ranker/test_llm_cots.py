@@ -1,0 +1,81 @@
+"""`llmcf cots`: the real SmolLM2-135M writes CoTs for a seeded sample of MovieLens-100k training rows into a gzip
+JSON-lines file; a second run resumes where the first stopped, a chunk cut off mid-write is dropped and written again,
+and a run that would mix generators or samples in one file is refused."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmcf.cli import main
+from llmcf.errors import UserFacingError
+from ranker.data import movielens_corpus
+from ranker.dataset import time_split
+from ranker.llm_cots import WriteOptions, manifest_path, read_cots, sample_rows, write_cots
+
+pytestmark = pytest.mark.slow
+
+FRACTION = 0.0001  # 8 of ml-100k's 80,000 training rows
+ARGS = ["cots", "--dataset", "ml-100k", "--fraction", str(FRACTION), "--max-new-tokens", "8", "--max-batch", "2",
+        "--threads", "1"]
+
+
+def run(home: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
+    monkeypatch.setenv("LLMCF_HOME", str(home))
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert main([*ARGS, *args]) == 0
+    return printed.getvalue()
+
+
+def test_writes_the_seeded_sample_resumably_with_the_llm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "cots.jsonl.gz"
+    corpus = movielens_corpus("ml-100k")
+    rows = sample_rows(time_split(corpus, None, None, seed=0)[0].rows, FRACTION, 0)
+    keys = {corpus.sample_key(row) for row in rows.tolist()}
+    assert len(keys) == 8
+    assert np.array_equal(rows, sample_rows(time_split(corpus, None, None, seed=0)[0].rows, FRACTION, 0))
+
+    printed = run(tmp_path, monkeypatch, "--out", str(out), "--limit", "3")
+    first = read_cots(out)
+    assert len(first) == 3 and set(first) <= keys
+    assert "8 rows" in printed and "writing 3" in printed and "3/8 CoTs" in printed
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["written"] == 3 and manifest["generator"]["backend"] == "transformers"
+    assert "SmolLM2-135M" in manifest["generator"]["model"] and manifest["sample"] == {
+        "dataset": "ml-100k", "fraction": FRACTION, "seed": 0, "rows": 8}
+    assert manifest["command"].startswith("llmcf cots --dataset ml-100k --fraction 0.0001 --seed 0 --backend transformers")
+    assert "--max-new-tokens 8" in manifest["command"] and "--limit" not in manifest["command"]
+
+    # A run killed mid-write leaves a cut-off gzip member: it is dropped on reading and before appending.
+    with out.open("ab") as handle:
+        handle.write(out.read_bytes()[:40])
+    assert read_cots(out) == first
+
+    printed = run(tmp_path, monkeypatch, "--out", str(out))
+    assert "3 in" in printed and "writing 5" in printed
+    records = read_cots(out)
+    assert set(records) == keys
+    assert all(records[key] == first[key] for key in first), "a resumed run keeps what was written"
+    for record in records.values():
+        row = next(r for r in rows.tolist() if corpus.sample_key(r) == record["key"])
+        assert record["label"] == int(corpus.label[row]) and record["ts_ms"] == int(corpus.ts_ms[row])
+        assert record["cot"].strip() and 0 < record["completion_tokens"] <= 8 and record["prompt_tokens"] > 100
+    assert json.loads(manifest_path(out).read_text())["written"] == 8
+
+    assert "writing 0" in run(tmp_path, monkeypatch, "--out", str(out))  # complete: nothing to do
+
+
+def test_refuses_the_template_backend_and_mixed_files(tmp_path: Path) -> None:
+    out = tmp_path / "cots.jsonl.gz"
+    with pytest.raises(UserFacingError, match="not|no LLM"):
+        write_cots(WriteOptions(dataset="ml-100k", fraction=FRACTION, backend="template"), tmp_path, out)
+    manifest_path(out).write_text(json.dumps({"sample": {"dataset": "ml-100k", "fraction": FRACTION, "seed": 1,
+                                                         "rows": 8}}))
+    with pytest.raises(UserFacingError, match="another sample"):
+        write_cots(WriteOptions(dataset="ml-100k", fraction=FRACTION), tmp_path, out)
