@@ -1,6 +1,8 @@
 """The CoT pool of a training run: which corpus rows serve as in-context examples and their CoT embeddings, either the
 stored CoT samples (database corpus) or a uniform share of the training rows with CoTs written by a generator backend
-(`template` by default: a deterministic rationale, NOT an LLM; the pool's `describe()` says so in every manifest)."""
+(`template` by default: a deterministic rationale, NOT an LLM; the pool's `describe()` says so in every manifest), or
+the rows of the LLM CoT file (`ranker.llm_cots`) with the CoTs an LLM wrote for them (or, as the ablation's control,
+template CoTs for the same rows)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,33 @@ class CotPool:
         return {"backend": self.backend, "size": len(self.rows), "embedding_model": MODEL_NAME,
                 "note": "template = deterministic rationale from the request's data, not an LLM"
                 if self.backend == "template" else None}
+
+
+def llm_file_pool(samples: Samples, candidate_rows: np.ndarray, path: Path, cache_dir: Path,
+                  step: Callable[[str], None], template: bool = False) -> CotPool:
+    """The rows of the LLM CoT file at `path` among `candidate_rows`, with the CoTs the LLM wrote (embedded, cached by
+    text), or with `template` CoTs for the same rows: the control that isolates what the LLM's text adds."""
+    from llmcf.errors import UserFacingError
+    from ranker.llm_cots import read_cots, read_manifest
+
+    records = read_cots(path)
+    if not records:
+        raise UserFacingError(f"no LLM CoTs in {path}: write them with `llmcf cots --dataset {samples.corpus.source}`")
+    corpus = samples.corpus
+    by_key = {corpus.sample_key(row): row for row in candidate_rows.tolist()}
+    found = sorted((by_key[key], record["cot"]) for key, record in records.items() if key in by_key)
+    if not found:
+        raise UserFacingError(f"none of the {len(records):,} CoTs in {path} is a training row of this split")
+    rows = np.asarray([row for row, _ in found], dtype=np.int64)
+    if template:
+        vectors = generate_cot_vectors(samples, rows, "template", cache_dir)
+        backend = "template"
+    else:
+        vectors = EmbeddingCache(embedding_cache_path(cache_dir, "cot")).embed([text for _, text in found])
+        backend = f"llm:{read_manifest(path)['generator']['model']}"
+    step(f"CoT pool: the {len(rows):,} rows of {path.name} ({len(records):,} CoTs), "
+         f"{'template CoTs (not an LLM)' if template else 'CoTs written by ' + backend[4:]}, embedded with {MODEL_NAME}")
+    return CotPool(rows, list(vectors), backend)
 
 
 def build_cot_pool(samples: Samples, candidate_rows: np.ndarray, pool_rate: float, cot_backend: str, seed: int,

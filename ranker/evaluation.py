@@ -43,7 +43,7 @@ import torch
 
 from llmcf.errors import UserFacingError
 from llmcf.settings import Settings
-from ranker.cot_pool import CotPool, build_cot_pool, generate_cot_vectors
+from ranker.cot_pool import CotPool, build_cot_pool, generate_cot_vectors, llm_file_pool
 from ranker.data import Corpus, movielens_corpus
 from ranker.dataset import SPLIT, Samples, Split, build_feature_space, time_split
 from ranker.examples import pool_samples, retrieve_examples, retrieve_rows, sample_pool
@@ -56,6 +56,11 @@ from ranker.sample_pool import SamplePool
 from ranker.updates.finetune import fine_tune
 
 VARIANTS = ("deepfm", "deepfm+ict", "din", "din+ict")
+COT_POOLS = {
+    "uniform": "a uniform --pool-rate of the training rows, CoTs from --cot-backend",
+    "llm": "the rows of the LLM CoT file (`llmcf cots`), with the CoTs the LLM wrote",
+    "llm-rows-template": "the rows of the LLM CoT file, with template CoTs (not an LLM): the control for `llm`",
+}
 DAY_MS = 86_400_000
 STREAM_CASES = {
     "a": "frozen model, frozen pool (day 0)",
@@ -82,6 +87,8 @@ class EvaluationOptions:
     reconstruction_weight: float = 1.0
     pool_rate: float = 0.1
     cot_backend: str = "template"
+    cot_pool: str = "uniform"
+    cot_file: Path | None = None
     threads: int = 2
     offline: bool = True
     streaming: bool = False
@@ -103,6 +110,24 @@ class EvaluationOptions:
             raise UserFacingError(f"start fraction {self.start_fraction} must be in (0, 1)")
         if self.seeds < 1 or self.days < 1:
             raise UserFacingError("seeds and days must be at least 1")
+        if self.cot_pool not in COT_POOLS:
+            raise UserFacingError(f"unknown CoT pool {self.cot_pool!r}: choose from {', '.join(COT_POOLS)}")
+        if self.cot_pool != "uniform" and self.streaming:
+            raise UserFacingError("--cot-pool llm and llm-rows-template are for the offline table; the streaming "
+                                  "replay's pool grows by the stream's own choice of rows (--cot-pool uniform)")
+
+    def llm_cot_file(self) -> Path:
+        from ranker.llm_cots import default_path
+
+        return self.cot_file or default_path(self.dataset)
+
+    def pool_label(self) -> str:
+        """The offline CoT pool in words, for the reports."""
+        if self.cot_pool == "uniform":
+            return f"uniform {self.pool_rate:g} of train, CoTs: {_backend_label(self.cot_backend)}"
+        cots = "template CoTs (deterministic rationale, not an LLM)" if self.cot_pool == "llm-rows-template" else \
+            "the CoTs an LLM wrote for them"
+        return f"the rows of {self.llm_cot_file().name} (a seeded sample of all training rows), {cots}"
 
     def caps(self) -> str:
         def cap(value: int | None) -> str:
@@ -110,7 +135,7 @@ class EvaluationOptions:
 
         return (f"train rows: latest {cap(self.max_train_samples)}; validation and test rows: {cap(self.max_eval_samples)} "
                 f"each; at most {self.max_epochs} epochs (early stopping, patience {self.patience}); batch "
-                f"{self.batch_size}; Adam lr {self.learning_rate:g}; CoT pool: uniform {self.pool_rate:g} of train")
+                f"{self.batch_size}; Adam lr {self.learning_rate:g}; CoT pool: {self.pool_label()}")
 
 
 @dataclass
@@ -177,7 +202,12 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
          f"test {len(test_split.rows):,} (time-ordered split {'/'.join(str(int(s * 100)) for s in SPLIT)})")
     records = []
     if any(v.endswith("+ict") for v in options.variants):
-        pool = build_cot_pool(samples, train_split.rows, options.pool_rate, options.cot_backend, 0, cache_dir, step)
+        if options.cot_pool == "uniform":
+            pool = build_cot_pool(samples, train_split.rows, options.pool_rate, options.cot_backend, 0, cache_dir, step)
+        else:  # the file's rows are drawn from every training row, whatever the cap on the rows trained on
+            every_train_row = time_split(corpus, None, None, seed=0)[0].rows
+            pool = llm_file_pool(samples, every_train_row, options.llm_cot_file(), cache_dir, step,
+                                 template=options.cot_pool == "llm-rows-template")
         records = retrieve_examples(samples, pool, list(splits), cache_dir, step)
     space = build_feature_space(samples, train_split.rows)
     batches = {ict: Batches(samples, space, records, with_examples=ict) for ict in (False, True)}
@@ -232,15 +262,18 @@ def _write_offline(results: list[RunResult], options: EvaluationOptions, out: Pa
     csv_path = out / "offline.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["variant", "seed", "auc", "logloss", "epochs", "best_epoch", "seconds", "dataset", "cot_backend"])
+        writer.writerow(["variant", "seed", "auc", "logloss", "epochs", "best_epoch", "seconds", "dataset", "cot_backend",
+                         "cot_pool"])
+        backend = options.cot_backend if options.cot_pool == "uniform" else (
+            "template" if options.cot_pool == "llm-rows-template" else "llm")
         for r in results:
             writer.writerow([r.variant, r.seed, f"{r.auc:.6f}", f"{r.logloss:.6f}", r.epochs, r.best_epoch,
-                             f"{r.seconds:.1f}", options.dataset, options.cot_backend])
+                             f"{r.seconds:.1f}", options.dataset, backend, options.cot_pool])
     lines = [
         f"## Offline evaluation: {options.dataset}, {options.seeds} seed(s) per variant",
         "",
-        f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. CoT pool backend: **{_backend_label(options.cot_backend)}**. "
-        f"Caps: {options.caps()}. Split and pool fixed (seed 0); the seed varies model initialisation and batch order.",
+        f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Caps: {options.caps()}. Split and pool fixed (seed 0); "
+        "the seed varies model initialisation and batch order.",
         "",
         "| variant | runs | AUC (mean ± std) | LogLoss (mean ± std) | s/run |",
         "| --- | --- | --- | --- | --- |",

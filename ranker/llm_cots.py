@@ -66,6 +66,13 @@ class WriteOptions:
     limit: int | None = None
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the CoT file at `path` (sample, generator, command); one naming an unknown model when the file
+    has none."""
+    manifest = manifest_path(path)
+    return json.loads(manifest.read_text()) if manifest.is_file() else {"generator": {"model": "unknown model"}}
+
+
 def sample_rows(train_rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """The CoT file's rows: a uniform `fraction` of `train_rows` (at least one), drawn with `seed`, in corpus order."""
     size = max(1, round(len(train_rows) * fraction))
@@ -127,7 +134,7 @@ def write_cots(options: WriteOptions, home: Path, path: Path | None = None,
 
     path = path or default_path(options.dataset)
     manifest_file = manifest_path(path)
-    previous = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+    previous = read_manifest(path) if manifest_file.is_file() else None
     sample = {"dataset": options.dataset, "fraction": options.fraction, "seed": options.seed}
     if previous is not None and previous["sample"] | {"rows": None} != sample | {"rows": None}:
         raise UserFacingError(f"{path} holds another sample ({previous['sample']}); choose another --out")

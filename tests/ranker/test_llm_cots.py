@@ -79,3 +79,25 @@ def test_refuses_the_template_backend_and_mixed_files(tmp_path: Path) -> None:
                                                          "rows": 8}}))
     with pytest.raises(UserFacingError, match="another sample"):
         write_cots(WriteOptions(dataset="ml-100k", fraction=FRACTION), tmp_path, out)
+
+
+def test_evaluate_compares_llm_and_template_cots_on_the_same_rows_and_examples(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "cots.jsonl.gz"
+    run(tmp_path, monkeypatch, "--out", str(out), "--fraction", "0.0005")  # 40 rows, the later flag wins
+    assert len(read_cots(out)) == 40
+    markdown = {}
+    for pool in ("llm", "llm-rows-template"):
+        printed = io.StringIO()
+        with redirect_stdout(printed):
+            assert main(["evaluate", "--dataset", "ml-100k", "--seeds", "1", "--variants", "deepfm+ict",
+                         "--max-train-samples", "1500", "--max-eval-samples", "300", "--epochs", "1", "--threads", "1",
+                         "--cot-pool", pool, "--cot-file", str(out), "--out", str(tmp_path / pool)]) == 0
+        rows = (tmp_path / pool / "offline.csv").read_text().splitlines()
+        assert rows[1].endswith(f",{'llm' if pool == 'llm' else 'template'},{pool}")
+        markdown[pool] = (tmp_path / pool / "offline.md").read_text()
+        assert "CoT pool: the 40 rows of cots.jsonl.gz" in printed.getvalue()
+    assert "the CoTs an LLM wrote for them" in markdown["llm"]
+    assert "template CoTs (deterministic rationale, not an LLM)" in markdown["llm-rows-template"]
+    # Retrieval reads the rows' history and item, never the CoT: both pools share one cached set of examples.
+    assert len(list((tmp_path / "cache" / "ranker" / "retrieval").glob("*.npz"))) == 1
