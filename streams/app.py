@@ -5,10 +5,10 @@ Agents (raw bytes in, decoded by the processors through the dead-letter policy):
 - `interactions`: `InteractionBatchProcessor` with the `history` table (last N items per user, changelog-backed; the
   topic is keyed by user id, so table and topic are co-partitioned and nothing is repartitioned);
 - `cot-results`: `ResultBatchProcessor` (complete samples in PostgreSQL and the index).
-A timer publishes consumer lag, committed and end offsets per partition every few seconds, and repairs what
-faust-streaming's bookkeeping gets wrong around a rebalance (`streams.commits`, `streams.stalls`): offset ranges Faust
-reports as holding no record, and a partition whose committed offset stalled behind processed records, are read from
-the broker and processed again, or committed past where they hold no record.
+A timer publishes consumer lag, committed and end offsets per partition every few seconds, then runs a round of
+`streams.repair.DeliveryRepair`: what faust-streaming's bookkeeping gets wrong around a rebalance (ranges it reports as
+holding no record, a committed offset stalled behind processed records) is read from the broker and processed again,
+or committed past where it holds no record.
 
 Lifecycle contract of every agent: it takes batches with `stream.take_events(batch_size, within)` and awaits the
 processor until the batch is durable. Faust acks a batch when the body returns, even if it raised, and commits acked
@@ -49,8 +49,9 @@ from streams.decisions import CotPolicy
 from streams.history import HistoryItem, from_stored, to_stored
 from streams.interactions import InteractionBatchProcessor
 from streams.items import ItemBatchProcessor
-from streams.metrics import BATCH_RECORDS, BATCH_SECONDS, PARTITION_REWINDS, WRITE_FAILURES
+from streams.metrics import BATCH_RECORDS, BATCH_SECONDS, WRITE_FAILURES
 from streams.publisher import RequestPublisher
+from streams.repair import DeliveryRepair
 from streams.results import ResultBatchProcessor
 from streams.stalls import StallGuard
 
@@ -299,9 +300,15 @@ def create_app(
     offset_probe = OffsetProbe(settings, bootstrap, group)
     consumed_topics = {topics.items, topics.interactions, topics.cot_results}
 
+    async def process_again(topic: str, records: list[SourceRecord]) -> None:
+        async with processing[topic]:
+            await until_processed(topic, partial(processors[topic], records))
+
+    repair = DeliveryRepair(lambda: app.consumer, offset_probe.read, process_again, stall_guard, consumed_topics)
+
     @app.timer(LAG_INTERVAL_S)
     async def report_lag() -> None:
-        """Lag, committed and end offsets per consumed partition; verifies Faust's gaps; resolves stalled partitions."""
+        """Lag, committed and end offsets per consumed partition; then a round of delivery repair."""
         assigned = sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in consumed_topics)
         if not assigned:
             return
@@ -315,46 +322,7 @@ def create_app(
             if end is not None:
                 END_OFFSET.labels(**labels).set(end)
                 CONSUMER_LAG.labels(**labels).set(max(0, end - position))
-        consumer = app.consumer
-        for tp, ranges in consumer.take_gaps().items():
-            if tp.topic not in consumed_topics:
-                continue
-            for start, end in ranges:
-                if not await repair(tp, start, end, "reported by Faust as holding no record") \
-                        and tp in consumer.assignment():
-                    consumer.return_gap(tp, start, end)
-        for (topic, partition), offset in stall_guard.stalled(committed, ends, time.monotonic()).items():
-            tp = TP(topic, partition)
-            # From the committed offset up to the next acknowledged one, or the partition's end.
-            end = consumer.first_acknowledged_after(tp, offset) or consumer.highwater(tp)
-            if end is not None and end > offset:
-                await repair(tp, offset, end, f"committed at offset {offset} for {stall_guard.patience_s:.0f} s with "
-                             "later records processed, or waiting while its agent is idle")
-
-    async def repair(tp: TP, start: int, end: int, why: str) -> bool:
-        """Offsets `start` to `end - 1` of `tp` never reached the stream, or Faust cannot tell: read their records from
-        the broker, process them (again, perhaps: the processors are idempotent), and acknowledge the range, so that
-        the commit passes it. Offsets without records (transaction markers, compaction) are simply acknowledged. False
-        if the broker did not deliver them (the caller tries again later)."""
-        records = await asyncio.get_running_loop().run_in_executor(
-            None, offset_probe.read, tp.topic, tp.partition, start, end)
-        if records is None:
-            log.warning("%s[%d]: could not read offsets %d to %d (%s); trying again later",
-                        tp.topic, tp.partition, start, end - 1, why)
-            return False
-        if records:
-            log.warning("%s[%d]: offsets %d to %d %s (Faust drops records around a rebalance): processing their %d "
-                        "records again", tp.topic, tp.partition, start, end - 1, why, len(records))
-            PARTITION_REWINDS.labels(topic=tp.topic).inc()
-            async with processing[tp.topic]:
-                await until_processed(tp.topic, partial(processors[tp.topic], records))
-        else:
-            log.info("%s[%d]: offsets %d to %d hold no record (transaction markers or compacted records): committing "
-                     "past them", tp.topic, tp.partition, start, end - 1)
-        if tp not in app.consumer.assignment():
-            return True  # revoked meanwhile: its new owner consumes from the committed offset
-        app.consumer.acknowledge(tp, start, end)
-        return True
+        await repair.run(committed, ends)
 
     def close() -> None:
         publisher.close()

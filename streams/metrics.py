@@ -26,11 +26,11 @@ BATCH_RECORDS = Histogram(
     ["topic"],
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
 )
-PARTITION_REWINDS = Counter(
-    "llmcf_worker_partition_rewinds_total",
-    "Stalled partitions repaired: records from the committed offset, which stood still behind later records, read "
-    "again and processed, by topic.",
-    ["topic"],
+REPAIRED_RANGES = Counter(
+    "llmcf_worker_repaired_ranges_total",
+    "Offset ranges Faust never delivered that held records, read from the broker and processed (streams.repair), by "
+    "topic and cause: gap (reported by Faust as holding no record) or stall (a committed offset that stood still).",
+    ["topic", "cause"],
 )
 COT_DECISIONS = Counter(
     "llmcf_worker_cot_requests_total",

@@ -69,9 +69,9 @@ class StallGuard:
     def stalled(self, committed: Mapping[Partition, int], ends: Mapping[Partition, int | None], now: float
                 ) -> dict[Partition, int]:
         """Of the assigned partitions (the keys of `ends`: their end offsets as last fetched, None before the first
-        fetch), those to rewind, each with its committed offset (0 where the group never committed one). A rewound
+        fetch), those to repair, each with its committed offset (0 where the group never committed one). A repaired
         partition is watched afresh."""
-        rewind: dict[Partition, int] = {}
+        stalled: dict[Partition, int] = {}
         for key, end in ends.items():
             offset = committed.get(key, 0)
             processed_past = self._processed_through.get(key, -1) >= offset
@@ -87,7 +87,7 @@ class StallGuard:
             topic = key[0]
             idle = self._in_hand[topic] == 0 and now - self._last_busy.get(topic, float("-inf")) >= self.patience_s
             if processed_past or idle:
-                rewind[key] = offset
+                stalled[key] = offset
                 del self._watches[key]
                 self._processed_through[key] = offset - 1
-        return rewind
+        return stalled

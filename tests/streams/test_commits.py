@@ -129,3 +129,18 @@ def test_a_repair_fills_the_hole_up_to_the_first_acknowledged_offset(consumer: E
     consumer.acknowledge(TP0, 12, 14)  # overlapping what the stream acknowledged changes nothing
     assert consumer._new_offset(TP0) == 15
     assert consumer._acked[TP0] == [20]
+
+
+def test_the_faust_internals_it_overrides_and_reads_still_exist(consumer: ExactCommitConsumer) -> None:
+    # streams/commits.py replaces two private methods and reads four private attributes of faust-streaming 0.15's
+    # consumer (the dependency is pinned below 0.16): if an upgrade renames one, this fails before any data is lost.
+    import inspect
+
+    from faust.transport.consumer import Consumer as FaustConsumer
+
+    for name in ("_acked", "_acked_index", "_gap", "_committed_offset"):
+        assert hasattr(consumer, name), name
+    assert inspect.signature(FaustConsumer._new_offset).parameters.keys() == {"self", "tp"}
+    assert list(inspect.signature(FaustConsumer._add_gap).parameters) == ["self", "tp", "offset_from", "offset_to"]
+    assert "self._add_gap(tp, r_offset + 1, offset)" in inspect.getsource(FaustConsumer._drain_messages)
+    assert "self._gap.pop(tp, None)" in inspect.getsource(FaustConsumer.on_partitions_revoked)
