@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +75,16 @@ def retrieve_examples(samples: Samples, pool: CotPool, splits: Sequence[Split], 
     into (the pool's samples, in pool order). With `cache`, the result is kept under `cache_dir/retrieval/`."""
     corpus = samples.corpus
     keys = [corpus.sample_key(r) for r in pool.rows.tolist()]
-    pool_id = fingerprint(keys, [c is None for c in pool.cots], MODEL_NAME, ENGINE)
+    # Retrieval reads the pool's rows (history, item, user, time), never its CoTs: the key leaves them out, and the
+    # records always carry the CoTs of `pool`, so pools that differ by their CoTs alone share the same examples.
+    pool_id = fingerprint(keys, MODEL_NAME, ENGINE)
     cached = cache_dir / "retrieval" / f"{fingerprint(pool_id, *[s.rows for s in splits])}.npz"
     if cache and cached.is_file():
         records, slots = _load_retrieval(cached)
         for split in splits:
             split.slots = slots[split.name]
         step(f"in-context examples: loaded from cache {cached.name}")
-        return records
+        return with_cots(records, dict(zip(keys, pool.cots, strict=True)))
 
     engine = sample_pool(samples, pool)
     view = engine.view
@@ -110,6 +113,11 @@ def retrieve_examples(samples: Samples, pool: CotPool, splits: Sequence[Split], 
     if cache:
         _save_retrieval(cached, records, {s.name: s.slots for s in splits if s.slots is not None})
     return records
+
+
+def with_cots(records: list[ExampleRecord], cots: dict[str, np.ndarray | None]) -> list[ExampleRecord]:
+    """`records` with the CoT (and `generated`) of each key in `cots`."""
+    return [replace(r, cot=cots[r.key], generated=cots[r.key] is not None) for r in records]
 
 
 def _save_retrieval(path: Path, records: list[ExampleRecord], slots: dict[str, np.ndarray]) -> None:

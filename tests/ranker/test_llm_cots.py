@@ -84,20 +84,34 @@ def test_refuses_the_template_backend_and_mixed_files(tmp_path: Path) -> None:
 def test_evaluate_compares_llm_and_template_cots_on_the_same_rows_and_examples(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "cots.jsonl.gz"
-    run(tmp_path, monkeypatch, "--out", str(out), "--fraction", "0.0005")  # 40 rows, the later flag wins
-    assert len(read_cots(out)) == 40
+    run(tmp_path, monkeypatch, "--out", str(out), "--fraction", "0.0003")  # 24 rows, the later flag wins
+    assert len(read_cots(out)) == 24
     markdown = {}
     for pool in ("llm", "llm-rows-template"):
         printed = io.StringIO()
         with redirect_stdout(printed):
             assert main(["evaluate", "--dataset", "ml-100k", "--seeds", "1", "--variants", "deepfm+ict",
-                         "--max-train-samples", "1500", "--max-eval-samples", "300", "--epochs", "1", "--threads", "1",
+                         "--max-train-samples", "600", "--max-eval-samples", "200", "--epochs", "1", "--threads", "1",
                          "--cot-pool", pool, "--cot-file", str(out), "--out", str(tmp_path / pool)]) == 0
         rows = (tmp_path / pool / "offline.csv").read_text().splitlines()
         assert rows[1].endswith(f",{'llm' if pool == 'llm' else 'template'},{pool}")
         markdown[pool] = (tmp_path / pool / "offline.md").read_text()
-        assert "CoT pool: the 40 rows of cots.jsonl.gz" in printed.getvalue()
+        assert "CoT pool: the 24 rows of cots.jsonl.gz" in printed.getvalue()
     assert "the CoTs an LLM wrote for them" in markdown["llm"]
     assert "template CoTs (deterministic rationale, not an LLM)" in markdown["llm-rows-template"]
     # Retrieval reads the rows' history and item, never the CoT: both pools share one cached set of examples.
     assert len(list((tmp_path / "cache" / "ranker" / "retrieval").glob("*.npz"))) == 1
+    # ...but each run's examples carry its own pool's CoTs, never those cached by the other run.
+    from ranker.cot_pool import llm_file_pool
+    from ranker.dataset import Samples, Split
+    from ranker.examples import retrieve_examples
+
+    cache_dir = tmp_path / "cache" / "ranker"
+    samples = Samples.of(movielens_corpus("ml-100k"), cache_dir)
+    train = time_split(samples.corpus, None, None, seed=0)[0].rows
+    split = Split("test", train[-50:])
+    for template in (False, True):
+        pool = llm_file_pool(samples, train, out, cache_dir, lambda _line: None, template=template)
+        records = retrieve_examples(samples, pool, [split], cache_dir, lambda _line: None)
+        expected = dict(zip((samples.corpus.sample_key(r) for r in pool.rows.tolist()), pool.cots, strict=True))
+        assert all(np.array_equal(r.cot, expected[r.key]) for r in records)
