@@ -23,7 +23,7 @@ import platform
 import shlex
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,24 +79,30 @@ def sample_rows(train_rows: np.ndarray, fraction: float, seed: int) -> np.ndarra
     return np.sort(np.random.default_rng([seed, 0xC07]).choice(train_rows, size, replace=False))
 
 
+def _complete_members(data: bytes) -> Iterator[tuple[bytes, int]]:
+    """Each complete gzip member of `data`, decompressed, with the byte offset where it ends; stops at a member cut off
+    mid-write (or anything that is not gzip)."""
+    view, end = memoryview(data), 0  # a view: slicing it does not copy the file once per member
+    while end < len(data):
+        member = zlib.decompressobj(wbits=31)  # one gzip member
+        try:
+            text = member.decompress(view[end:])
+        except zlib.error:
+            return
+        if not member.eof:
+            return
+        end = len(data) - len(member.unused_data)
+        yield text, end
+
+
 def read_cots(path: Path) -> dict[str, dict[str, Any]]:
     """The file's records by key; a last chunk cut off mid-write (a stopped run) is left out."""
     records: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return records
-    data = path.read_bytes()
-    while data:
-        member = zlib.decompressobj(wbits=31)  # one gzip member
-        try:
-            text = member.decompress(data)
-        except zlib.error:
-            break
-        if not member.eof:
-            break  # cut off mid-write
-        for line in text.decode().splitlines():
-            record = json.loads(line)
-            records[record["key"]] = record
-        data = member.unused_data
+    if path.is_file():
+        for text, _ in _complete_members(path.read_bytes()):
+            for line in text.decode().splitlines():
+                record = json.loads(line)
+                records[record["key"]] = record
     return records
 
 
@@ -104,18 +110,7 @@ def _complete_length(path: Path) -> int:
     """Bytes of `path` made of complete gzip members (a cut-off last member is truncated away before appending)."""
     if not path.is_file():
         return 0
-    data = path.read_bytes()
-    length = 0
-    while length < len(data):
-        member = zlib.decompressobj(wbits=31)
-        try:
-            member.decompress(data[length:])
-        except zlib.error:
-            break
-        if not member.eof:
-            break
-        length = len(data) - len(member.unused_data)
-    return length
+    return max((end for _, end in _complete_members(path.read_bytes())), default=0)
 
 
 def write_cots(options: WriteOptions, home: Path, path: Path | None = None,
