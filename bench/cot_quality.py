@@ -68,7 +68,7 @@ def main() -> None:
     train = time_split(corpus, None, None, seed=0)[0].rows
     quiet = lambda _line: None  # noqa: E731
     pools = {"llm": llm_file_pool(samples, train, path, cache_dir, quiet),
-             "template": llm_file_pool(samples, train, path, cache_dir, quiet, template=True)}
+             "template": llm_file_pool(samples, train, path, cache_dir, quiet, cots="template")}
     rows = pools["llm"].rows
     records = read_cots(path)
     manifest = read_manifest(path)

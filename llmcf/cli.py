@@ -528,10 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-rate", type=_positive_float, default=0.1, help="share of training rows in the CoT pool (default 0.1)")
     p.add_argument("--cot-backend", choices=["template", "transformers", "openai"], default="template",
                    help="CoT backend of the pool (default template: deterministic, not an LLM; transformers is slow on CPU)")
-    p.add_argument("--cot-pool", choices=["uniform", "llm", "llm-rows-template"], default="uniform",
+    p.add_argument("--cot-pool", choices=["uniform", "llm", "llm-rows-template", "llm-rows-no-cot"], default="uniform",
                    help="offline pool: uniform (--pool-rate of the training rows, --cot-backend CoTs; default), llm "
-                   "(the rows of the LLM CoT file written by `llmcf cots`, with its CoTs) or llm-rows-template (the "
-                   "same rows with template CoTs: the control that isolates the LLM's text)")
+                   "(the rows of the LLM CoT file written by `llmcf cots`, with its CoTs), llm-rows-template (the "
+                   "same rows with template CoTs: the control that isolates the LLM's text) or llm-rows-no-cot (the "
+                   "same rows without CoTs: the control that isolates any CoT); all three retrieve the same examples")
     p.add_argument("--cot-file", help="the LLM CoT file of --cot-pool llm (default data/cots/<dataset>-llm-cots.jsonl.gz)")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
     p.add_argument("--out", help="report directory (default $LLMCF_HOME/reports/)")

@@ -1,8 +1,8 @@
 """The CoT pool of a training run: which corpus rows serve as in-context examples and their CoT embeddings, either the
 stored CoT samples (database corpus) or a uniform share of the training rows with CoTs written by a generator backend
 (`template` by default: a deterministic rationale, NOT an LLM; the pool's `describe()` says so in every manifest), or
-the rows of the LLM CoT file (`ranker.llm_cots`) with the CoTs an LLM wrote for them (or, as the ablation's control,
-template CoTs for the same rows)."""
+the rows of the LLM CoT file (`ranker.llm_cots`) with the CoTs an LLM wrote for them (or, as the ablation's controls,
+template CoTs or no CoTs for the same rows)."""
 
 from __future__ import annotations
 
@@ -41,13 +41,19 @@ class CotPool:
                 if self.backend == "template" else None}
 
 
+LLM_FILE_COTS = ("llm", "template", "none")
+
+
 def llm_file_pool(samples: Samples, candidate_rows: np.ndarray, path: Path, cache_dir: Path,
-                  step: Callable[[str], None], template: bool = False) -> CotPool:
-    """The rows of the LLM CoT file at `path` among `candidate_rows`, with the CoTs the LLM wrote (embedded, cached by
-    text), or with `template` CoTs for the same rows: the control that isolates what the LLM's text adds."""
+                  step: Callable[[str], None], cots: str = "llm") -> CotPool:
+    """The rows of the LLM CoT file at `path` among `candidate_rows`, with the CoTs the LLM wrote (`llm`: embedded,
+    cached by text), or, as the ablation's controls for the same rows, `template` CoTs (what the LLM's text adds over
+    a restatement of the data) or `none` (no CoT: the ICT module's CoT token is its learned placeholder)."""
     from llmcf.errors import UserFacingError
     from ranker.llm_cots import read_cots, read_manifest
 
+    if cots not in LLM_FILE_COTS:
+        raise ValueError(f"cots must be one of {LLM_FILE_COTS}, not {cots!r}")
     records = read_cots(path)
     if not records:
         raise UserFacingError(f"no LLM CoTs in {path}: write them with `llmcf cots --dataset {samples.corpus.source}`")
@@ -57,15 +63,18 @@ def llm_file_pool(samples: Samples, candidate_rows: np.ndarray, path: Path, cach
     if not found:
         raise UserFacingError(f"none of the {len(records):,} CoTs in {path} is a training row of this split")
     rows = np.asarray([row for row, _ in found], dtype=np.int64)
-    if template:
-        vectors = generate_cot_vectors(samples, rows, "template", cache_dir)
-        backend = "template"
+    vectors: list[np.ndarray | None]
+    if cots == "template":
+        vectors, backend, said = list(generate_cot_vectors(samples, rows, "template", cache_dir)), "template", \
+            "template CoTs (not an LLM)"
+    elif cots == "none":
+        vectors, backend, said = [None] * len(rows), None, "no CoTs (the CoT token is a learned placeholder)"
     else:
-        vectors = EmbeddingCache(embedding_cache_path(cache_dir, "cot")).embed([text for _, text in found])
+        vectors = list(EmbeddingCache(embedding_cache_path(cache_dir, "cot")).embed([text for _, text in found]))
         backend = f"llm:{read_manifest(path)['generator']['model']}"
-    step(f"CoT pool: the {len(rows):,} rows of {path.name} ({len(records):,} CoTs), "
-         f"{'template CoTs (not an LLM)' if template else 'CoTs written by ' + backend[4:]}, embedded with {MODEL_NAME}")
-    return CotPool(rows, list(vectors), backend)
+        said = f"CoTs written by {backend[4:]}"
+    step(f"CoT pool: the {len(rows):,} rows of {path.name} ({len(records):,} CoTs), {said}, embedded with {MODEL_NAME}")
+    return CotPool(rows, vectors, backend)
 
 
 def build_cot_pool(samples: Samples, candidate_rows: np.ndarray, pool_rate: float, cot_backend: str, seed: int,

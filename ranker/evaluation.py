@@ -6,8 +6,12 @@ DIN, DIN+ICT, `seeds` seeds each; AUC and LogLoss on the test rows, mean and sam
 split, CoT pool (uniform `pool_rate` of the training rows, CoTs from `cot_backend`) and retrieved examples are built
 once (and cached on disk) and shared by every run: only the model's initialisation and the batch order depend on the
 seed. The split and the pool use seed 0 whatever the run's seed, so runs differ by training alone.
-An +ICT variant "beats" its backbone when its mean AUC exceeds the backbone's by more than two standard deviations
-(the larger of the two variants' standard deviations).
+The test AUC is also reported on two slices (`TEST_SLICES`): rows on new items (first interaction in the corpus at most
+`new_item_window_days` earlier) and rows of users with no row among the training rows trained on. An +ICT variant
+"beats" its backbone, overall or on a slice, when its mean AUC exceeds the backbone's by more than two standard
+deviations (the larger of the two variants' standard deviations). `cot_pool` chooses the pool (`COT_POOLS`): the
+three pools over the rows of the LLM CoT file retrieve the same examples and differ by their CoTs alone (the LLM's,
+template ones, none), which is the CoT ablation.
 
 Streaming (`streaming=True`): day 0 is the start of the UTC day on which the corpus passes `start_fraction` of its
 interactions (MovieLens introduces almost no new items at its very end, where the catalogue is complete, so the replay
@@ -47,8 +51,8 @@ from ranker.cot_pool import CotPool, build_cot_pool, generate_cot_vectors, llm_f
 from ranker.data import Corpus, movielens_corpus
 from ranker.dataset import SPLIT, Samples, Split, build_feature_space, time_split
 from ranker.examples import pool_samples, retrieve_examples, retrieve_rows, sample_pool
-from ranker.fitting import Batches, FitOptions, evaluate, fit, predict
-from ranker.metrics import auc
+from ranker.fitting import Batches, FitOptions, fit, predict
+from ranker.metrics import auc, logloss
 from ranker.model import ModelConfig, RankerModel
 from ranker.progress import Stepper
 from ranker.retrieval import ExactRetriever
@@ -60,8 +64,15 @@ COT_POOLS = {
     "uniform": "a uniform --pool-rate of the training rows, CoTs from --cot-backend",
     "llm": "the rows of the LLM CoT file (`llmcf cots`), with the CoTs the LLM wrote",
     "llm-rows-template": "the rows of the LLM CoT file, with template CoTs (not an LLM): the control for `llm`",
+    "llm-rows-no-cot": "the rows of the LLM CoT file, without CoTs (the ICT module's CoT token is its placeholder)",
 }
+# What each offline pool's CoTs are, for `ranker.cot_pool.llm_file_pool` and the reports' `cot_backend` column.
+_FILE_POOL_COTS = {"llm": "llm", "llm-rows-template": "template", "llm-rows-no-cot": "none"}
 DAY_MS = 86_400_000
+TEST_SLICES = {
+    "new_items": "rows on new items (the item's first interaction in the data at most --new-item-window-days earlier)",
+    "unseen_users": "rows of users who have no row among the training rows trained on",
+}
 STREAM_CASES = {
     "a": "frozen model, frozen pool (day 0)",
     "b": "frozen model, live pool",
@@ -125,8 +136,9 @@ class EvaluationOptions:
         """The offline CoT pool in words, for the reports."""
         if self.cot_pool == "uniform":
             return f"uniform {self.pool_rate:g} of train, CoTs: {_backend_label(self.cot_backend)}"
-        cots = "template CoTs (deterministic rationale, not an LLM)" if self.cot_pool == "llm-rows-template" else \
-            "the CoTs an LLM wrote for them"
+        cots = {"llm": "the CoTs an LLM wrote for them",
+                "template": "template CoTs (deterministic rationale, not an LLM)",
+                "none": "no CoTs (the CoT token is the ICT module's learned placeholder)"}[_FILE_POOL_COTS[self.cot_pool]]
         return f"the rows of {self.llm_cot_file().name} (a seeded sample of all training rows), {cots}"
 
     def caps(self) -> str:
@@ -147,6 +159,8 @@ class RunResult:
     epochs: int
     best_epoch: int
     seconds: float
+    auc_new_items: float | None = None  # test rows on new items (`TEST_SLICES`); None: the slice lacks a label
+    auc_unseen_users: float | None = None
 
 
 @dataclass
@@ -207,10 +221,16 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
         else:  # the file's rows are drawn from every training row, whatever the cap on the rows trained on
             every_train_row = time_split(corpus, None, None, seed=0)[0].rows
             pool = llm_file_pool(samples, every_train_row, options.llm_cot_file(), cache_dir, step,
-                                 template=options.cot_pool == "llm-rows-template")
+                                 cots=_FILE_POOL_COTS[options.cot_pool])
         records = retrieve_examples(samples, pool, list(splits), cache_dir, step)
     space = build_feature_space(samples, train_split.rows)
     batches = {ict: Batches(samples, space, records, with_examples=ict) for ict in (False, True)}
+    test_rows, labels = test_split.rows, corpus.label[test_split.rows]
+    in_slice = {"new_items": on_new_items(corpus, test_rows, options.new_item_window_days),
+                "unseen_users": ~np.isin(corpus.user[test_rows], corpus.user[train_split.rows])}
+    step(f"test slices: {in_slice['new_items'].sum():,} rows on new items (first interaction at most "
+         f"{options.new_item_window_days:g} days earlier), {in_slice['unseen_users'].sum():,} rows of users unseen in "
+         "the training rows")
     results = []
     quiet = Stepper(lambda _line: None)
     for variant in options.variants:
@@ -222,12 +242,15 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
             fit_options = FitOptions(options.max_epochs, options.patience, options.batch_size, options.learning_rate,
                                      options.reconstruction_weight, seed)
             history = fit(model, batches[ict], train_split, valid_split, fit_options, quiet)
-            test = evaluate(model, batches[ict], test_split)
-            result = RunResult(variant, seed, test["auc"], test["logloss"], len(history),
-                               int(np.argmax([h["valid_auc"] for h in history])) + 1, time.perf_counter() - started)
+            scores = predict(model, batches[ict], test_split)
+            sliced = {name: _auc_or_none(labels[mask], scores[mask]) for name, mask in in_slice.items()}
+            result = RunResult(variant, seed, auc(labels, scores), logloss(labels, scores), len(history),
+                               int(np.argmax([h["valid_auc"] for h in history])) + 1, time.perf_counter() - started,
+                               sliced["new_items"], sliced["unseen_users"])
             results.append(result)
-            step(f"{variant:<10} seed {seed}: test AUC {result.auc:.4f}, LogLoss {result.logloss:.4f} "
-                 f"({result.epochs} epochs, best {result.best_epoch}, {result.seconds:.0f} s)")
+            step(f"{variant:<10} seed {seed}: test AUC {result.auc:.4f} (new items {_fmt(result.auc_new_items)}, unseen "
+                 f"users {_fmt(result.auc_unseen_users)}), LogLoss {result.logloss:.4f} ({result.epochs} epochs, best "
+                 f"{result.best_epoch}, {result.seconds:.0f} s)")
     return results
 
 
@@ -241,19 +264,29 @@ def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, float]]:
         summary[variant] = {"runs": len(runs), "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=ddof)),
                             "logloss_mean": float(losses.mean()), "logloss_std": float(losses.std(ddof=ddof)),
                             "seconds_mean": float(np.mean([r.seconds for r in runs]))}
+        for name in TEST_SLICES:
+            values = np.array([v for r in runs if (v := getattr(r, f"auc_{name}")) is not None])
+            summary[variant][f"auc_{name}_mean"] = float(values.mean()) if len(values) else math.nan
+            summary[variant][f"auc_{name}_std"] = float(values.std(ddof=1 if len(values) > 1 else 0)) \
+                if len(values) else math.nan
     return summary
 
 
 def ict_gains(summary: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """For each backbone with both variants: the AUC gain of +ICT and whether it exceeds two standard deviations."""
+    """For each backbone with both variants, on all test rows and on each slice both have an AUC for: the AUC gain of
+    +ICT and whether it exceeds two standard deviations."""
     gains = []
     for backbone in ("deepfm", "din"):
         base, ict = summary.get(backbone), summary.get(f"{backbone}+ict")
         if base is None or ict is None:
             continue
-        gain = ict["auc_mean"] - base["auc_mean"]
-        threshold = 2 * max(base["auc_std"], ict["auc_std"])
-        gains.append({"backbone": backbone, "gain": gain, "two_std": threshold, "beats": gain > threshold})
+        for rows, prefix in (("all", "auc"), *((name, f"auc_{name}") for name in TEST_SLICES)):
+            if any(math.isnan(s.get(f"{prefix}_mean", math.nan)) for s in (base, ict)):
+                continue
+            gain = ict[f"{prefix}_mean"] - base[f"{prefix}_mean"]
+            threshold = 2 * max(base[f"{prefix}_std"], ict[f"{prefix}_std"])
+            gains.append({"backbone": backbone, "rows": rows, "gain": gain, "two_std": threshold,
+                          "beats": gain > threshold})
     return gains
 
 
@@ -263,29 +296,35 @@ def _write_offline(results: list[RunResult], options: EvaluationOptions, out: Pa
     with csv_path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["variant", "seed", "auc", "logloss", "epochs", "best_epoch", "seconds", "dataset", "cot_backend",
-                         "cot_pool"])
-        backend = options.cot_backend if options.cot_pool == "uniform" else (
-            "template" if options.cot_pool == "llm-rows-template" else "llm")
+                         "cot_pool", "auc_new_items", "auc_unseen_users"])
+        backend = options.cot_backend if options.cot_pool == "uniform" else _FILE_POOL_COTS[options.cot_pool]
         for r in results:
             writer.writerow([r.variant, r.seed, f"{r.auc:.6f}", f"{r.logloss:.6f}", r.epochs, r.best_epoch,
-                             f"{r.seconds:.1f}", options.dataset, backend, options.cot_pool])
+                             f"{r.seconds:.1f}", options.dataset, backend, options.cot_pool,
+                             *("" if v is None else f"{v:.6f}" for v in (r.auc_new_items, r.auc_unseen_users))])
     lines = [
         f"## Offline evaluation: {options.dataset}, {options.seeds} seed(s) per variant",
         "",
         f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Caps: {options.caps()}. Split and pool fixed (seed 0); "
         "the seed varies model initialisation and batch order.",
         "",
-        "| variant | runs | AUC (mean ± std) | LogLoss (mean ± std) | s/run |",
-        "| --- | --- | --- | --- | --- |",
+        f"Test slices: new items = rows on items first seen at most {options.new_item_window_days:g} days earlier; "
+        f"unseen users = {TEST_SLICES['unseen_users']}.",
+        "",
+        "| variant | runs | AUC (mean ± std) | LogLoss (mean ± std) | AUC new items | AUC unseen users | s/run |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for variant, s in summary.items():
         lines.append(f"| {variant} | {s['runs']} | {s['auc_mean']:.4f} ± {s['auc_std']:.4f} | "
-                     f"{s['logloss_mean']:.4f} ± {s['logloss_std']:.4f} | {s['seconds_mean']:.0f} |")
+                     f"{s['logloss_mean']:.4f} ± {s['logloss_std']:.4f} | {_fmt(s['auc_new_items_mean'])} ± "
+                     f"{_fmt(s['auc_new_items_std'])} | {_fmt(s['auc_unseen_users_mean'])} ± "
+                     f"{_fmt(s['auc_unseen_users_std'])} | {s['seconds_mean']:.0f} |")
     gains = ict_gains(summary)
     if gains:
-        lines += ["", "| +ICT vs backbone | AUC gain | 2 std | beats by > 2 std |", "| --- | --- | --- | --- |"]
-        lines += [f"| {g['backbone']}+ict vs {g['backbone']} | {g['gain']:+.4f} | {g['two_std']:.4f} | "
-                  f"{'yes' if g['beats'] else 'no'} |" for g in gains]
+        lines += ["", "| +ICT vs backbone | test rows | AUC gain | 2 std | beats by > 2 std |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {g['backbone']}+ict vs {g['backbone']} | {g['rows'].replace('_', ' ')} | {g['gain']:+.4f} | "
+                  f"{g['two_std']:.4f} | {'yes' if g['beats'] else 'no'} |" for g in gains]
     markdown = "\n".join(lines)
     md_path = out / "offline.md"
     md_path.write_text(markdown + "\n")
@@ -324,8 +363,7 @@ def evaluate_streaming(samples: Samples, options: EvaluationOptions, settings: S
         FitOptions(options.max_epochs, options.patience, options.batch_size, options.learning_rate,
                    options.reconstruction_weight, 0), step)
 
-    first_seen = np.full(len(corpus.item_ids), np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first_seen, corpus.item, corpus.ts_ms)
+    first_seen = first_seen_ms(corpus)
     policy = CotPolicy(rate=options.pool_rate, cold_start_window_s=settings.cold_start_window_s)
     update_fit = FitOptions(options.update_epochs, 1, options.batch_size, options.update_learning_rate,
                             options.reconstruction_weight, 0)
@@ -336,7 +374,7 @@ def evaluate_streaming(samples: Samples, options: EvaluationOptions, settings: S
     for day in range(options.days):
         start, end = day0 + day * DAY_MS, day0 + (day + 1) * DAY_MS
         day_rows = np.flatnonzero((corpus.ts_ms >= start) & (corpus.ts_ms < end))
-        recent = day_rows[corpus.ts_ms[day_rows] - first_seen[corpus.item[day_rows]] <= options.new_item_window_days * DAY_MS]
+        recent = day_rows[on_new_items(corpus, day_rows, options.new_item_window_days, first_seen)]
         scored = day_rows
         if len(day_rows) > options.max_day_rows:
             sampled = np.random.default_rng(day).choice(day_rows, options.max_day_rows, replace=False)
@@ -345,8 +383,8 @@ def evaluate_streaming(samples: Samples, options: EvaluationOptions, settings: S
                                                     ("c", updated, updated_space, "live")):
             scores = _score(samples, model, case_space, pools[pool_name] if ict else None, scored)
             recent_scores = scores[np.isin(scored, recent)]
-            rows_out.append(StreamRow(day, _date(start), case, len(recent), _auc_or_none(corpus, recent, recent_scores),
-                                      len(scored), _auc_or_none(corpus, scored, scores), len(pools[pool_name])))
+            rows_out.append(StreamRow(day, _date(start), case, len(recent), _auc_or_none(corpus.label[recent], recent_scores),
+                                      len(scored), _auc_or_none(corpus.label[scored], scores), len(pools[pool_name])))
             step(f"day {day} ({_date(start)}) {case}: recent items {len(recent):,} rows, AUC "
                  f"{_fmt(rows_out[-1].recent_auc)}; all (sample) {len(scored):,} rows, AUC {_fmt(rows_out[-1].all_auc)}")
         if day == options.days - 1:
@@ -394,8 +432,20 @@ def _score(samples: Samples, model: RankerModel, space: Any, pool: SamplePool | 
     return predict(model, Batches(samples, space, records, pool is not None), split)
 
 
-def _auc_or_none(corpus: Corpus, rows: np.ndarray, scores: np.ndarray) -> float | None:
-    labels = corpus.label[rows]
+def first_seen_ms(corpus: Corpus) -> np.ndarray:
+    """Per item code: the time of its first interaction in the corpus."""
+    first_seen = np.full(len(corpus.item_ids), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_seen, corpus.item, corpus.ts_ms)
+    return first_seen
+
+
+def on_new_items(corpus: Corpus, rows: np.ndarray, window_days: float, first_seen: np.ndarray | None = None) -> np.ndarray:
+    """Which `rows` are on a new item: one whose first interaction is at most `window_days` before the row's."""
+    first_seen = first_seen_ms(corpus) if first_seen is None else first_seen
+    return corpus.ts_ms[rows] - first_seen[corpus.item[rows]] <= window_days * DAY_MS
+
+
+def _auc_or_none(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return auc(labels, scores) if len(np.unique(labels)) == 2 else None
 
 

@@ -4,6 +4,7 @@ and a run that would mix generators or samples in one file is refused."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from contextlib import redirect_stdout
@@ -81,25 +82,28 @@ def test_refuses_the_template_backend_and_mixed_files(tmp_path: Path) -> None:
         write_cots(WriteOptions(dataset="ml-100k", fraction=FRACTION), tmp_path, out)
 
 
-def test_evaluate_compares_llm_and_template_cots_on_the_same_rows_and_examples(
+def test_evaluate_compares_llm_template_and_no_cots_on_the_same_rows_and_examples(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "cots.jsonl.gz"
     run(tmp_path, monkeypatch, "--out", str(out), "--fraction", "0.0003")  # 24 rows, the later flag wins
     assert len(read_cots(out)) == 24
     markdown = {}
-    for pool in ("llm", "llm-rows-template"):
+    backends = {"llm": "llm", "llm-rows-template": "template", "llm-rows-no-cot": "none"}
+    for pool in backends:
         printed = io.StringIO()
         with redirect_stdout(printed):
             assert main(["evaluate", "--dataset", "ml-100k", "--seeds", "1", "--variants", "deepfm+ict",
                          "--max-train-samples", "600", "--max-eval-samples", "200", "--epochs", "1", "--threads", "1",
                          "--cot-pool", pool, "--cot-file", str(out), "--out", str(tmp_path / pool)]) == 0
-        rows = (tmp_path / pool / "offline.csv").read_text().splitlines()
-        assert rows[1].endswith(f",{'llm' if pool == 'llm' else 'template'},{pool}")
+        with (tmp_path / pool / "offline.csv").open() as handle:
+            (row,) = csv.DictReader(handle)
+        assert (row["cot_backend"], row["cot_pool"]) == (backends[pool], pool)
         markdown[pool] = (tmp_path / pool / "offline.md").read_text()
         assert "CoT pool: the 24 rows of cots.jsonl.gz" in printed.getvalue()
     assert "the CoTs an LLM wrote for them" in markdown["llm"]
     assert "template CoTs (deterministic rationale, not an LLM)" in markdown["llm-rows-template"]
-    # Retrieval reads the rows' history and item, never the CoT: both pools share one cached set of examples.
+    assert "no CoTs (the CoT token is the ICT module's learned placeholder)" in markdown["llm-rows-no-cot"]
+    # Retrieval reads the rows' history and item, never the CoT: the three pools share one cached set of examples.
     assert len(list((tmp_path / "cache" / "ranker" / "retrieval").glob("*.npz"))) == 1
     # ...but each run's examples carry its own pool's CoTs, never those cached by the other run.
     from ranker.cot_pool import llm_file_pool
@@ -110,8 +114,11 @@ def test_evaluate_compares_llm_and_template_cots_on_the_same_rows_and_examples(
     samples = Samples.of(movielens_corpus("ml-100k"), cache_dir)
     train = time_split(samples.corpus, None, None, seed=0)[0].rows
     split = Split("test", train[-50:])
-    for template in (False, True):
-        pool = llm_file_pool(samples, train, out, cache_dir, lambda _line: None, template=template)
+    for cots in backends.values():
+        pool = llm_file_pool(samples, train, out, cache_dir, lambda _line: None, cots=cots)
         records = retrieve_examples(samples, pool, [split], cache_dir, lambda _line: None)
         expected = dict(zip((samples.corpus.sample_key(r) for r in pool.rows.tolist()), pool.cots, strict=True))
-        assert all(np.array_equal(r.cot, expected[r.key]) for r in records)
+        if cots == "none":  # every example is there, with no CoT: the model sees its CoT token's placeholder
+            assert len(records) == 24 and all(r.cot is None and not r.generated for r in records)
+        else:
+            assert all(np.array_equal(r.cot, expected[r.key]) and r.generated for r in records)
