@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -160,10 +161,20 @@ class EmbeddingCache:
         return np.stack([self._vectors[d] for d in digests]).astype(np.float32)
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_suffix(".tmp.npz")
-        np.savez(staging, digests=np.array(list(self._vectors)), vectors=np.stack(list(self._vectors.values())))
-        staging.replace(self.path)
+        if self.path.is_file():  # keep what another process (a parallel `llmcf evaluate`) added since we loaded
+            stored = np.load(self.path)
+            for digest, vector in zip(stored["digests"].tolist(), stored["vectors"], strict=False):
+                self._vectors.setdefault(digest, vector)
+        save_npz(self.path, digests=np.array(list(self._vectors)), vectors=np.stack(list(self._vectors.values())))
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write `path` whole or not at all, also when several processes write it at once (the last one wins): each
+    stages its own file (named by its pid) and renames it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(staging, **arrays)
+    staging.replace(path)
 
 
 def embedding_cache_path(cache_dir: Path, kind: str) -> Path:

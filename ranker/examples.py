@@ -19,7 +19,7 @@ import numpy as np
 from llmcf.embeddings import EMBEDDING_DIMENSION, MODEL_NAME
 from llmcf.samples import decode_history, encode_history
 from ranker.cot_pool import CotPool
-from ranker.data import fingerprint
+from ranker.data import fingerprint, save_npz
 from ranker.dataset import Samples, Split
 from ranker.retrieval import ExactRetriever, seed_of, shuffle_slots
 from ranker.sample_pool import ExampleRecord, PoolSample, PoolView, SamplePool
@@ -121,16 +121,14 @@ def with_cots(records: list[ExampleRecord], cots: dict[str, np.ndarray | None]) 
 
 
 def _save_retrieval(path: Path, records: list[ExampleRecord], slots: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     cot = np.zeros((len(records), EMBEDDING_DIMENSION), dtype=np.float32)
     has_cot = np.zeros(len(records), dtype=bool)
     for i, record in enumerate(records):
         if record.cot is not None:
             cot[i], has_cot[i] = record.cot, True
     empty = np.zeros((0, EMBEDDING_DIMENSION), dtype=np.float32)
-    staging = path.with_suffix(".tmp.npz")
-    np.savez(
-        staging,
+    save_npz(  # atomic: a crash leaves no cache entry or a whole one
+        path,
         keys=np.array([r.key for r in records], dtype=str), users=np.array([r.user_id for r in records], dtype=str),
         items=np.array([r.item_id for r in records], dtype=str), labels=np.array([r.label for r in records], dtype=np.int64),
         ts=np.array([r.ts_ms for r in records], dtype=np.int64), generated=np.array([r.generated for r in records], dtype=bool),
@@ -139,7 +137,6 @@ def _save_retrieval(path: Path, records: list[ExampleRecord], slots: dict[str, n
         target_vectors=np.stack([r.target_vector for r in records]) if records else empty,
         cot=cot, has_cot=has_cot, split_names=np.array(list(slots), dtype=str), **{f"slots_{k}": v for k, v in slots.items()},
     )
-    staging.replace(path)  # atomic: a crash leaves no cache entry or a whole one
 
 
 def _load_retrieval(path: Path) -> tuple[list[ExampleRecord], dict[str, np.ndarray]]:
