@@ -515,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--streaming adds a day-by-day replay from the day the data passes --start-fraction: AUC on interactions "
         "with recently introduced items (first seen at most --new-item-window-days before) for (a) frozen model + "
         "frozen pool, (b) frozen model + live pool, (c) daily fine-tuned model (the code of `llmcf update`) + live "
-        "pool. Markdown and CSV reports go to --out (default $LLMCF_HOME/reports/) and the tables are printed.",
+        "pool. Markdown and CSV reports go to --out (default $LLMCF_HOME/reports/) and the tables are printed. Each "
+        "finished offline run is cached ($LLMCF_HOME/cache/ranker/runs/), so a stopped table resumes when run again.",
     )
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-1m")
     p.add_argument("--seeds", type=_positive_int, default=5, help="seeds per variant (default 5)")

@@ -27,6 +27,10 @@ pool gains that day's samples the stream worker would have sent to the generator
 every interaction on an item younger than LLMCF_COLD_START_WINDOW_S, plus a `pool_rate` hash sample), with their CoTs
 from `cot_backend`.
 
+Every finished offline run is cached under `$LLMCF_HOME/cache/ranker/runs/`, keyed by the code that trains and scores,
+the options that change a run, the split and (for +ICT) the pool's rows and CoTs, so a stopped table resumes where it
+stopped and a rerun with the same settings trains nothing.
+
 Reports: `offline.md`/`offline.csv` and `streaming.md`/`streaming.csv` under `out` (default `$LLMCF_HOME/reports/`),
 each naming the CoT backend of the pool and the caps used; the Markdown is printed too.
 """
@@ -34,6 +38,7 @@ each naming the CoT backend of the pool and the caps used; the Markdown is print
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -45,10 +50,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmcf.embeddings import EMBEDDING_DIMENSION
 from llmcf.errors import UserFacingError
 from llmcf.settings import Settings
 from ranker.cot_pool import CotPool, build_cot_pool, generate_cot_vectors, llm_file_pool
-from ranker.data import Corpus, movielens_corpus
+from ranker.data import Corpus, fingerprint, movielens_corpus
 from ranker.dataset import SPLIT, Samples, Split, build_feature_space, time_split
 from ranker.examples import pool_samples, retrieve_examples, retrieve_rows, sample_pool
 from ranker.fitting import Batches, FitOptions, fit, predict
@@ -215,6 +221,7 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
     step(f"offline: {corpus.source}, train {len(train_split.rows):,}, valid {len(valid_split.rows):,}, "
          f"test {len(test_split.rows):,} (time-ordered split {'/'.join(str(int(s * 100)) for s in SPLIT)})")
     records = []
+    pool: CotPool | None = None  # the backbones need none
     if any(v.endswith("+ict") for v in options.variants):
         if options.cot_pool == "uniform":
             pool = build_cot_pool(samples, train_split.rows, options.pool_rate, options.cot_backend, 0, cache_dir, step)
@@ -233,9 +240,16 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
          "the training rows")
     results = []
     quiet = Stepper(lambda _line: None)
+    setup = _setup_fingerprint(options, splits, pool)
     for variant in options.variants:
         backbone, ict = variant.split("+")[0], variant.endswith("+ict")
         for seed in range(options.seeds):
+            cached = cache_dir / "runs" / f"{fingerprint(setup if ict else setup[:2], variant, seed)}.json"
+            if cached.is_file():  # the table is resumable: a run finished by an earlier, stopped call is kept
+                results.append(RunResult(**json.loads(cached.read_text())))
+                step(f"{variant:<10} seed {seed}: test AUC {results[-1].auc:.4f} (cached from an earlier call, "
+                     f"{results[-1].seconds:.0f} s then)")
+                continue
             started = time.perf_counter()
             torch.manual_seed(seed)
             model = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags))  # type: ignore[arg-type]
@@ -248,10 +262,35 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
                                int(np.argmax([h["valid_auc"] for h in history])) + 1, time.perf_counter() - started,
                                sliced["new_items"], sliced["unseen_users"])
             results.append(result)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(asdict(result)))
             step(f"{variant:<10} seed {seed}: test AUC {result.auc:.4f} (new items {_fmt(result.auc_new_items)}, unseen "
                  f"users {_fmt(result.auc_unseen_users)}), LogLoss {result.logloss:.4f} ({result.epochs} epochs, best "
                  f"{result.best_epoch}, {result.seconds:.0f} s)")
     return results
+
+
+def _setup_fingerprint(options: EvaluationOptions, splits: Sequence[Split], pool: CotPool | None) -> tuple[str, ...]:
+    """What a cached run's result depends on besides its variant and seed: the code that trains and scores, the
+    options that change a run, the split (and slices) and, for +ICT runs (the third part), the pool's rows and CoTs."""
+    import ranker.dataset
+    import ranker.examples
+    import ranker.features
+    import ranker.fitting
+    import ranker.metrics
+    import ranker.model
+    import ranker.retrieval
+
+    code = fingerprint(Path(__file__).read_text(), *(Path(module.__file__ or "").read_text() for module in (
+        ranker.dataset, ranker.examples, ranker.features, ranker.fitting, ranker.metrics, ranker.model, ranker.retrieval)))
+    settings = fingerprint(code, options.dataset, options.max_epochs, options.patience, options.batch_size,
+                           options.learning_rate, options.reconstruction_weight, options.new_item_window_days)
+    data = fingerprint(*(s.rows for s in splits))
+    if pool is None:
+        return settings, data
+    cots = np.stack([np.zeros(EMBEDDING_DIMENSION, np.float32) if c is None else c for c in pool.cots]) \
+        if len(pool.rows) else np.zeros(0, np.float32)
+    return settings, data, fingerprint(pool.rows, cots, np.array([c is None for c in pool.cots]))
 
 
 def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, float]]:

@@ -61,6 +61,27 @@ def test_the_offline_report_has_every_variant_and_seed_and_names_the_cot_backend
     assert markdown.strip() in printed
 
 
+def test_a_second_call_reuses_every_finished_run(reports, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, _ = reports
+    monkeypatch.setenv("LLMCF_HOME", str(out.parent))
+    import io
+    from contextlib import redirect_stdout
+
+    printed = io.StringIO()
+    with redirect_stdout(printed):  # the fixture's offline options: every run is in the cache, nothing trains
+        assert main(["evaluate", "--dataset", "ml-100k", "--seeds", str(SEEDS), "--max-train-samples", "1500",
+                     "--max-eval-samples", "300", "--epochs", "1", "--out", str(out.parent / "again")]) == 0
+    assert printed.getvalue().count("cached from an earlier call") == 4 * SEEDS
+    first, again = read_csv(out / "offline.csv"), read_csv(out.parent / "again" / "offline.csv")
+    assert [(r["variant"], r["auc"], r["auc_new_items"]) for r in first] == \
+        [(r["variant"], r["auc"], r["auc_new_items"]) for r in again]
+    printed = io.StringIO()
+    with redirect_stdout(printed):  # another option that changes a run: trained afresh
+        assert main(["evaluate", "--dataset", "ml-100k", "--seeds", "1", "--variants", "deepfm", "--max-train-samples",
+                     "1500", "--max-eval-samples", "300", "--epochs", "2", "--out", str(out.parent / "other")]) == 0
+    assert "cached" not in printed.getvalue()
+
+
 def test_the_streaming_report_has_the_three_cases_for_every_day(reports) -> None:
     out, printed = reports
     rows = read_csv(out / "streaming.csv")
