@@ -276,7 +276,8 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     options = EvaluationOptions(
         dataset=args.dataset, seeds=args.seeds, variants=tuple(args.variants), max_train_samples=args.max_train_samples or None,
         max_eval_samples=args.max_eval_samples or None, max_epochs=args.epochs, pool_rate=args.pool_rate,
-        cot_backend=args.cot_backend, cot_pool=args.cot_pool, cot_file=Path(args.cot_file) if args.cot_file else None,
+        cot_backend=args.cot_backend, cot_pools=tuple(dict.fromkeys(args.cot_pool)),
+        cot_file=Path(args.cot_file) if args.cot_file else None,
         threads=args.threads, offline=not args.streaming_only,
         streaming=args.streaming or args.streaming_only, days=args.days, start_fraction=args.start_fraction,
         new_item_window_days=args.new_item_window_days, update_max_samples=args.update_max_samples,
@@ -529,11 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-rate", type=_positive_float, default=0.1, help="share of training rows in the CoT pool (default 0.1)")
     p.add_argument("--cot-backend", choices=["template", "transformers", "openai"], default="template",
                    help="CoT backend of the pool (default template: deterministic, not an LLM; transformers is slow on CPU)")
-    p.add_argument("--cot-pool", choices=["uniform", "llm", "llm-rows-template", "llm-rows-no-cot"], default="uniform",
-                   help="offline pool: uniform (--pool-rate of the training rows, --cot-backend CoTs; default), llm "
-                   "(the rows of the LLM CoT file written by `llmcf cots`, with its CoTs), llm-rows-template (the "
-                   "same rows with template CoTs: the control that isolates the LLM's text) or llm-rows-no-cot (the "
-                   "same rows without CoTs: the control that isolates any CoT); all three retrieve the same examples")
+    p.add_argument("--cot-pool", nargs="+", choices=["uniform", "llm", "llm-rows-template", "llm-rows-no-cot"],
+                   default=["uniform"],
+                   help="offline pool(s), each +ICT variant runs with each: uniform (--pool-rate of the training "
+                   "rows, --cot-backend CoTs; default), llm (the rows of the LLM CoT file written by `llmcf cots`, "
+                   "with its CoTs), llm-rows-template (the same rows with template CoTs: the control that isolates the "
+                   "LLM's text) or llm-rows-no-cot (the same rows without CoTs: the control that isolates any CoT); "
+                   "the last three retrieve the same examples. Runs are cached, so calls that split the pools between "
+                   "processes share the backbones and a last call with every pool writes the whole table")
     p.add_argument("--cot-file", help="the LLM CoT file of --cot-pool llm (default data/cots/<dataset>-llm-cots.jsonl.gz)")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
     p.add_argument("--out", help="report directory (default $LLMCF_HOME/reports/)")

@@ -9,9 +9,9 @@ seed. The split and the pool use seed 0 whatever the run's seed, so runs differ 
 The test AUC is also reported on two slices (`TEST_SLICES`): rows on new items (first interaction in the corpus at most
 `new_item_window_days` earlier) and rows of users with no row among the training rows trained on. An +ICT variant
 "beats" its backbone, overall or on a slice, when its mean AUC exceeds the backbone's by more than two standard
-deviations (the larger of the two variants' standard deviations). `cot_pool` chooses the pool (`COT_POOLS`): the
-three pools over the rows of the LLM CoT file retrieve the same examples and differ by their CoTs alone (the LLM's,
-template ones, none), which is the CoT ablation.
+deviations (the larger of the two variants' standard deviations). `cot_pools` lists the pools (`COT_POOLS`) each +ICT
+variant runs with (the backbones run once): the three pools over the rows of the LLM CoT file retrieve the same
+examples and differ by their CoTs alone (the LLM's, template ones, none), which is the CoT ablation.
 
 Streaming (`streaming=True`): day 0 is the start of the UTC day on which the corpus passes `start_fraction` of its
 interactions (MovieLens introduces almost no new items at its very end, where the catalogue is complete, so the replay
@@ -104,7 +104,7 @@ class EvaluationOptions:
     reconstruction_weight: float = 1.0
     pool_rate: float = 0.1
     cot_backend: str = "template"
-    cot_pool: str = "uniform"
+    cot_pools: tuple[str, ...] = ("uniform",)
     cot_file: Path | None = None
     threads: int = 2
     offline: bool = True
@@ -127,25 +127,31 @@ class EvaluationOptions:
             raise UserFacingError(f"start fraction {self.start_fraction} must be in (0, 1)")
         if self.seeds < 1 or self.days < 1:
             raise UserFacingError("seeds and days must be at least 1")
-        if self.cot_pool not in COT_POOLS:
-            raise UserFacingError(f"unknown CoT pool {self.cot_pool!r}: choose from {', '.join(COT_POOLS)}")
-        if self.cot_pool != "uniform" and self.streaming:
-            raise UserFacingError("--cot-pool llm and llm-rows-template are for the offline table; the streaming "
-                                  "replay's pool grows by the stream's own choice of rows (--cot-pool uniform)")
+        unknown = [p for p in self.cot_pools if p not in COT_POOLS]
+        if unknown or not self.cot_pools:
+            raise UserFacingError(f"unknown CoT pool(s) {', '.join(unknown) or '(none given)'}: choose from "
+                                  f"{', '.join(COT_POOLS)}")
+        if self.cot_pools != ("uniform",) and self.streaming:
+            raise UserFacingError("--cot-pool other than uniform is for the offline table; the streaming replay's "
+                                  "pool grows by the stream's own choice of rows (--cot-pool uniform)")
 
     def llm_cot_file(self) -> Path:
         from ranker.llm_cots import default_path
 
         return self.cot_file or default_path(self.dataset)
 
-    def pool_label(self) -> str:
-        """The offline CoT pool in words, for the reports."""
-        if self.cot_pool == "uniform":
+    def pool_label(self, pool: str) -> str:
+        """The offline CoT pool `pool` in words, for the reports."""
+        if pool == "uniform":
             return f"uniform {self.pool_rate:g} of train, CoTs: {_backend_label(self.cot_backend)}"
         cots = {"llm": "the CoTs an LLM wrote for them",
                 "template": "template CoTs (deterministic rationale, not an LLM)",
-                "none": "no CoTs (the CoT token is the ICT module's learned placeholder)"}[_FILE_POOL_COTS[self.cot_pool]]
+                "none": "no CoTs (the CoT token is the ICT module's learned placeholder)"}[_FILE_POOL_COTS[pool]]
         return f"the rows of {self.llm_cot_file().name} (a seeded sample of all training rows), {cots}"
+
+    def pool_backend(self, pool: str) -> str:
+        """What wrote the CoTs of `pool`: the reports' `cot_backend` column."""
+        return self.cot_backend if pool == "uniform" else _FILE_POOL_COTS[pool]
 
     def caps(self) -> str:
         def cap(value: int | None) -> str:
@@ -153,7 +159,9 @@ class EvaluationOptions:
 
         return (f"train rows: latest {cap(self.max_train_samples)}; validation and test rows: {cap(self.max_eval_samples)} "
                 f"each; at most {self.max_epochs} epochs (early stopping, patience {self.patience}); batch "
-                f"{self.batch_size}; Adam lr {self.learning_rate:g}; CoT pool: {self.pool_label()}")
+                f"{self.batch_size}; Adam lr {self.learning_rate:g}; CoT pool" + (
+                    f": {self.pool_label(self.cot_pools[0])}" if len(self.cot_pools) == 1 else
+                    "s: " + "; ".join(f"{pool} = {self.pool_label(pool)}" for pool in self.cot_pools)))
 
 
 @dataclass
@@ -167,6 +175,7 @@ class RunResult:
     seconds: float
     auc_new_items: float | None = None  # test rows on new items (`TEST_SLICES`); None: the slice lacks a label
     auc_unseen_users: float | None = None
+    cot_pool: str = ""  # +ICT runs: the offline pool (`COT_POOLS`) of its in-context examples
 
 
 @dataclass
@@ -220,53 +229,59 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
     train_split, valid_split, test_split = splits
     step(f"offline: {corpus.source}, train {len(train_split.rows):,}, valid {len(valid_split.rows):,}, "
          f"test {len(test_split.rows):,} (time-ordered split {'/'.join(str(int(s * 100)) for s in SPLIT)})")
-    records = []
-    pool: CotPool | None = None  # the backbones need none
-    if any(v.endswith("+ict") for v in options.variants):
-        if options.cot_pool == "uniform":
-            pool = build_cot_pool(samples, train_split.rows, options.pool_rate, options.cot_backend, 0, cache_dir, step)
-        else:  # the file's rows are drawn from every training row, whatever the cap on the rows trained on
-            every_train_row = time_split(corpus, None, None, seed=0)[0].rows
-            pool = llm_file_pool(samples, every_train_row, options.llm_cot_file(), cache_dir, step,
-                                 cots=_FILE_POOL_COTS[options.cot_pool])
-        records = retrieve_examples(samples, pool, list(splits), cache_dir, step)
     space = build_feature_space(samples, train_split.rows)
-    batches = {ict: Batches(samples, space, records, with_examples=ict) for ict in (False, True)}
     test_rows, labels = test_split.rows, corpus.label[test_split.rows]
     in_slice = {"new_items": on_new_items(corpus, test_rows, options.new_item_window_days),
                 "unseen_users": ~np.isin(corpus.user[test_rows], corpus.user[train_split.rows])}
     step(f"test slices: {in_slice['new_items'].sum():,} rows on new items (first interaction at most "
          f"{options.new_item_window_days:g} days earlier), {in_slice['unseen_users'].sum():,} rows of users unseen in "
          "the training rows")
-    results = []
     quiet = Stepper(lambda _line: None)
-    setup = _setup_fingerprint(options, splits, pool)
-    for variant in options.variants:
-        backbone, ict = variant.split("+")[0], variant.endswith("+ict")
-        for seed in range(options.seeds):
-            cached = cache_dir / "runs" / f"{fingerprint(setup if ict else setup[:2], variant, seed)}.json"
-            if cached.is_file():  # the table is resumable: a run finished by an earlier, stopped call is kept
-                results.append(RunResult(**json.loads(cached.read_text())))
-                step(f"{variant:<10} seed {seed}: test AUC {results[-1].auc:.4f} (cached from an earlier call, "
-                     f"{results[-1].seconds:.0f} s then)")
-                continue
-            started = time.perf_counter()
-            torch.manual_seed(seed)
-            model = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags))  # type: ignore[arg-type]
-            fit_options = FitOptions(options.max_epochs, options.patience, options.batch_size, options.learning_rate,
-                                     options.reconstruction_weight, seed)
-            history = fit(model, batches[ict], train_split, valid_split, fit_options, quiet)
-            scores = predict(model, batches[ict], test_split)
-            sliced = {name: _auc_or_none(labels[mask], scores[mask]) for name, mask in in_slice.items()}
-            result = RunResult(variant, seed, auc(labels, scores), logloss(labels, scores), len(history),
-                               int(np.argmax([h["valid_auc"] for h in history])) + 1, time.perf_counter() - started,
-                               sliced["new_items"], sliced["unseen_users"])
-            results.append(result)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(asdict(result)))
-            step(f"{variant:<10} seed {seed}: test AUC {result.auc:.4f} (new items {_fmt(result.auc_new_items)}, unseen "
-                 f"users {_fmt(result.auc_unseen_users)}), LogLoss {result.logloss:.4f} ({result.epochs} epochs, best "
-                 f"{result.best_epoch}, {result.seconds:.0f} s)")
+
+    def runs(variants: Sequence[str], batches: Batches, setup: tuple[str, ...], pool_name: str) -> list[RunResult]:
+        results = []
+        for variant in variants:
+            backbone, ict = variant.split("+")[0], variant.endswith("+ict")
+            for seed in range(options.seeds):
+                cached = cache_dir / "runs" / f"{fingerprint(setup, variant, seed)}.json"
+                if cached.is_file():  # the table is resumable: a run finished by an earlier, stopped call is kept
+                    results.append(RunResult(**json.loads(cached.read_text())))
+                    step(f"{variant:<10} {pool_name:<17} seed {seed}: test AUC {results[-1].auc:.4f} (cached from an "
+                         f"earlier call, {results[-1].seconds:.0f} s then)")
+                    continue
+                started = time.perf_counter()
+                torch.manual_seed(seed)
+                model = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags))  # type: ignore[arg-type]
+                fit_options = FitOptions(options.max_epochs, options.patience, options.batch_size,
+                                         options.learning_rate, options.reconstruction_weight, seed)
+                history = fit(model, batches, train_split, valid_split, fit_options, quiet)
+                scores = predict(model, batches, test_split)
+                sliced = {name: _auc_or_none(labels[mask], scores[mask]) for name, mask in in_slice.items()}
+                result = RunResult(variant, seed, auc(labels, scores), logloss(labels, scores), len(history),
+                                   int(np.argmax([h["valid_auc"] for h in history])) + 1, time.perf_counter() - started,
+                                   sliced["new_items"], sliced["unseen_users"], pool_name)
+                results.append(result)
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps(asdict(result)))
+                step(f"{variant:<10} {pool_name:<17} seed {seed}: test AUC {result.auc:.4f} (new items "
+                     f"{_fmt(result.auc_new_items)}, unseen users {_fmt(result.auc_unseen_users)}), LogLoss "
+                     f"{result.logloss:.4f} ({result.epochs} epochs, best {result.best_epoch}, {result.seconds:.0f} s)")
+        return results
+
+    # The backbones once (they read no pool), then each +ICT variant with each pool.
+    backbones = [v for v in options.variants if not v.endswith("+ict")]
+    results = runs(backbones, Batches(samples, space, [], with_examples=False), _setup_fingerprint(options, splits, None), "")
+    with_ict = [v for v in options.variants if v.endswith("+ict")]
+    for pool_name in options.cot_pools if with_ict else ():
+        if pool_name == "uniform":
+            pool = build_cot_pool(samples, train_split.rows, options.pool_rate, options.cot_backend, 0, cache_dir, step)
+        else:  # the file's rows are drawn from every training row, whatever the cap on the rows trained on
+            every_train_row = time_split(corpus, None, None, seed=0)[0].rows
+            pool = llm_file_pool(samples, every_train_row, options.llm_cot_file(), cache_dir, step,
+                                 cots=_FILE_POOL_COTS[pool_name])
+        records = retrieve_examples(samples, pool, list(splits), cache_dir, step)
+        results += runs(with_ict, Batches(samples, space, records, with_examples=True),
+                        _setup_fingerprint(options, splits, pool), pool_name)
     return results
 
 
@@ -293,11 +308,19 @@ def _setup_fingerprint(options: EvaluationOptions, splits: Sequence[Split], pool
     return settings, data, fingerprint(pool.rows, cots, np.array([c is None for c in pool.cots]))
 
 
+def run_labels(results: Sequence[RunResult]) -> list[str]:
+    """Each run's row in the tables: its variant, and its pool where the runs use several ("deepfm+ict (llm)")."""
+    several = len({r.cot_pool for r in results if r.cot_pool}) > 1
+    return [f"{r.variant} ({r.cot_pool})" if several and r.cot_pool else r.variant for r in results]
+
+
 def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, float]]:
-    """Per variant: runs, mean and sample std of AUC and LogLoss (std 0 for a single run), mean seconds."""
+    """Per table row (`run_labels`): runs, mean and sample std of AUC and LogLoss (std 0 for a single run) and of
+    each slice's AUC, mean seconds."""
     summary = {}
-    for variant in dict.fromkeys(r.variant for r in results):
-        runs = [r for r in results if r.variant == variant]
+    labels = run_labels(results)
+    for variant in dict.fromkeys(labels):
+        runs = [r for r, label in zip(results, labels, strict=True) if label == variant]
         aucs, losses = np.array([r.auc for r in runs]), np.array([r.logloss for r in runs])
         ddof = 1 if len(runs) > 1 else 0
         summary[variant] = {"runs": len(runs), "auc_mean": float(aucs.mean()), "auc_std": float(aucs.std(ddof=ddof)),
@@ -312,19 +335,20 @@ def summarise(results: Sequence[RunResult]) -> dict[str, dict[str, float]]:
 
 
 def ict_gains(summary: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """For each backbone with both variants, on all test rows and on each slice both have an AUC for: the AUC gain of
-    +ICT and whether it exceeds two standard deviations."""
+    """For each +ICT row of `summary` whose backbone is there too, on all test rows and on each slice both have an AUC
+    for: the AUC gain of +ICT and whether it exceeds two standard deviations."""
     gains = []
-    for backbone in ("deepfm", "din"):
-        base, ict = summary.get(backbone), summary.get(f"{backbone}+ict")
-        if base is None or ict is None:
+    for variant, ict in summary.items():
+        backbone = variant.split("+")[0]
+        base = summary.get(backbone)
+        if "+ict" not in variant or base is None:
             continue
         for rows, prefix in (("all", "auc"), *((name, f"auc_{name}") for name in TEST_SLICES)):
             if any(math.isnan(s.get(f"{prefix}_mean", math.nan)) for s in (base, ict)):
                 continue
             gain = ict[f"{prefix}_mean"] - base[f"{prefix}_mean"]
             threshold = 2 * max(base[f"{prefix}_std"], ict[f"{prefix}_std"])
-            gains.append({"backbone": backbone, "rows": rows, "gain": gain, "two_std": threshold,
+            gains.append({"variant": variant, "backbone": backbone, "rows": rows, "gain": gain, "two_std": threshold,
                           "beats": gain > threshold})
     return gains
 
@@ -336,10 +360,10 @@ def _write_offline(results: list[RunResult], options: EvaluationOptions, out: Pa
         writer = csv.writer(handle)
         writer.writerow(["variant", "seed", "auc", "logloss", "epochs", "best_epoch", "seconds", "dataset", "cot_backend",
                          "cot_pool", "auc_new_items", "auc_unseen_users"])
-        backend = options.cot_backend if options.cot_pool == "uniform" else _FILE_POOL_COTS[options.cot_pool]
-        for r in results:
+        for r in results:  # a backbone reads no pool: no CoT backend
             writer.writerow([r.variant, r.seed, f"{r.auc:.6f}", f"{r.logloss:.6f}", r.epochs, r.best_epoch,
-                             f"{r.seconds:.1f}", options.dataset, backend, options.cot_pool,
+                             f"{r.seconds:.1f}", options.dataset, options.pool_backend(r.cot_pool) if r.cot_pool else "",
+                             r.cot_pool,
                              *("" if v is None else f"{v:.6f}" for v in (r.auc_new_items, r.auc_unseen_users))])
     lines = [
         f"## Offline evaluation: {options.dataset}, {options.seeds} seed(s) per variant",
@@ -362,7 +386,7 @@ def _write_offline(results: list[RunResult], options: EvaluationOptions, out: Pa
     if gains:
         lines += ["", "| +ICT vs backbone | test rows | AUC gain | 2 std | beats by > 2 std |",
                   "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {g['backbone']}+ict vs {g['backbone']} | {g['rows'].replace('_', ' ')} | {g['gain']:+.4f} | "
+        lines += [f"| {g['variant']} vs {g['backbone']} | {g['rows'].replace('_', ' ')} | {g['gain']:+.4f} | "
                   f"{g['two_std']:.4f} | {'yes' if g['beats'] else 'no'} |" for g in gains]
     markdown = "\n".join(lines)
     md_path = out / "offline.md"

@@ -51,7 +51,8 @@ def test_the_offline_report_has_every_variant_and_seed_and_names_the_cot_backend
     assert all(0.0 < float(r["auc"]) < 1.0 and float(r["logloss"]) > 0 for r in rows)
     # ml-100k's last 10% has few new-item rows (3 of these 300, both labels): their AUC may be 0 or 1
     assert all(0.0 <= float(r["auc_new_items"]) <= 1.0 and 0.0 < float(r["auc_unseen_users"]) < 1.0 for r in rows)
-    assert {r["cot_backend"] for r in rows} == {"template"}
+    assert {(r["cot_backend"], r["cot_pool"]) for r in rows if "+ict" in r["variant"]} == {("template", "uniform")}
+    assert {(r["cot_backend"], r["cot_pool"]) for r in rows if "+ict" not in r["variant"]} == {("", "")}  # no pool read
     markdown = (out / "offline.md").read_text()
     assert "template (deterministic rationale, not an LLM)" in markdown and "latest 1,500" in markdown
     for variant in ("deepfm", "deepfm+ict", "din", "din+ict"):

@@ -87,22 +87,36 @@ def test_evaluate_compares_llm_template_and_no_cots_on_the_same_rows_and_example
     out = tmp_path / "cots.jsonl.gz"
     run(tmp_path, monkeypatch, "--out", str(out), "--fraction", "0.0003")  # 24 rows, the later flag wins
     assert len(read_cots(out)) == 24
-    markdown = {}
     backends = {"llm": "llm", "llm-rows-template": "template", "llm-rows-no-cot": "none"}
-    for pool in backends:
+
+    def evaluate(name: str, variants: list[str], pools: list[str]) -> tuple[str, list[dict[str, str]], str]:
         printed = io.StringIO()
         with redirect_stdout(printed):
-            assert main(["evaluate", "--dataset", "ml-100k", "--seeds", "1", "--variants", "deepfm+ict",
+            assert main(["evaluate", "--dataset", "ml-100k", "--seeds", "1", "--variants", *variants,
                          "--max-train-samples", "600", "--max-eval-samples", "200", "--epochs", "1", "--threads", "1",
-                         "--cot-pool", pool, "--cot-file", str(out), "--out", str(tmp_path / pool)]) == 0
-        with (tmp_path / pool / "offline.csv").open() as handle:
-            (row,) = csv.DictReader(handle)
-        assert (row["cot_backend"], row["cot_pool"]) == (backends[pool], pool)
-        markdown[pool] = (tmp_path / pool / "offline.md").read_text()
-        assert "CoT pool: the 24 rows of cots.jsonl.gz" in printed.getvalue()
-    assert "the CoTs an LLM wrote for them" in markdown["llm"]
-    assert "template CoTs (deterministic rationale, not an LLM)" in markdown["llm-rows-template"]
-    assert "no CoTs (the CoT token is the ICT module's learned placeholder)" in markdown["llm-rows-no-cot"]
+                         "--cot-pool", *pools, "--cot-file", str(out), "--out", str(tmp_path / name)]) == 0
+        with (tmp_path / name / "offline.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        return printed.getvalue(), rows, (tmp_path / name / "offline.md").read_text()
+
+    # The pools split between two calls (as two processes would run them), then one call with all of them.
+    printed, rows, _ = evaluate("first", ["deepfm", "deepfm+ict"], ["llm"])
+    assert "CoT pool: the 24 rows of cots.jsonl.gz" in printed
+    assert [(r["variant"], r["cot_backend"], r["cot_pool"]) for r in rows] == [("deepfm", "", ""),
+                                                                                ("deepfm+ict", "llm", "llm")]
+    printed, rows, _ = evaluate("second", ["deepfm+ict"], ["llm-rows-template", "llm-rows-no-cot"])
+    assert [(r["cot_backend"], r["cot_pool"]) for r in rows] == [("template", "llm-rows-template"),
+                                                                 ("none", "llm-rows-no-cot")]
+    printed, rows, markdown = evaluate("all", ["deepfm", "deepfm+ict"], list(backends))
+    assert printed.count("cached from an earlier call") == 4  # nothing trained again
+    assert [(r["variant"], r["cot_pool"]) for r in rows] == [("deepfm", ""), *(("deepfm+ict", p) for p in backends)]
+    for pool in backends:
+        assert f"| deepfm+ict ({pool}) | 1 |" in markdown and f"| deepfm+ict ({pool}) vs deepfm | all |" in markdown
+    assert "llm = the rows of cots.jsonl.gz (a seeded sample of all training rows), the CoTs an LLM wrote" in markdown
+    assert "llm-rows-template = the rows of cots.jsonl.gz (a seeded sample of all training rows), template CoTs " \
+        "(deterministic rationale, not an LLM)" in markdown
+    assert "llm-rows-no-cot = the rows of cots.jsonl.gz (a seeded sample of all training rows), no CoTs (the CoT " \
+        "token is the ICT module's learned placeholder)" in markdown
     # Retrieval reads the rows' history and item, never the CoT: the three pools share one cached set of examples.
     assert len(list((tmp_path / "cache" / "ranker" / "retrieval").glob("*.npz"))) == 1
     # ...but each run's examples carry its own pool's CoTs, never those cached by the other run.
