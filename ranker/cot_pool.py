@@ -73,7 +73,8 @@ def llm_file_pool(samples: Samples, candidate_rows: np.ndarray, path: Path, cach
         vectors = list(EmbeddingCache(embedding_cache_path(cache_dir, "cot")).embed([text for _, text in found]))
         backend = f"llm:{read_manifest(path)['generator']['model']}"
         said = f"CoTs written by {backend[4:]}"
-    step(f"CoT pool: the {len(rows):,} rows of {path.name} ({len(records):,} CoTs), {said}, embedded with {MODEL_NAME}")
+    embedded = "" if cots == "none" else f", embedded with {MODEL_NAME}"
+    step(f"CoT pool: the {len(rows):,} rows of {path.name} ({len(records):,} CoTs), {said}{embedded}")
     return CotPool(rows, vectors, backend)
 
 
