@@ -41,7 +41,12 @@ class CotPool:
                 if self.backend == "template" else None}
 
 
-LLM_FILE_COTS = ("llm", "template", "none")
+# The CoTs a pool over the LLM file's rows can carry, in the words the logs and reports use.
+LLM_FILE_COTS = {
+    "llm": "the CoTs an LLM wrote for them",
+    "template": "template CoTs (deterministic rationale, not an LLM)",
+    "none": "no CoTs (the CoT token is the ICT module's learned placeholder)",
+}
 
 
 def llm_file_pool(samples: Samples, candidate_rows: np.ndarray, path: Path, cache_dir: Path,
@@ -53,7 +58,7 @@ def llm_file_pool(samples: Samples, candidate_rows: np.ndarray, path: Path, cach
     from ranker.llm_cots import read_cots, read_manifest
 
     if cots not in LLM_FILE_COTS:
-        raise ValueError(f"cots must be one of {LLM_FILE_COTS}, not {cots!r}")
+        raise ValueError(f"cots must be one of {tuple(LLM_FILE_COTS)}, not {cots!r}")
     records = read_cots(path)
     if not records:
         raise UserFacingError(f"no LLM CoTs in {path}: write them with `llmcf cots --dataset {samples.corpus.source}`")
@@ -64,11 +69,11 @@ def llm_file_pool(samples: Samples, candidate_rows: np.ndarray, path: Path, cach
         raise UserFacingError(f"none of the {len(records):,} CoTs in {path} is a training row of this split")
     rows = np.asarray([row for row, _ in found], dtype=np.int64)
     vectors: list[np.ndarray | None]
+    said = LLM_FILE_COTS[cots]
     if cots == "template":
-        vectors, backend, said = list(generate_cot_vectors(samples, rows, "template", cache_dir)), "template", \
-            "template CoTs (not an LLM)"
+        vectors, backend = list(generate_cot_vectors(samples, rows, "template", cache_dir)), "template"
     elif cots == "none":
-        vectors, backend, said = [None] * len(rows), None, "no CoTs (the CoT token is a learned placeholder)"
+        vectors, backend = [None] * len(rows), None
     else:
         vectors = list(EmbeddingCache(embedding_cache_path(cache_dir, "cot")).embed([text for _, text in found]))
         backend = f"llm:{read_manifest(path)['generator']['model']}"

@@ -144,8 +144,7 @@ class EmbeddingCache:
         self._embedder = embedder
         self._vectors: dict[str, np.ndarray] = {}
         if path.is_file():
-            stored = np.load(path)
-            self._vectors = dict(zip(stored["digests"].tolist(), stored["vectors"], strict=False))
+            self._vectors = self._stored()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         digests = [_digest(t) for t in texts]
@@ -160,11 +159,13 @@ class EmbeddingCache:
             return np.zeros((0, EMBEDDING_DIMENSION), dtype=np.float32)
         return np.stack([self._vectors[d] for d in digests]).astype(np.float32)
 
+    def _stored(self) -> dict[str, np.ndarray]:
+        stored = np.load(self.path)
+        return dict(zip(stored["digests"].tolist(), stored["vectors"], strict=False))
+
     def _save(self) -> None:
         if self.path.is_file():  # keep what another process (a parallel `llmcf evaluate`) added since we loaded
-            stored = np.load(self.path)
-            for digest, vector in zip(stored["digests"].tolist(), stored["vectors"], strict=False):
-                self._vectors.setdefault(digest, vector)
+            self._vectors = {**self._stored(), **self._vectors}
         save_npz(self.path, digests=np.array(list(self._vectors)), vectors=np.stack(list(self._vectors.values())))
 
 

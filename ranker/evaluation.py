@@ -53,7 +53,7 @@ import torch
 from llmcf.embeddings import EMBEDDING_DIMENSION
 from llmcf.errors import UserFacingError
 from llmcf.settings import Settings
-from ranker.cot_pool import CotPool, build_cot_pool, generate_cot_vectors, llm_file_pool
+from ranker.cot_pool import LLM_FILE_COTS, CotPool, build_cot_pool, generate_cot_vectors, llm_file_pool
 from ranker.data import Corpus, fingerprint, movielens_corpus
 from ranker.dataset import SPLIT, Samples, Split, build_feature_space, time_split
 from ranker.examples import pool_samples, retrieve_examples, retrieve_rows, sample_pool
@@ -144,10 +144,8 @@ class EvaluationOptions:
         """The offline CoT pool `pool` in words, for the reports."""
         if pool == "uniform":
             return f"uniform {self.pool_rate:g} of train, CoTs: {_backend_label(self.cot_backend)}"
-        cots = {"llm": "the CoTs an LLM wrote for them",
-                "template": "template CoTs (deterministic rationale, not an LLM)",
-                "none": "no CoTs (the CoT token is the ICT module's learned placeholder)"}[_FILE_POOL_COTS[pool]]
-        return f"the rows of {self.llm_cot_file().name} (a seeded sample of all training rows), {cots}"
+        return (f"the rows of {self.llm_cot_file().name} (a seeded sample of all training rows), "
+                f"{LLM_FILE_COTS[_FILE_POOL_COTS[pool]]}")
 
     def pool_backend(self, pool: str) -> str:
         """What wrote the CoTs of `pool`: the reports' `cot_backend` column."""
@@ -272,11 +270,13 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
     backbones = [v for v in options.variants if not v.endswith("+ict")]
     results = runs(backbones, Batches(samples, space, [], with_examples=False), _setup_fingerprint(options, splits, None), "")
     with_ict = [v for v in options.variants if v.endswith("+ict")]
+    # The LLM file's rows are drawn from every training row, whatever the cap on the rows trained on.
+    every_train_row = time_split(corpus, None, None, seed=0)[0].rows if set(options.cot_pools) - {"uniform"} else None
     for pool_name in options.cot_pools if with_ict else ():
         if pool_name == "uniform":
             pool = build_cot_pool(samples, train_split.rows, options.pool_rate, options.cot_backend, 0, cache_dir, step)
-        else:  # the file's rows are drawn from every training row, whatever the cap on the rows trained on
-            every_train_row = time_split(corpus, None, None, seed=0)[0].rows
+        else:
+            assert every_train_row is not None
             pool = llm_file_pool(samples, every_train_row, options.llm_cot_file(), cache_dir, step,
                                  cots=_FILE_POOL_COTS[pool_name])
         records = retrieve_examples(samples, pool, list(splits), cache_dir, step)
