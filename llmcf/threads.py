@@ -17,3 +17,11 @@ def pin_native_threads(threads: int) -> None:
     """Set each pool's thread count to `threads` unless the environment already sets it."""
     for name in POOL_VARIABLES:
         os.environ.setdefault(name, str(threads))
+
+
+def free_threads() -> int:
+    """Threads for one CPU-bound process started now: the cores this process may use, less those the 1-minute load
+    average says other work holds, less one left for the rest of the machine; at least 1 (so 1 on 2 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores - 1, int(cores - load)))

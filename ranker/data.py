@@ -24,7 +24,8 @@ from llmcf.events import epoch_ms
 
 @dataclass
 class Corpus:
-    """Items and time-ordered interactions. `user`/`item` are codes into `user_ids`/`item_ids`."""
+    """Items and time-ordered interactions. `user`/`item` are codes into `user_ids`/`item_ids`; `user_tags[u]` are
+    user u's demographic tokens (`llmcf.movielens.read_user_profiles`), or `user_tags` is empty when none are known."""
 
     source: str
     user_ids: list[str]
@@ -35,6 +36,7 @@ class Corpus:
     item: np.ndarray
     label: np.ndarray
     ts_ms: np.ndarray
+    user_tags: list[tuple[str, ...]] = field(default_factory=list)
     stored_cot: dict[tuple[int, int, int], tuple[str, np.ndarray | None]] = field(default_factory=dict)
     """(user code, item code, ts_ms) -> (sample id, CoT embedding or None while pending): the database's CoT pool."""
     stored_item_vectors: dict[int, np.ndarray] = field(default_factory=dict)
@@ -53,7 +55,8 @@ class Corpus:
 
 
 def movielens_corpus(dataset: str) -> Corpus:
-    """MovieLens as the replay publishes it: item text "title (year); genres", tags = genres, label = rating >= 4."""
+    """MovieLens as the replay publishes it: item text "title (year); genres", tags = genres, label = rating >= 4; and
+    the users' demographics the dataset ships (which the replay does not publish)."""
     from llmcf import movielens
 
     ratings = movielens.load(dataset)
@@ -72,6 +75,7 @@ def movielens_corpus(dataset: str) -> Corpus:
         item=ratings.item_codes.astype(np.int64),
         label=(ratings.ratings >= movielens.POSITIVE_RATING).astype(np.int64),
         ts_ms=ratings.seconds.astype(np.int64) * 1000,
+        user_tags=[ratings.user_profiles.get(u, ()) for u in ratings.user_ids] if ratings.user_profiles else [],
     )
 
 

@@ -110,7 +110,8 @@ def item_vectors(corpus: Corpus, cache_dir: Path) -> np.ndarray:
 
 
 def build_feature_space(samples: Samples, train_rows: np.ndarray) -> FeatureSpace:
-    """A vocabulary of the users of `train_rows` and the items they and their histories show."""
+    """A vocabulary of the users of `train_rows` (with their demographics where the corpus has them) and the items
+    they and their histories show."""
     corpus = samples.corpus
     users = np.unique(corpus.user[train_rows])
     seen = np.unique(np.concatenate([corpus.item[train_rows], samples.histories[train_rows].ravel()]))
@@ -120,17 +121,22 @@ def build_feature_space(samples: Samples, train_rows: np.ndarray) -> FeatureSpac
         [corpus.item_ids[i] for i in items.tolist()],
         samples.item_text[items + 1],
         [corpus.item_tags[i] for i in items.tolist()],
+        user_profiles=[corpus.user_tags[u] for u in users.tolist()] if corpus.user_tags else (),
     )
 
 
 @dataclass
 class Catalogue:
     """Every corpus item as one feature space sees it: text (row = code + 1), tags in the space's vocabulary, and its
-    index in the space (0 for items the space lacks: scored as cold-start items, by their text, as serving does)."""
+    index in the space (0 for items the space lacks: scored as cold-start items, by their text, as serving does);
+    and every corpus user's index and user tags in the space (a user the space lacks by the demographics the corpus
+    holds, as serving scores one whose profile a request gives)."""
 
     text: np.ndarray
     tags: np.ndarray
     to_space: np.ndarray
+    user_to_space: np.ndarray
+    user_tags: np.ndarray
 
     @classmethod
     def of(cls, samples: Samples, space: FeatureSpace) -> Catalogue:
@@ -142,18 +148,21 @@ class Catalogue:
         for code, item_tags in enumerate(corpus.item_tags):
             known = [tag_index[t] for t in dict.fromkeys(item_tags) if t in tag_index][:MAX_TAGS]
             tags[code + 1, : len(known)] = known
-        return cls(samples.item_text, tags, to_space)
+        profiles = dict(zip(corpus.user_ids, corpus.user_tags, strict=True)) if corpus.user_tags else None
+        return cls(samples.item_text, tags, to_space, space.user_index(corpus.user_ids),
+                   space.user_tag_index(corpus.user_ids, profiles))
 
 
 def sample_arrays(samples: Samples, catalogue: Catalogue, space: FeatureSpace, rows: np.ndarray) -> dict[str, np.ndarray]:
     """`SAMPLE_INPUTS` for corpus rows; the same numbers `FeatureSpace.encode_samples` gives for these ids with the
-    catalogue's texts and tags supplied for the items the vocabulary lacks."""
+    catalogue's texts and tags supplied for the items the vocabulary lacks and the corpus's profiles for its users."""
     corpus = samples.corpus
     codes = corpus.item[rows] + 1
     history_codes = samples.histories[rows] + 1
     history_text, item_text = samples.text_vectors(rows)
     return {
-        "user": space.user_index([corpus.user_ids[u] for u in corpus.user[rows].tolist()]),
+        "user": catalogue.user_to_space[corpus.user[rows]],
+        "user_tags": catalogue.user_tags[corpus.user[rows]],
         "item": catalogue.to_space[codes],
         "item_tags": catalogue.tags[codes],
         "item_text": item_text,

@@ -38,6 +38,7 @@ each naming the CoT backend of the pool and the caps used; the Markdown is print
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -88,33 +89,36 @@ STREAM_CASES = {
 
 @dataclass(frozen=True)
 class EvaluationOptions:
-    """Caps and schedules of `llmcf evaluate` (defaults: see `--help`). The defaults are sized for 2 shared CPU cores,
-    where one +ICT epoch cost 10-30 ms per training row while other jobs shared them: the 20 offline runs on ml-1m
-    then take about half an hour, and so does the streaming replay."""
+    """Caps and schedules of `llmcf evaluate` (defaults: see `--help`). The defaults are the full-scale table: every
+    training row, 20,000 validation and 20,000 test rows, up to 10 epochs with early stopping, 5 seeds. `quick()` is
+    the small configuration the test suite runs (ml-100k, seconds per run)."""
 
     dataset: str = "ml-1m"
     seeds: int = 5
     variants: tuple[str, ...] = VARIANTS
-    max_train_samples: int | None = 6_000
-    max_eval_samples: int | None = 2_000
-    max_epochs: int = 2
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 20_000
+    max_epochs: int = 10
     patience: int = 2
     batch_size: int = 512
     learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    field_dim: int = 16
+    user_tags: bool = True  # the demographics field, where the dataset ships demographics
     reconstruction_weight: float = 1.0
     pool_rate: float = 0.1
     cot_backend: str = "template"
     cot_pools: tuple[str, ...] = ("uniform",)
     cot_file: Path | None = None
-    threads: int = 2
+    threads: int = 1
     offline: bool = True
     streaming: bool = False
-    days: int = 3
+    days: int = 7
     start_fraction: float = 0.3
     new_item_window_days: float = 30.0
     stream_kind: str = "deepfm+ict"
     update_window_days: float = 7.0
-    update_max_samples: int = 2_000
+    update_max_samples: int = 20_000
     max_day_rows: int = 1_000
     update_epochs: int = 1
     update_learning_rate: float = 5e-4
@@ -134,6 +138,13 @@ class EvaluationOptions:
         if self.cot_pools != ("uniform",) and self.streaming:
             raise UserFacingError("--cot-pool other than uniform is for the offline table; the streaming replay's "
                                   "pool grows by the stream's own choice of rows (--cot-pool uniform)")
+
+    @classmethod
+    def quick(cls) -> EvaluationOptions:
+        """`--quick`: ml-100k, the latest 1,500 training rows, 300 validation and test rows, one epoch, 2 seeds, a
+        2-day replay: every code path of the full table in about a minute, for the test suite and a first try."""
+        return cls(dataset="ml-100k", seeds=2, max_train_samples=1_500, max_eval_samples=300, max_epochs=1, days=2,
+                   update_max_samples=800, max_day_rows=300)
 
     def llm_cot_file(self) -> Path:
         from ranker.llm_cots import default_path
@@ -157,7 +168,8 @@ class EvaluationOptions:
 
         return (f"train rows: latest {cap(self.max_train_samples)}; validation and test rows: {cap(self.max_eval_samples)} "
                 f"each; at most {self.max_epochs} epochs (early stopping, patience {self.patience}); batch "
-                f"{self.batch_size}; Adam lr {self.learning_rate:g}; CoT pool" + (
+                f"{self.batch_size}; Adam lr {self.learning_rate:g}, weight decay {self.weight_decay:g}; field dim "
+                f"{self.field_dim}; demographics {'on' if self.user_tags else 'off'}; CoT pool" + (
                     f": {self.pool_label(self.cot_pools[0])}" if len(self.cot_pools) == 1 else
                     "s: " + "; ".join(f"{pool} = {self.pool_label(pool)}" for pool in self.cot_pools)))
 
@@ -249,9 +261,10 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
                     continue
                 started = time.perf_counter()
                 torch.manual_seed(seed)
-                model = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags))  # type: ignore[arg-type]
-                fit_options = FitOptions(options.max_epochs, options.patience, options.batch_size,
-                                         options.learning_rate, options.reconstruction_weight, seed)
+                model = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags,
+                                        n_user_tags=space.n_user_tags if options.user_tags else 0,
+                                        field_dim=options.field_dim))  # type: ignore[arg-type]
+                fit_options = dataclasses.replace(FitOptions.of(options), seed=seed)
                 history = fit(model, batches, train_split, valid_split, fit_options, quiet)
                 scores = predict(model, batches, test_split)
                 sliced = {name: _auc_or_none(labels[mask], scores[mask]) for name, mask in in_slice.items()}
@@ -298,8 +311,8 @@ def _setup_fingerprint(options: EvaluationOptions, splits: Sequence[Split], pool
 
     code = fingerprint(Path(__file__).read_text(), *(Path(module.__file__ or "").read_text() for module in (
         ranker.dataset, ranker.examples, ranker.features, ranker.fitting, ranker.metrics, ranker.model, ranker.retrieval)))
-    settings = fingerprint(code, options.dataset, options.max_epochs, options.patience, options.batch_size,
-                           options.learning_rate, options.reconstruction_weight, options.new_item_window_days)
+    settings = fingerprint(code, options.dataset, options.new_item_window_days, options.field_dim, options.user_tags,
+                           *(repr(value) for value in asdict(FitOptions.of(options)).values()))
     data = fingerprint(*(s.rows for s in splits))
     if pool is None:
         return settings, data
@@ -421,15 +434,16 @@ def evaluate_streaming(samples: Samples, options: EvaluationOptions, settings: S
     records = retrieve_examples(samples, pool0, [train_split, valid_split], cache_dir, step) if ict else []
     space = build_feature_space(samples, train_rows)
     torch.manual_seed(0)
-    frozen = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags))  # type: ignore[arg-type]
+    frozen = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags,
+                                        n_user_tags=space.n_user_tags if options.user_tags else 0,
+                                        field_dim=options.field_dim))  # type: ignore[arg-type]
     fit(frozen, Batches(samples, space, records, ict), train_split, valid_split,
-        FitOptions(options.max_epochs, options.patience, options.batch_size, options.learning_rate,
-                   options.reconstruction_weight, 0), step)
+        FitOptions.of(options), step)
 
     first_seen = first_seen_ms(corpus)
     policy = CotPolicy(rate=options.pool_rate, cold_start_window_s=settings.cold_start_window_s)
-    update_fit = FitOptions(options.update_epochs, 1, options.batch_size, options.update_learning_rate,
-                            options.reconstruction_weight, 0)
+    update_fit = dataclasses.replace(FitOptions.of(options), max_epochs=options.update_epochs, patience=1,
+                                     learning_rate=options.update_learning_rate)
     rows_out: list[StreamRow] = []
     updated, updated_space = frozen, space
     frozen_pool, live_pool = sample_pool(samples, pool0), sample_pool(samples, pool0)

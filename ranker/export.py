@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ranker.features import EXAMPLE_ROW_INPUTS, SAMPLE_INPUTS, FeatureSpace, input_specs
+from ranker.features import FeatureSpace, input_specs
 from ranker.model import TOKENS_PER_EXAMPLE, ExampleEncoderGraph, ModelConfig, QueryScorerGraph, RankerModel, ScoringGraph
 
 ONNX_OPSET = 17
@@ -74,11 +74,11 @@ def export_split(model: RankerModel, directory: Path) -> tuple[Path, Path]:
     """Export an ICT model's example encoder and query scorer beside its full graph; returns their paths."""
     model.eval()
     rows = random_inputs(model.config, batch=3, seed=0)
-    example_names = [spec.name for spec in EXAMPLE_ROW_INPUTS]
+    example_names = model.config.example_row_input_names
     example_rows = {name: rows[name][:, 0] for name in example_names}  # one example per row: (P, ...) without K
     with torch.inference_mode():
         tokens = model.example_tokens({k: torch.from_numpy(v) for k, v in rows.items()})
-    sample_names = [spec.name for spec in SAMPLE_INPUTS]
+    sample_names = model.config.sample_input_names
     examples_path, scorer_path = directory / EXAMPLES_ONNX, directory / SCORER_ONNX
     _export(ExampleEncoderGraph(model), tuple(torch.from_numpy(example_rows[n]) for n in example_names), examples_path,
             example_names, TOKENS_NAME)
@@ -101,11 +101,17 @@ def split_scores(examples: Any, scorer: Any, inputs: dict[str, np.ndarray]) -> n
     """Scores of (B, K) example inputs through the two served graphs: every example encoded, then the scorer."""
     present = inputs["ex_present"]
     batch, k = present.shape
-    feeds = {spec.name: np.ascontiguousarray(inputs[spec.name].reshape(batch * k, *inputs[spec.name].shape[2:]))
-             for spec in EXAMPLE_ROW_INPUTS}
+    feeds = {name: np.ascontiguousarray(inputs[name].reshape(batch * k, *inputs[name].shape[2:]))
+             for name in session_inputs(examples)}
     tokens = examples.run([TOKENS_NAME], feeds)[0].reshape(batch, k, TOKENS_PER_EXAMPLE, -1)
-    query = {spec.name: np.ascontiguousarray(inputs[spec.name]) for spec in SAMPLE_INPUTS}
+    query = {name: np.ascontiguousarray(inputs[name]) for name in session_inputs(scorer)
+             if name not in (EX_TOKENS_NAME, "ex_present")}
     return scorer.run([OUTPUT_NAME], {**query, EX_TOKENS_NAME: tokens, "ex_present": np.ascontiguousarray(present)})[0]
+
+
+def session_inputs(session: Any) -> list[str]:
+    """The input names an onnxruntime session takes (a graph without a user-tag field takes no `user_tags`)."""
+    return [node.name for node in session.get_inputs()]
 
 
 def check_split_parity(model: RankerModel, examples_path: Path, scorer_path: Path,
@@ -181,11 +187,12 @@ def random_inputs(config: ModelConfig, batch: int, seed: int) -> dict[str, np.nd
     rng = np.random.default_rng(seed)
     upper = {
         "user": config.n_users, "item": config.n_items, "item_tags": config.n_tags, "history": config.n_items,
+        "user_tags": config.n_user_tags, "ex_user_tags": config.n_user_tags,
         "ex_user": config.n_users, "ex_item": config.n_items, "ex_item_tags": config.n_tags,
         "ex_history": config.n_items, "ex_label": 2,
     }
     inputs: dict[str, np.ndarray] = {}
-    for spec in input_specs(config.ict):
+    for spec in input_specs(config.ict, config.n_user_tags > 0):
         shape = (batch, *(int(s) for s in spec.shape))
         if spec.dtype == "int64":
             inputs[spec.name] = rng.integers(0, upper[spec.name], size=shape, dtype=np.int64)
@@ -218,15 +225,16 @@ def save_artifact(directory: Path, model: RankerModel, space: FeatureSpace, mani
             "file": MODEL_ONNX,
             "opset": ONNX_OPSET,
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"]},
-            "inputs": [{"name": s.name, "dtype": s.dtype, "shape": ["batch", *s.shape]} for s in input_specs(model.config.ict)],
+            "inputs": [{"name": s.name, "dtype": s.dtype, "shape": ["batch", *s.shape]}
+                       for s in input_specs(model.config.ict, model.config.n_user_tags > 0)],
         },
     }
     if (directory / EXAMPLES_ONNX).is_file():
         document["onnx"]["split"] = {
             "examples": {"file": EXAMPLES_ONNX, "sha256": sha256_file(directory / EXAMPLES_ONNX), "output": TOKENS_NAME,
-                         "inputs": [s.name for s in EXAMPLE_ROW_INPUTS]},
+                         "inputs": model.config.example_row_input_names},
             "scorer": {"file": SCORER_ONNX, "sha256": sha256_file(directory / SCORER_ONNX), "output": OUTPUT_NAME,
-                       "inputs": [*(s.name for s in SAMPLE_INPUTS), EX_TOKENS_NAME, "ex_present"]},
+                       "inputs": [*model.config.sample_input_names, EX_TOKENS_NAME, "ex_present"]},
         }
     (directory / MANIFEST).write_text(json.dumps(document, indent=2, default=str))
     return directory

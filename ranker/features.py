@@ -1,6 +1,6 @@
 """The ranker's feature pipeline, shared by training and serving so both feed the model the same numbers.
 
-It owns the vocabularies (user ids, item ids, tags; index 0 = unknown, so a cold-start user or item is scored with the
+It owns the vocabularies (user ids, item ids, tags, user tags; index 0 = unknown, so a cold-start user or item is scored with the
 learned "unknown" row instead of failing), the item text embeddings (384-d MiniLM, looked up by item id), and the
 encoding of a sample (one user, one target item, the user's history) and of retrieved in-context examples into the
 named arrays the model and its ONNX graph take (`SAMPLE_INPUTS`, `EXAMPLE_INPUTS`).
@@ -9,6 +9,10 @@ Conventions:
 - History: the user's last `history_length` (20) interactions, oldest first, padded at the end; `history_mask` is 1 for a
   real entry. `history_text` is `llmcf.samples.history_vector` of the history items' text embeddings (their normalised
   mean), the same h the vector index holds, so retrieval and features agree.
+- User tags are a user's demographic tokens ("gender:F", "age:25", "occupation:10"; `llmcf.movielens`), looked up by
+  user id: a user unknown to the vocabulary gets the tags the caller provides (`user_profiles`), else none. A space
+  built from a corpus without profiles has no user-tag vocabulary, and models over it no user-tag field
+  (`ModelConfig.n_user_tags` 0), as every model saved before profiles existed.
 - An item unknown to the vocabulary gets index 0; its text embedding is the one the caller provides (a new item's text,
   embedded with `TextEmbedder`), else zeros; its tags are looked up in the tag vocabulary (unknown tags are dropped).
 - Examples come from the example pool (`ranker.retrieval`): their history and target text embeddings are the pool's h
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 
 HISTORY_LENGTH = 20
 MAX_TAGS = 6
+MAX_USER_TAGS = 3
 EXAMPLES = 4
 UNKNOWN = 0
 FEATURES_JSON = "features.json"
@@ -52,6 +57,7 @@ class InputSpec:
 
 SAMPLE_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("user", "int64", ()),
+    InputSpec("user_tags", "int64", (MAX_USER_TAGS,)),
     InputSpec("item", "int64", ()),
     InputSpec("item_tags", "int64", (MAX_TAGS,)),
     InputSpec("item_text", "float32", (EMBEDDING_DIMENSION,)),
@@ -63,6 +69,7 @@ SAMPLE_INPUTS: tuple[InputSpec, ...] = (
 
 EXAMPLE_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("ex_user", "int64", (EXAMPLES,)),
+    InputSpec("ex_user_tags", "int64", (EXAMPLES, MAX_USER_TAGS)),
     InputSpec("ex_item", "int64", (EXAMPLES,)),
     InputSpec("ex_item_tags", "int64", (EXAMPLES, MAX_TAGS)),
     InputSpec("ex_item_text", "float32", (EXAMPLES, EMBEDDING_DIMENSION)),
@@ -84,8 +91,16 @@ EXAMPLE_ROW_INPUTS: tuple[InputSpec, ...] = tuple(
 """One example's inputs (no K axis): what the served example encoder takes per pool sample."""
 
 
-def input_specs(with_examples: bool) -> tuple[InputSpec, ...]:
-    return SAMPLE_INPUTS + (EXAMPLE_INPUTS if with_examples else ())
+USER_TAG_INPUTS = frozenset({"user_tags", "ex_user_tags"})
+"""The inputs only a model with a user-tag field takes (`ModelConfig.n_user_tags` > 0)."""
+
+
+def input_specs(with_examples: bool, with_user_tags: bool = True) -> tuple[InputSpec, ...]:
+    return with_or_without_user_tags(SAMPLE_INPUTS + (EXAMPLE_INPUTS if with_examples else ()), with_user_tags)
+
+
+def with_or_without_user_tags(specs: tuple[InputSpec, ...], with_user_tags: bool) -> tuple[InputSpec, ...]:
+    return specs if with_user_tags else tuple(s for s in specs if s.name not in USER_TAG_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,7 @@ class ExamplePool:
     """Encoded examples, one row each (P rows), ready to be gathered into (B, K) example inputs by `gather_examples`."""
 
     user: np.ndarray  # (P,) int64
+    user_tags: np.ndarray  # (P, U) int64
     item: np.ndarray  # (P,) int64
     item_tags: np.ndarray  # (P, T) int64
     item_text: np.ndarray  # (P, 384) float32
@@ -127,6 +143,8 @@ class FeatureSpace:
         item_text: np.ndarray,
         item_tags: np.ndarray,
         history_length: int = HISTORY_LENGTH,
+        user_tags: Sequence[str] = (),
+        user_tag_rows: np.ndarray | None = None,
     ) -> None:
         if item_text.shape != (len(item_ids) + 1, EMBEDDING_DIMENSION):
             raise ValueError(f"item_text must be ({len(item_ids) + 1}, {EMBEDDING_DIMENSION}), got {item_text.shape}")
@@ -138,6 +156,12 @@ class FeatureSpace:
         self.item_text = np.ascontiguousarray(item_text, dtype=np.float32)
         self.item_tags = np.ascontiguousarray(item_tags, dtype=np.int64)
         self.history_length = history_length
+        self.user_tags = list(user_tags)
+        rows = np.zeros((len(self.user_ids) + 1, MAX_USER_TAGS), dtype=np.int64) if user_tag_rows is None else user_tag_rows
+        if rows.shape != (len(self.user_ids) + 1, MAX_USER_TAGS):
+            raise ValueError(f"user_tag_rows must be ({len(self.user_ids) + 1}, {MAX_USER_TAGS}), got {rows.shape}")
+        self.user_tag_rows = np.ascontiguousarray(rows, dtype=np.int64)
+        self._user_tag_index = {t: i + 1 for i, t in enumerate(self.user_tags)}
         self._user_index = {u: i + 1 for i, u in enumerate(self.user_ids)}
         self._item_index = {it: i + 1 for i, it in enumerate(self.item_ids)}
         self._tag_index = {t: i + 1 for i, t in enumerate(self.tags)}
@@ -150,21 +174,24 @@ class FeatureSpace:
         item_vectors: np.ndarray,
         item_tags: Sequence[Sequence[str]],
         history_length: int = HISTORY_LENGTH,
+        user_profiles: Sequence[Sequence[str]] = (),
     ) -> FeatureSpace:
-        """A space over these users and items; `item_vectors[i]` / `item_tags[i]` belong to `item_ids[i]`. Tags are
-        ordered by frequency (ties by name) so the vocabulary does not depend on input order."""
-        counts: dict[str, int] = {}
-        for item in item_tags:
-            for tag in item:
-                counts[tag] = counts.get(tag, 0) + 1
-        tags = sorted(counts, key=lambda t: (-counts[t], t))
+        """A space over these users and items; `item_vectors[i]` / `item_tags[i]` belong to `item_ids[i]`, and
+        `user_profiles[u]` (when given) to `user_ids[u]`. Tags are ordered by frequency (ties by name) so the
+        vocabulary does not depend on input order."""
+        tags = _by_frequency(item_tags)
         tag_index = {t: i + 1 for i, t in enumerate(tags)}
+        user_tags = _by_frequency(user_profiles)
+        user_tag_index = {t: i + 1 for i, t in enumerate(user_tags)}
+        user_tag_rows = np.zeros((len(user_ids) + 1, MAX_USER_TAGS), dtype=np.int64)
+        for row, profile in enumerate(user_profiles, start=1):
+            user_tag_rows[row] = _tag_row(profile, user_tag_index, MAX_USER_TAGS)
         text = np.zeros((len(item_ids) + 1, EMBEDDING_DIMENSION), dtype=np.float32)
         text[1:] = item_vectors
         tag_rows = np.zeros((len(item_ids) + 1, MAX_TAGS), dtype=np.int64)
         for row, item in enumerate(item_tags, start=1):
             tag_rows[row] = _tag_row(item, tag_index)
-        return cls(user_ids, item_ids, tags, text, tag_rows, history_length)
+        return cls(user_ids, item_ids, tags, text, tag_rows, history_length, user_tags, user_tag_rows)
 
     # ---- sizes and lookups ----------------------------------------------------------------------------------------
 
@@ -180,6 +207,22 @@ class FeatureSpace:
     @property
     def n_tags(self) -> int:
         return len(self.tags) + 1
+
+    @property
+    def n_user_tags(self) -> int:
+        """Rows of the user-tag table, or 0 when the space has no user tags (models over it have no user-tag field)."""
+        return len(self.user_tags) + 1 if self.user_tags else 0
+
+    def user_tag_index(self, user_ids: Sequence[str], user_profiles: Mapping[str, Sequence[str]] | None = None
+                       ) -> np.ndarray:
+        """(B, MAX_USER_TAGS) user-tag indices: the vocabulary's for a known user, else those of the profile given."""
+        users = self.user_index(user_ids)
+        rows = self.user_tag_rows[users]
+        for row, user_id in enumerate(user_ids):
+            profile = (user_profiles or {}).get(user_id)
+            if users[row] == UNKNOWN and profile is not None:
+                rows[row] = _tag_row(profile, self._user_tag_index, MAX_USER_TAGS)
+        return rows
 
     def user_index(self, user_ids: Sequence[str]) -> np.ndarray:
         return np.fromiter((self._user_index.get(u, UNKNOWN) for u in user_ids), dtype=np.int64, count=len(user_ids))
@@ -216,9 +259,11 @@ class FeatureSpace:
         item_ids: Sequence[str],
         histories: Sequence[Sequence[str]],
         new_items: Mapping[str, NewItem] | None = None,
+        user_profiles: Mapping[str, Sequence[str]] | None = None,
     ) -> dict[str, np.ndarray]:
         """The `SAMPLE_INPUTS` arrays for B samples given by ids (the serving path). Unknown users and items are
-        index 0; `new_items` supplies text and tags for items the vocabulary lacks (targets and history items)."""
+        index 0; `new_items` supplies text and tags for items the vocabulary lacks (targets and history items),
+        `user_profiles` the demographic tokens of users it lacks."""
         if not len(user_ids) == len(item_ids) == len(histories):
             raise ValueError(f"got {len(user_ids)} users, {len(item_ids)} items and {len(histories)} histories")
         history, history_mask = self.history_indices(histories)
@@ -236,6 +281,7 @@ class FeatureSpace:
                 item_tags[row] = _tag_row(new.tags, self._tag_index)
         return {
             "user": self.user_index(user_ids),
+            "user_tags": self.user_tag_index(user_ids, user_profiles),
             "item": items,
             "item_tags": item_tags,
             "item_text": np.ascontiguousarray(item_text, dtype=np.float32),
@@ -258,8 +304,10 @@ class FeatureSpace:
                 cot[row] = record.cot
                 ready[row] = 1.0
         empty = np.zeros((0, EMBEDDING_DIMENSION), dtype=np.float32)
+        users = self.user_index([r.user_id for r in records])
         return ExamplePool(
-            user=self.user_index([r.user_id for r in records]),
+            user=users,
+            user_tags=self.user_tag_rows[users],
             item=items,
             item_tags=self.item_tags[items],
             item_text=np.stack([r.target_vector for r in records]).astype(np.float32) if count else empty,
@@ -281,13 +329,15 @@ class FeatureSpace:
             "user_ids": self.user_ids,
             "item_ids": self.item_ids,
             "tags": self.tags,
+            "user_tags": self.user_tags,
         }
 
     def save(self, directory: Path) -> None:
         """Write `features.json` and `features.npz` into `directory`."""
         directory.mkdir(parents=True, exist_ok=True)
         (directory / FEATURES_JSON).write_text(json.dumps(self.to_json()))
-        np.savez(directory / FEATURES_NPZ, item_text=self.item_text, item_tags=self.item_tags)
+        np.savez(directory / FEATURES_NPZ, item_text=self.item_text, item_tags=self.item_tags,
+                 user_tag_rows=self.user_tag_rows)
 
     @classmethod
     def load(cls, directory: Path) -> FeatureSpace:
@@ -295,8 +345,10 @@ class FeatureSpace:
         if meta.get("format") != 1 or meta["max_tags"] != MAX_TAGS or meta["text_dimension"] != EMBEDDING_DIMENSION:
             raise ValueError(f"{directory / FEATURES_JSON} was written by an incompatible feature pipeline: {meta.get('format')}")
         arrays = np.load(directory / FEATURES_NPZ)
+        # Spaces saved before user tags existed have neither: no user tags, as their models have no user-tag field.
         return cls(meta["user_ids"], meta["item_ids"], meta["tags"], arrays["item_text"], arrays["item_tags"],
-                   meta["history_length"])
+                   meta["history_length"], meta.get("user_tags", ()),
+                   arrays["user_tag_rows"] if "user_tag_rows" in arrays.files else None)
 
 
 def gather_examples(pool: ExamplePool, slots: np.ndarray) -> dict[str, np.ndarray]:
@@ -307,6 +359,7 @@ def gather_examples(pool: ExamplePool, slots: np.ndarray) -> dict[str, np.ndarra
         return _empty_examples(slots.shape)
     fields = {
         "ex_user": pool.user[rows],
+        "ex_user_tags": pool.user_tags[rows],
         "ex_item": pool.item[rows],
         "ex_item_tags": pool.item_tags[rows],
         "ex_item_text": pool.item_text[rows],
@@ -338,8 +391,17 @@ def _empty_examples(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     }
 
 
-def _tag_row(tags: Sequence[str], tag_index: Mapping[str, int]) -> np.ndarray:
-    known = [tag_index[t] for t in dict.fromkeys(tags) if t in tag_index][:MAX_TAGS]
-    row = np.zeros(MAX_TAGS, dtype=np.int64)
+def _by_frequency(tag_lists: Sequence[Sequence[str]]) -> list[str]:
+    """Every tag, the most frequent first (ties by name), so a vocabulary does not depend on input order."""
+    counts: dict[str, int] = {}
+    for tags in tag_lists:
+        for tag in tags:
+            counts[tag] = counts.get(tag, 0) + 1
+    return sorted(counts, key=lambda t: (-counts[t], t))
+
+
+def _tag_row(tags: Sequence[str], tag_index: Mapping[str, int], width: int = MAX_TAGS) -> np.ndarray:
+    known = [tag_index[t] for t in dict.fromkeys(tags) if t in tag_index][:width]
+    row = np.zeros(width, dtype=np.int64)
     row[: len(known)] = known
     return row

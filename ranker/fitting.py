@@ -32,11 +32,13 @@ class FitOptions:
     learning_rate: float = 1e-3
     reconstruction_weight: float = 1.0
     seed: int = 0
+    weight_decay: float = 0.0
 
     @classmethod
     def of(cls, options: Any) -> FitOptions:
-        """The fit options of any options object with the same field names (`TrainOptions`, update options)."""
-        return cls(**{name: getattr(options, name) for name in cls.__dataclass_fields__})
+        """The fit options of any options object with the same field names (`TrainOptions`, update options); a
+        field the object lacks keeps its default."""
+        return cls(**{name: getattr(options, name) for name in cls.__dataclass_fields__ if hasattr(options, name)})
 
 
 class Batches:
@@ -71,7 +73,8 @@ def fit(model: RankerModel, batches: Batches, train_split: Split, valid_split: S
         step: Callable[[str], None]) -> list[dict[str, float]]:
     """Adam on BCE + lambda * L_rec with early stopping on validation AUC; the model ends with its best epoch's
     weights. Returns one record per epoch."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=options.learning_rate)
+    # Coupled L2 (Adam's weight_decay), as the LLM-CF authors' configs train their backbones.
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
     rng = np.random.default_rng(options.seed + 2)
     history: list[dict[str, float]] = []
     best_auc, best_state, stale = -1.0, copy.deepcopy(model.state_dict()), 0

@@ -2,7 +2,8 @@
 
 ICT, as the paper has it (../shared/docs/llm-cf.md): K=4 retrieved examples give 3 tokens each, in this order:
 - a feature token: an MLP over the example's field embeddings (user id, item id, item-text embedding mapped down, tags,
-  mean-pooled history ids, history-text embedding mapped down); the embedding tables are the backbone's own;
+  mean-pooled history ids, history-text embedding mapped down, and mean-pooled user tags where the model has them);
+  the embedding tables are the backbone's own;
 - a CoT token: the frozen CoT embedding (384-d MiniLM here; 768-d in the paper) through an MLP 384->256->d, or a learned
   placeholder while the example's CoT is still pending;
 - a label token: a learned 2 x d table;
@@ -27,11 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from llmcf.embeddings import EMBEDDING_DIMENSION
-from ranker.features import EXAMPLE_ROW_INPUTS, EXAMPLES, SAMPLE_INPUTS, input_specs
+from ranker.features import EXAMPLE_ROW_INPUTS, EXAMPLES, SAMPLE_INPUTS, input_specs, with_or_without_user_tags
 
 Backbone = Literal["deepfm", "din"]
 BACKBONES: tuple[Backbone, ...] = ("deepfm", "din")
-FIELDS = 6  # user, item, tags, item text, history ids, history text
+FIELDS = 6  # user, item, tags, item text, history ids, history text (+ user tags: `ModelConfig.fields`)
 TOKENS_PER_EXAMPLE = 3
 _MASKED_SCORE = -1e9  # exp() of this underflows to exactly 0 in float32: masked keys get exactly zero weight
 
@@ -45,6 +46,7 @@ class ModelConfig:
     n_users: int
     n_items: int
     n_tags: int
+    n_user_tags: int = 0  # 0: no user-tag (demographics) field, as for a corpus without profiles and older artifacts
     field_dim: int = 16
     ict_dim: int = 32
     ict_layers: int = 2
@@ -67,8 +69,23 @@ class ModelConfig:
         return f"{self.backbone}+ict" if self.ict else self.backbone
 
     @property
+    def fields(self) -> int:
+        """Field vectors per sample: `FIELDS`, plus the user tags' when the model has them."""
+        return FIELDS + (1 if self.n_user_tags else 0)
+
+    @property
     def input_names(self) -> list[str]:
-        return [spec.name for spec in input_specs(self.ict)]
+        return [spec.name for spec in input_specs(self.ict, self.n_user_tags > 0)]
+
+    @property
+    def sample_input_names(self) -> list[str]:
+        """The `SAMPLE_INPUTS` this model takes (the query scorer's sample inputs)."""
+        return [spec.name for spec in with_or_without_user_tags(SAMPLE_INPUTS, self.n_user_tags > 0)]
+
+    @property
+    def example_row_input_names(self) -> list[str]:
+        """The `EXAMPLE_ROW_INPUTS` this model takes (the example encoder's inputs)."""
+        return [spec.name for spec in with_or_without_user_tags(EXAMPLE_ROW_INPUTS, self.n_user_tags > 0)]
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -96,7 +113,8 @@ def mlp(sizes: list[int], final_activation: bool = False) -> nn.Sequential:
 
 
 class FieldEmbedder(nn.Module):
-    """Turns a sample's (or an example's) inputs into FIELDS vectors of `field_dim`; works on any leading shape."""
+    """Turns a sample's (or an example's) inputs into `config.fields` vectors of `field_dim`; works on any leading
+    shape. The user-tag field, where the model has one, comes last (DIN reads the item field at index 1)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -106,23 +124,30 @@ class FieldEmbedder(nn.Module):
         self.tag = nn.Embedding(config.n_tags, e)
         self.item_text = nn.Linear(config.text_dim, e)
         self.history_text = nn.Linear(config.text_dim, e)
-        for table in (self.user, self.item, self.tag):
-            nn.init.normal_(table.weight, std=0.05)
+        self.user_tag = nn.Embedding(config.n_user_tags, e) if config.n_user_tags else None
+        for table in (self.user, self.item, self.tag, self.user_tag):
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.05)
 
     def forward(self, user: Tensor, item: Tensor, item_tags: Tensor, item_text: Tensor, history: Tensor,
-                history_mask: Tensor, history_text: Tensor) -> tuple[Tensor, Tensor]:
-        """(..., FIELDS, E) field vectors and (..., L, E) history item embeddings (for DIN's attention)."""
-        tag_mask = (item_tags > 0).to(torch.float32).unsqueeze(-1)
-        tags = (self.tag(item_tags) * tag_mask).sum(-2) / tag_mask.sum(-2).clamp(min=1.0)
+                history_mask: Tensor, history_text: Tensor, user_tags: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(..., fields, E) field vectors and (..., L, E) history item embeddings (for DIN's attention)."""
         history_items = self.item(history)
         mask = history_mask.unsqueeze(-1)
         history_pooled = (history_items * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
-        fields = torch.stack(
-            [self.user(user), self.item(item), tags, self.item_text(item_text), history_pooled,
-             self.history_text(history_text)],
-            dim=-2,
-        )
-        return fields, history_items
+        vectors = [self.user(user), self.item(item), _mean_of_present(self.tag, item_tags), self.item_text(item_text),
+                   history_pooled, self.history_text(history_text)]
+        if self.user_tag is not None:
+            if user_tags is None:
+                raise ValueError("this model has a user-tag field: its inputs need user_tags")
+            vectors.append(_mean_of_present(self.user_tag, user_tags))
+        return torch.stack(vectors, dim=-2), history_items
+
+
+def _mean_of_present(table: nn.Embedding, indices: Tensor) -> Tensor:
+    """The mean embedding of the non-zero indices on the last axis (zeros when there are none)."""
+    mask = (indices > 0).to(torch.float32).unsqueeze(-1)
+    return (table(indices) * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
 
 
 class RMSNorm(nn.Module):
@@ -175,7 +200,7 @@ class ICTModule(nn.Module):
         super().__init__()
         d = config.ict_dim
         self.examples = config.examples
-        self.feature_token = mlp([FIELDS * config.field_dim, 2 * d, d])
+        self.feature_token = mlp([config.fields * config.field_dim, 2 * d, d])
         self.cot_token = mlp([config.cot_dim, config.cot_hidden, d])
         self.cot_placeholder = nn.Parameter(torch.zeros(d))
         self.label_token = nn.Embedding(2, d)
@@ -247,7 +272,7 @@ class DeepFM(nn.Module):
             nn.init.zeros_(table.weight)
         self.bias = nn.Parameter(torch.zeros(1))
         extra = config.ict_dim if config.ict else 0
-        self.deep = mlp([FIELDS * config.field_dim + extra, *config.mlp_hidden, 1])
+        self.deep = mlp([config.fields * config.field_dim + extra, *config.mlp_hidden, 1])
         self.wide_w = nn.Linear(config.ict_dim, 1, bias=False) if config.ict else None
 
     def forward(self, fields: Tensor, history_items: Tensor, inputs: dict[str, Tensor], w: Tensor | None) -> Tensor:
@@ -272,7 +297,7 @@ class DIN(nn.Module):
         e = config.field_dim
         self.attention = mlp([4 * e, 64, 32, 1])
         extra = config.ict_dim if config.ict else 0
-        self.final = mlp([(FIELDS + 1) * e + extra, *config.mlp_hidden, 1])
+        self.final = mlp([(config.fields + 1) * e + extra, *config.mlp_hidden, 1])
 
     def forward(self, fields: Tensor, history_items: Tensor, inputs: dict[str, Tensor], w: Tensor | None) -> Tensor:
         target = fields[:, 1:2].expand_as(history_items)  # the item-id field is the query
@@ -309,7 +334,7 @@ class RankerModel(nn.Module):
             raise ValueError(f"a {self.config.kind} model has no in-context examples")
         example_fields, _ = self.fields(
             inputs["ex_user"], inputs["ex_item"], inputs["ex_item_tags"], inputs["ex_item_text"],
-            inputs["ex_history"], inputs["ex_history_mask"], inputs["ex_history_text"],
+            inputs["ex_history"], inputs["ex_history_mask"], inputs["ex_history_text"], inputs.get("ex_user_tags"),
         )
         return self.ict.example_tokens(example_fields, inputs["ex_cot"], inputs["ex_label"], inputs["ex_cot_ready"])
 
@@ -324,7 +349,7 @@ class RankerModel(nn.Module):
     def _sample_fields(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.fields(
             inputs["user"], inputs["item"], inputs["item_tags"], inputs["item_text"], inputs["history"],
-            inputs["history_mask"], inputs["history_text"],
+            inputs["history_mask"], inputs["history_text"], inputs.get("user_tags"),
         )
 
     def loss(self, inputs: dict[str, Tensor], labels: Tensor, reconstruction_weight: float = 1.0
@@ -358,7 +383,7 @@ class ExampleEncoderGraph(nn.Module):
     def __init__(self, model: RankerModel) -> None:
         super().__init__()
         self.model = model
-        self.names = [spec.name for spec in EXAMPLE_ROW_INPUTS]
+        self.names = model.config.example_row_input_names
 
     def forward(self, *tensors: Tensor) -> Tensor:
         return self.model.example_tokens(dict(zip(self.names, tensors, strict=True)))
@@ -370,7 +395,7 @@ class QueryScorerGraph(nn.Module):
     def __init__(self, model: RankerModel) -> None:
         super().__init__()
         self.model = model
-        self.names = [spec.name for spec in SAMPLE_INPUTS]
+        self.names = model.config.sample_input_names
 
     def forward(self, *tensors: Tensor) -> Tensor:
         *sample, tokens, present = tensors

@@ -98,7 +98,8 @@ def train(options: TrainOptions, settings: Settings, log: Callable[[str], None] 
     step(f"features: {space.n_users - 1:,} users, {space.n_items - 1:,} items, {space.n_tags - 1} tags in the vocabulary")
 
     torch.manual_seed(options.seed)
-    model = RankerModel(ModelConfig(options.backbone, options.ict, space.n_users, space.n_items, space.n_tags))  # type: ignore[arg-type]
+    model = RankerModel(ModelConfig(options.backbone, options.ict, space.n_users, space.n_items, space.n_tags,
+                                        n_user_tags=space.n_user_tags))  # type: ignore[arg-type]
     batches = Batches(samples, space, records, with_examples=options.ict)
     history = fit(model, batches, train_split, valid_split, FitOptions.of(options), step)
 

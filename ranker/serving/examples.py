@@ -1,6 +1,6 @@
 """What one model version needs of the pool's samples, computed once per sample and version.
 
-- The vocabulary-dependent example inputs (user, item, tags, history item indices and mask), by the training code's own
+- The vocabulary-dependent example inputs (user, user tags, item, tags, history item indices and mask), by the training code's own
   encoder (`FeatureSpace.encode_examples`), so serving cannot encode an example differently from training.
 - For a split artifact (`ranker.export`: example encoder + query scorer), each sample's three tokens, by the example
   encoder: a request then gathers 4 x 3 tokens per candidate and runs only the query scorer. A token row remembers
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ranker.serving.models import ModelBundle
 
 _ENCODE_CHUNK = 20_000
-_VOCABULARY_FIELDS = ("ex_user", "ex_item", "ex_item_tags", "ex_history", "ex_history_mask")
+_VOCABULARY_FIELDS = ("ex_user", "ex_user_tags", "ex_item", "ex_item_tags", "ex_history", "ex_history_mask")
 
 
 class EncodedExamples:
@@ -54,8 +54,8 @@ class EncodedExamples:
             for start in range(self.n, view.n, _ENCODE_CHUNK):
                 rows = np.arange(start, min(view.n, start + _ENCODE_CHUNK))
                 encoded = self.space.encode_examples(view.records(rows.tolist()))
-                fresh = dict(zip(_VOCABULARY_FIELDS, (encoded.user, encoded.item, encoded.item_tags, encoded.history,
-                                                      encoded.history_mask), strict=True))
+                fresh = dict(zip(_VOCABULARY_FIELDS, (encoded.user, encoded.user_tags, encoded.item, encoded.item_tags,
+                                                      encoded.history, encoded.history_mask), strict=True))
                 self._arrays = {name: np.concatenate([self._arrays[name], part]) if name in self._arrays else part
                                 for name, part in fresh.items()}
                 if self.encoder is not None:

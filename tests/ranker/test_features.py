@@ -62,3 +62,34 @@ def test_empty_slots_gather_zeros() -> None:
     assert gathered["ex_present"].shape == (3, 4) and not gathered["ex_present"].any()
     assert gathered["ex_cot"].shape == (3, 4, 384)
     assert gathered["ex_history"].shape == (3, 4, HISTORY_LENGTH)
+
+
+def profiled() -> FeatureSpace:
+    return FeatureSpace.build(["u1", "u2"], ["a"], np.stack([unit(1)]), [()],
+                              user_profiles=[("gender:F", "age:25"), ("gender:M", "age:25")])
+
+
+def test_user_tags_come_from_the_vocabulary_or_the_profile_given_for_an_unknown_user() -> None:
+    space = profiled()
+    assert space.user_tags == ["age:25", "gender:F", "gender:M"] and space.n_user_tags == 4
+    encoded = space.encode_samples(["u1", "stranger", "nobody"], ["a"] * 3, [[]] * 3,
+                                   user_profiles={"stranger": ("gender:M", "occupation:unheard-of"), "u1": ("gender:M",)})
+    assert encoded["user_tags"].tolist() == [[2, 1, 0], [3, 0, 0], [0, 0, 0]]  # a known user keeps its own profile
+    assert space.encode_examples([]).user_tags.shape == (0, 3)
+
+
+def test_a_space_without_profiles_has_no_user_tags_and_old_saved_spaces_load_without_them(tmp_path: Path) -> None:
+    assert space().n_user_tags == 0 and not space().encode_samples(["u1"], ["a"], [[]])["user_tags"].any()
+    profiled().save(tmp_path)
+    loaded = FeatureSpace.load(tmp_path)
+    np.testing.assert_array_equal(loaded.user_tag_rows, profiled().user_tag_rows)
+    assert loaded.user_tags == profiled().user_tags
+    import json
+
+    meta = json.loads((tmp_path / "features.json").read_text())  # as written before user tags existed
+    del meta["user_tags"]
+    (tmp_path / "features.json").write_text(json.dumps(meta))
+    arrays = dict(np.load(tmp_path / "features.npz"))
+    del arrays["user_tag_rows"]
+    np.savez(tmp_path / "features.npz", **arrays)
+    assert FeatureSpace.load(tmp_path).n_user_tags == 0

@@ -27,9 +27,10 @@ torch.set_num_threads(1)
 VARIANTS = [("deepfm", False), ("deepfm", True), ("din", False), ("din", True)]
 
 
-def make_model(backbone: str = "deepfm", ict: bool = True, seed: int = 0) -> RankerModel:
+def make_model(backbone: str = "deepfm", ict: bool = True, seed: int = 0, n_user_tags: int = 0) -> RankerModel:
     torch.manual_seed(seed)
-    return RankerModel(ModelConfig(backbone, ict, n_users=50, n_items=40, n_tags=8)).eval()  # type: ignore[arg-type]
+    return RankerModel(ModelConfig(backbone, ict, n_users=50, n_items=40, n_tags=8,  # type: ignore[arg-type]
+                                   n_user_tags=n_user_tags)).eval()
 
 
 def tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -123,13 +124,15 @@ def test_reconstruction_gradient_reaches_the_decoder() -> None:
 
 
 @pytest.mark.parametrize("backbone,ict", VARIANTS)
-def test_onnx_matches_torch(backbone: str, ict: bool, tmp_path: Path) -> None:
-    model = make_model(backbone, ict, seed=8)
+@pytest.mark.parametrize("n_user_tags", [0, 6])
+def test_onnx_matches_torch(backbone: str, ict: bool, n_user_tags: int, tmp_path: Path) -> None:
+    model = make_model(backbone, ict, seed=8, n_user_tags=n_user_tags)
     path = export_onnx(model, tmp_path / "model.onnx")
     session = onnx_session(path)
 
     names = [i.name for i in session.get_inputs()]
     assert names == model.config.input_names
+    assert ("user_tags" in names) == (n_user_tags > 0) and ("ex_user_tags" in names) == (n_user_tags > 0 and ict)
     assert [o.name for o in session.get_outputs()] == ["score"]
     for batch, seed in ((1, 20), (100, 21), (1000, 22)):
         assert parity(model, session, random_inputs(model.config, batch, seed)) <= PARITY_TOLERANCE
@@ -145,9 +148,9 @@ def test_an_artifact_that_is_not_the_model_fails_the_parity_check(tmp_path: Path
         check_parity(other, path, [])
 
 
-@pytest.mark.parametrize("backbone", ["deepfm", "din"])
-def test_the_split_graphs_give_the_full_graphs_scores(backbone: str, tmp_path: Path) -> None:
-    model = make_model(backbone, True, seed=10)
+@pytest.mark.parametrize("backbone,n_user_tags", [("deepfm", 0), ("din", 0), ("deepfm", 6)])
+def test_the_split_graphs_give_the_full_graphs_scores(backbone: str, n_user_tags: int, tmp_path: Path) -> None:
+    model = make_model(backbone, True, seed=10, n_user_tags=n_user_tags)
     full = onnx_session(export_onnx(model, tmp_path / "model.onnx"))
     examples_path, scorer_path = export_split(model, tmp_path)
     examples, scorer = onnx_session(examples_path), onnx_session(scorer_path)
@@ -158,4 +161,12 @@ def test_the_split_graphs_give_the_full_graphs_scores(backbone: str, tmp_path: P
         np.testing.assert_allclose(split_scores(examples, scorer, inputs), whole, rtol=0, atol=1e-5)
     assert check_split_parity(model, examples_path, scorer_path, []) <= PARITY_TOLERANCE
     with pytest.raises(ParityError, match="split graphs"):
-        check_split_parity(make_model(backbone, True, seed=11), examples_path, scorer_path, [])
+        check_split_parity(make_model(backbone, True, seed=11, n_user_tags=n_user_tags), examples_path, scorer_path, [])
+
+
+def test_user_tags_change_the_score_only_of_a_model_with_a_user_tag_field() -> None:
+    inputs = random_inputs(make_model(n_user_tags=6).config, 16, seed=40)
+    other = dict(inputs, user_tags=np.roll(inputs["user_tags"], 1, axis=0))
+    with_field, without = make_model(seed=12, n_user_tags=6), make_model(seed=12)
+    assert not torch.allclose(scores(with_field, inputs), scores(with_field, other))
+    torch.testing.assert_close(scores(without, inputs), scores(without, other))

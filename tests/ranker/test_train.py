@@ -70,6 +70,25 @@ def test_the_artifact_reloads_and_scores_cold_starts(trained: TrainResult) -> No
     inputs |= gather_examples(space.encode_examples([]), np.full((2, 4), -1))
     scores = session.run(["score"], {n: inputs[n] for n in model.config.input_names})[0]
     assert scores.shape == (2,) and np.isfinite(scores).all() and ((scores > 0) & (scores < 1)).all()
+    assert model.config.n_user_tags == space.n_user_tags > 0 and "user_tags" in model.config.input_names  # demographics
+
+
+def test_training_rows_carry_the_users_demographics_as_serving_encodes_them(trained: TrainResult, settings: Settings) -> None:
+    from ranker.data import movielens_corpus
+    from ranker.dataset import Catalogue, Samples, sample_arrays
+
+    _, space, _ = load_model(trained.artifact_dir)
+    samples = Samples.of(movielens_corpus("ml-100k"), settings.home / "cache" / "ranker")
+    corpus = samples.corpus
+    rows = np.flatnonzero(~np.isin(corpus.user, space.user_index(corpus.user_ids).nonzero()[0]))[:3]
+    rows = np.concatenate([rows, [len(corpus) - 1]])  # users the space lacks, and one it may know
+    users = [corpus.user_ids[u] for u in corpus.user[rows].tolist()]
+    arrays = sample_arrays(samples, Catalogue.of(samples, space), space, rows)
+    served = space.encode_samples(users, [corpus.item_ids[i] for i in corpus.item[rows].tolist()], [[]] * len(rows),
+                                  user_profiles=dict(zip(corpus.user_ids, corpus.user_tags, strict=True)))
+    np.testing.assert_array_equal(arrays["user"], served["user"])
+    np.testing.assert_array_equal(arrays["user_tags"], served["user_tags"])
+    assert (arrays["user_tags"] > 0).sum(axis=1).tolist() == [3] * len(rows)  # gender, age and occupation
 
 
 def test_auc_matches_the_rank_definition() -> None:
