@@ -318,6 +318,8 @@ def _evaluation_options(args: argparse.Namespace) -> EvaluationOptions:
         given["cot_file"] = Path(given["cot_file"])
     if getattr(args, "no_user_tags", False):
         given["user_tags"] = False
+    if getattr(args, "no_history_labels", False):
+        given["history_labels"] = False
     base = EvaluationOptions.quick() if args.quick else EvaluationOptions()
     streaming_only = getattr(args, "streaming_only", False)
     return dataclasses.replace(base, offline=not streaming_only, streaming=getattr(args, "streaming", False) or streaming_only,
@@ -592,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field-dim", type=_positive_int, help="size of each field embedding (default 16)")
     p.add_argument("--no-user-tags", action="store_true",
                    help="leave the users' demographics out of the models (default: used where the dataset has them)")
+    p.add_argument("--no-history-labels", action="store_true",
+                   help="leave the liked-history field out of the models (default: used)")
     p.add_argument("--pool-rate", type=_positive_float, help="share of training rows in the CoT pool (default 0.1)")
     p.add_argument("--cot-backend", choices=["template", "transformers", "openai"],
                    help="CoT backend of the pool (default template: deterministic, not an LLM; transformers is slow on CPU)")
@@ -629,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
         "resumes. Example: llmcf tune --grid learning_rate=1e-3,3e-3 weight_decay=0,1e-5 user_tags=on,off",
     )
     p.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
-                   help="values per hyper-parameter: learning_rate, weight_decay, batch_size, field_dim, user_tags (on/off)")
+                   help="values per hyper-parameter: learning_rate, weight_decay, batch_size, field_dim, user_tags and "
+                   "history_labels (on/off)")
     p.add_argument("--backbones", nargs="+", choices=["deepfm", "din"], default=["deepfm", "din"])
     p.add_argument("--quick", action="store_true", help="`llmcf evaluate --quick`'s dataset and caps")
     for flag, kind, text in (("--dataset", None, "default ml-1m"), ("--max-train-samples", _non_negative_int, "default 0 = all"),

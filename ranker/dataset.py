@@ -17,7 +17,7 @@ from llmcf.errors import UserFacingError
 from llmcf.samples import history_vectors
 from llmcf.settings import Settings
 from ranker.data import Corpus, EmbeddingCache, database_corpus, embedding_cache_path, movielens_corpus, user_histories
-from ranker.features import HISTORY_LENGTH, MAX_TAGS, FeatureSpace
+from ranker.features import HISTORY_LENGTH, MAX_TAGS, FeatureSpace, history_label_codes
 
 SPLIT = (0.8, 0.1, 0.1)
 DEFAULT_MAX_TRAIN_SAMPLES = 100_000
@@ -168,5 +168,6 @@ def sample_arrays(samples: Samples, catalogue: Catalogue, space: FeatureSpace, r
         "item_text": item_text,
         "history": catalogue.to_space[history_codes] * (history_codes > 0),
         "history_mask": (history_codes > 0).astype(np.float32),
+        "history_label": history_label_codes(samples.history_labels[rows], history_codes > 0),
         "history_text": history_text,
     }

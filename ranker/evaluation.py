@@ -105,6 +105,7 @@ class EvaluationOptions:
     weight_decay: float = 0.0
     field_dim: int = 16
     user_tags: bool = True  # the demographics field, where the dataset ships demographics
+    history_labels: bool = True  # the liked-history field
     reconstruction_weight: float = 1.0
     pool_rate: float = 0.1
     cot_backend: str = "template"
@@ -169,7 +170,8 @@ class EvaluationOptions:
         return (f"train rows: latest {cap(self.max_train_samples)}; validation and test rows: {cap(self.max_eval_samples)} "
                 f"each; at most {self.max_epochs} epochs (early stopping, patience {self.patience}); batch "
                 f"{self.batch_size}; Adam lr {self.learning_rate:g}, weight decay {self.weight_decay:g}; field dim "
-                f"{self.field_dim}; demographics {'on' if self.user_tags else 'off'}; CoT pool" + (
+                f"{self.field_dim}; demographics {'on' if self.user_tags else 'off'}; liked history "
+                f"{'on' if self.history_labels else 'off'}; CoT pool" + (
                     f": {self.pool_label(self.cot_pools[0])}" if len(self.cot_pools) == 1 else
                     "s: " + "; ".join(f"{pool} = {self.pool_label(pool)}" for pool in self.cot_pools)))
 
@@ -263,6 +265,7 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
                 torch.manual_seed(seed)
                 model = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags,
                                         n_user_tags=space.n_user_tags if options.user_tags else 0,
+                                        history_labels=options.history_labels,
                                         field_dim=options.field_dim))  # type: ignore[arg-type]
                 fit_options = dataclasses.replace(FitOptions.of(options), seed=seed)
                 history = fit(model, batches, train_split, valid_split, fit_options, quiet)
@@ -312,6 +315,7 @@ def _setup_fingerprint(options: EvaluationOptions, splits: Sequence[Split], pool
     code = fingerprint(Path(__file__).read_text(), *(Path(module.__file__ or "").read_text() for module in (
         ranker.dataset, ranker.examples, ranker.features, ranker.fitting, ranker.metrics, ranker.model, ranker.retrieval)))
     settings = fingerprint(code, options.dataset, options.new_item_window_days, options.field_dim, options.user_tags,
+                           options.history_labels,
                            *(repr(value) for value in asdict(FitOptions.of(options)).values()))
     data = fingerprint(*(s.rows for s in splits))
     if pool is None:
@@ -436,6 +440,7 @@ def evaluate_streaming(samples: Samples, options: EvaluationOptions, settings: S
     torch.manual_seed(0)
     frozen = RankerModel(ModelConfig(backbone, ict, space.n_users, space.n_items, space.n_tags,
                                         n_user_tags=space.n_user_tags if options.user_tags else 0,
+                                        history_labels=options.history_labels,
                                         field_dim=options.field_dim))  # type: ignore[arg-type]
     fit(frozen, Batches(samples, space, records, ict), train_split, valid_split,
         FitOptions.of(options), step)

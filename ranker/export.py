@@ -187,12 +187,12 @@ def random_inputs(config: ModelConfig, batch: int, seed: int) -> dict[str, np.nd
     rng = np.random.default_rng(seed)
     upper = {
         "user": config.n_users, "item": config.n_items, "item_tags": config.n_tags, "history": config.n_items,
-        "user_tags": config.n_user_tags, "ex_user_tags": config.n_user_tags,
+        "user_tags": config.n_user_tags, "ex_user_tags": config.n_user_tags, "history_label": 3, "ex_history_label": 3,
         "ex_user": config.n_users, "ex_item": config.n_items, "ex_item_tags": config.n_tags,
         "ex_history": config.n_items, "ex_label": 2,
     }
     inputs: dict[str, np.ndarray] = {}
-    for spec in input_specs(config.ict, config.n_user_tags > 0):
+    for spec in input_specs(config.ict, config.n_user_tags > 0, config.history_labels):
         shape = (batch, *(int(s) for s in spec.shape))
         if spec.dtype == "int64":
             inputs[spec.name] = rng.integers(0, upper[spec.name], size=shape, dtype=np.int64)
@@ -226,7 +226,7 @@ def save_artifact(directory: Path, model: RankerModel, space: FeatureSpace, mani
             "opset": ONNX_OPSET,
             "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch"]},
             "inputs": [{"name": s.name, "dtype": s.dtype, "shape": ["batch", *s.shape]}
-                       for s in input_specs(model.config.ict, model.config.n_user_tags > 0)],
+                       for s in input_specs(model.config.ict, model.config.n_user_tags > 0, model.config.history_labels)],
         },
     }
     if (directory / EXAMPLES_ONNX).is_file():

@@ -9,6 +9,8 @@ Conventions:
 - History: the user's last `history_length` (20) interactions, oldest first, padded at the end; `history_mask` is 1 for a
   real entry. `history_text` is `llmcf.samples.history_vector` of the history items' text embeddings (their normalised
   mean), the same h the vector index holds, so retrieval and features agree.
+- History labels: per history entry 2 = the user liked it (label 1), 1 = did not (label 0), 0 = unknown or padding
+  (a request may send a history without labels). Examples carry none (0): the pool does not keep its histories' labels.
 - User tags are a user's demographic tokens ("gender:F", "age:25", "occupation:10"; `llmcf.movielens`), looked up by
   user id: a user unknown to the vocabulary gets the tags the caller provides (`user_profiles`), else none. A space
   built from a corpus without profiles has no user-tag vocabulary, and models over it no user-tag field
@@ -63,6 +65,7 @@ SAMPLE_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("item_text", "float32", (EMBEDDING_DIMENSION,)),
     InputSpec("history", "int64", (HISTORY_LENGTH,)),
     InputSpec("history_mask", "float32", (HISTORY_LENGTH,)),
+    InputSpec("history_label", "int64", (HISTORY_LENGTH,)),
     InputSpec("history_text", "float32", (EMBEDDING_DIMENSION,)),
 )
 """The current sample's inputs, every variant's graph takes them."""
@@ -75,6 +78,7 @@ EXAMPLE_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("ex_item_text", "float32", (EXAMPLES, EMBEDDING_DIMENSION)),
     InputSpec("ex_history", "int64", (EXAMPLES, HISTORY_LENGTH)),
     InputSpec("ex_history_mask", "float32", (EXAMPLES, HISTORY_LENGTH)),
+    InputSpec("ex_history_label", "int64", (EXAMPLES, HISTORY_LENGTH)),
     InputSpec("ex_history_text", "float32", (EXAMPLES, EMBEDDING_DIMENSION)),
     InputSpec("ex_cot", "float32", (EXAMPLES, EMBEDDING_DIMENSION)),
     InputSpec("ex_label", "int64", (EXAMPLES,)),
@@ -93,14 +97,26 @@ EXAMPLE_ROW_INPUTS: tuple[InputSpec, ...] = tuple(
 
 USER_TAG_INPUTS = frozenset({"user_tags", "ex_user_tags"})
 """The inputs only a model with a user-tag field takes (`ModelConfig.n_user_tags` > 0)."""
+HISTORY_LABEL_INPUTS = frozenset({"history_label", "ex_history_label"})
+"""The inputs only a model with a liked-history field takes (`ModelConfig.history_labels`)."""
+LIKED, NOT_LIKED, UNKNOWN_LABEL = 2, 1, 0
 
 
-def input_specs(with_examples: bool, with_user_tags: bool = True) -> tuple[InputSpec, ...]:
-    return with_or_without_user_tags(SAMPLE_INPUTS + (EXAMPLE_INPUTS if with_examples else ()), with_user_tags)
+def input_specs(with_examples: bool, with_user_tags: bool = True, with_history_labels: bool = True
+                ) -> tuple[InputSpec, ...]:
+    return model_inputs(SAMPLE_INPUTS + (EXAMPLE_INPUTS if with_examples else ()), with_user_tags, with_history_labels)
 
 
-def with_or_without_user_tags(specs: tuple[InputSpec, ...], with_user_tags: bool) -> tuple[InputSpec, ...]:
-    return specs if with_user_tags else tuple(s for s in specs if s.name not in USER_TAG_INPUTS)
+def model_inputs(specs: tuple[InputSpec, ...], with_user_tags: bool, with_history_labels: bool) -> tuple[InputSpec, ...]:
+    """`specs` less the optional inputs a model lacks (models saved before those fields existed lack them)."""
+    left_out = (frozenset() if with_user_tags else USER_TAG_INPUTS) | (
+        frozenset() if with_history_labels else HISTORY_LABEL_INPUTS)
+    return tuple(s for s in specs if s.name not in left_out)
+
+
+def history_label_codes(labels: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """0/1 labels -> `LIKED` / `NOT_LIKED` where `present`, `UNKNOWN_LABEL` elsewhere."""
+    return np.where(present, np.where(labels > 0, LIKED, NOT_LIKED), UNKNOWN_LABEL).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -260,13 +276,22 @@ class FeatureSpace:
         histories: Sequence[Sequence[str]],
         new_items: Mapping[str, NewItem] | None = None,
         user_profiles: Mapping[str, Sequence[str]] | None = None,
+        history_labels: Sequence[Sequence[int] | None] | None = None,
     ) -> dict[str, np.ndarray]:
         """The `SAMPLE_INPUTS` arrays for B samples given by ids (the serving path). Unknown users and items are
         index 0; `new_items` supplies text and tags for items the vocabulary lacks (targets and history items),
-        `user_profiles` the demographic tokens of users it lacks."""
+        `user_profiles` the demographic tokens of users it lacks; `history_labels[b]` the 0/1 labels of history b
+        (the same length; None = unknown)."""
         if not len(user_ids) == len(item_ids) == len(histories):
             raise ValueError(f"got {len(user_ids)} users, {len(item_ids)} items and {len(histories)} histories")
         history, history_mask = self.history_indices(histories)
+        history_label = np.zeros_like(history)
+        for row, (h, labels) in enumerate(zip(histories, history_labels or [None] * len(histories), strict=True)):
+            if labels is not None:
+                if len(labels) != len(h):
+                    raise ValueError(f"history {row} has {len(h)} items and {len(labels)} labels")
+                recent = np.asarray(list(labels)[-self.history_length:], dtype=np.int64)
+                history_label[row, : len(recent)] = history_label_codes(recent, np.ones(len(recent), dtype=bool))
         history_text = np.zeros((len(histories), EMBEDDING_DIMENSION), dtype=np.float32)
         for row, h in enumerate(histories):
             if len(h):  # an empty history's h is zeros; a request's candidates carry none (`encode_request`)
@@ -287,6 +312,7 @@ class FeatureSpace:
             "item_text": np.ascontiguousarray(item_text, dtype=np.float32),
             "history": history,
             "history_mask": history_mask,
+            "history_label": history_label,
             "history_text": np.ascontiguousarray(history_text, dtype=np.float32),
         }
 
@@ -365,6 +391,7 @@ def gather_examples(pool: ExamplePool, slots: np.ndarray) -> dict[str, np.ndarra
         "ex_item_text": pool.item_text[rows],
         "ex_history": pool.history[rows],
         "ex_history_mask": pool.history_mask[rows],
+        "ex_history_label": np.zeros_like(pool.history[rows]),  # the pool keeps no history labels: unknown
         "ex_history_text": pool.history_text[rows],
         "ex_cot": pool.cot[rows],
         "ex_label": pool.label[rows],

@@ -2,7 +2,8 @@
 
 ICT, as the paper has it (../shared/docs/llm-cf.md): K=4 retrieved examples give 3 tokens each, in this order:
 - a feature token: an MLP over the example's field embeddings (user id, item id, item-text embedding mapped down, tags,
-  mean-pooled history ids, history-text embedding mapped down, and mean-pooled user tags where the model has them);
+  mean-pooled history ids, history-text embedding mapped down, and, where the model has them, mean-pooled user tags
+  and the liked history);
   the embedding tables are the backbone's own;
 - a CoT token: the frozen CoT embedding (384-d MiniLM here; 768-d in the paper) through an MLP 384->256->d, or a learned
   placeholder while the example's CoT is still pending;
@@ -28,11 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from llmcf.embeddings import EMBEDDING_DIMENSION
-from ranker.features import EXAMPLE_ROW_INPUTS, EXAMPLES, SAMPLE_INPUTS, input_specs, with_or_without_user_tags
+from ranker.features import EXAMPLE_ROW_INPUTS, EXAMPLES, LIKED, NOT_LIKED, SAMPLE_INPUTS, input_specs, model_inputs
 
 Backbone = Literal["deepfm", "din"]
 BACKBONES: tuple[Backbone, ...] = ("deepfm", "din")
-FIELDS = 6  # user, item, tags, item text, history ids, history text (+ user tags: `ModelConfig.fields`)
+FIELDS = 6  # user, item, tags, item text, history ids, history text (+ user tags, liked history: `ModelConfig.fields`)
 TOKENS_PER_EXAMPLE = 3
 _MASKED_SCORE = -1e9  # exp() of this underflows to exactly 0 in float32: masked keys get exactly zero weight
 
@@ -47,6 +48,7 @@ class ModelConfig:
     n_items: int
     n_tags: int
     n_user_tags: int = 0  # 0: no user-tag (demographics) field, as for a corpus without profiles and older artifacts
+    history_labels: bool = False  # the liked-history field (False in artifacts saved before it existed)
     field_dim: int = 16
     ict_dim: int = 32
     ict_layers: int = 2
@@ -70,22 +72,22 @@ class ModelConfig:
 
     @property
     def fields(self) -> int:
-        """Field vectors per sample: `FIELDS`, plus the user tags' when the model has them."""
-        return FIELDS + (1 if self.n_user_tags else 0)
+        """Field vectors per sample: `FIELDS`, plus the user tags' and the liked history's when the model has them."""
+        return FIELDS + (1 if self.n_user_tags else 0) + (1 if self.history_labels else 0)
 
     @property
     def input_names(self) -> list[str]:
-        return [spec.name for spec in input_specs(self.ict, self.n_user_tags > 0)]
+        return [spec.name for spec in input_specs(self.ict, self.n_user_tags > 0, self.history_labels)]
 
     @property
     def sample_input_names(self) -> list[str]:
         """The `SAMPLE_INPUTS` this model takes (the query scorer's sample inputs)."""
-        return [spec.name for spec in with_or_without_user_tags(SAMPLE_INPUTS, self.n_user_tags > 0)]
+        return [spec.name for spec in model_inputs(SAMPLE_INPUTS, self.n_user_tags > 0, self.history_labels)]
 
     @property
     def example_row_input_names(self) -> list[str]:
         """The `EXAMPLE_ROW_INPUTS` this model takes (the example encoder's inputs)."""
-        return [spec.name for spec in with_or_without_user_tags(EXAMPLE_ROW_INPUTS, self.n_user_tags > 0)]
+        return [spec.name for spec in model_inputs(EXAMPLE_ROW_INPUTS, self.n_user_tags > 0, self.history_labels)]
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -114,7 +116,10 @@ def mlp(sizes: list[int], final_activation: bool = False) -> nn.Sequential:
 
 class FieldEmbedder(nn.Module):
     """Turns a sample's (or an example's) inputs into `config.fields` vectors of `field_dim`; works on any leading
-    shape. The user-tag field, where the model has one, comes last (DIN reads the item field at index 1)."""
+    shape. The user-tag and liked-history fields, where the model has them, come last (DIN reads the item field at
+    index 1). The liked history is the mean embedding of the history items the user liked plus a linear map of the
+    liked share among the history entries with a known label: the user's taste and their propensity to like, which
+    the label (rating >= 4) depends on and which no id embedding gives for a user absent from training."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -125,12 +130,14 @@ class FieldEmbedder(nn.Module):
         self.item_text = nn.Linear(config.text_dim, e)
         self.history_text = nn.Linear(config.text_dim, e)
         self.user_tag = nn.Embedding(config.n_user_tags, e) if config.n_user_tags else None
+        self.liked_share = nn.Linear(1, e) if config.history_labels else None
         for table in (self.user, self.item, self.tag, self.user_tag):
             if table is not None:
                 nn.init.normal_(table.weight, std=0.05)
 
     def forward(self, user: Tensor, item: Tensor, item_tags: Tensor, item_text: Tensor, history: Tensor,
-                history_mask: Tensor, history_text: Tensor, user_tags: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                history_mask: Tensor, history_text: Tensor, user_tags: Tensor | None = None,
+                history_label: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(..., fields, E) field vectors and (..., L, E) history item embeddings (for DIN's attention)."""
         history_items = self.item(history)
         mask = history_mask.unsqueeze(-1)
@@ -141,6 +148,14 @@ class FieldEmbedder(nn.Module):
             if user_tags is None:
                 raise ValueError("this model has a user-tag field: its inputs need user_tags")
             vectors.append(_mean_of_present(self.user_tag, user_tags))
+        if self.liked_share is not None:
+            if history_label is None:
+                raise ValueError("this model has a liked-history field: its inputs need history_label")
+            liked = (history_label == LIKED).to(torch.float32).unsqueeze(-1)
+            known = (history_label >= NOT_LIKED).to(torch.float32).unsqueeze(-1)
+            liked_pooled = (history_items * liked).sum(-2) / liked.sum(-2).clamp(min=1.0)
+            share = liked.sum(-2) / known.sum(-2).clamp(min=1.0)
+            vectors.append(liked_pooled + self.liked_share(share))
         return torch.stack(vectors, dim=-2), history_items
 
 
@@ -335,6 +350,7 @@ class RankerModel(nn.Module):
         example_fields, _ = self.fields(
             inputs["ex_user"], inputs["ex_item"], inputs["ex_item_tags"], inputs["ex_item_text"],
             inputs["ex_history"], inputs["ex_history_mask"], inputs["ex_history_text"], inputs.get("ex_user_tags"),
+            inputs.get("ex_history_label"),
         )
         return self.ict.example_tokens(example_fields, inputs["ex_cot"], inputs["ex_label"], inputs["ex_cot_ready"])
 
@@ -349,7 +365,7 @@ class RankerModel(nn.Module):
     def _sample_fields(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.fields(
             inputs["user"], inputs["item"], inputs["item_tags"], inputs["item_text"], inputs["history"],
-            inputs["history_mask"], inputs["history_text"], inputs.get("user_tags"),
+            inputs["history_mask"], inputs["history_text"], inputs.get("user_tags"), inputs.get("history_label"),
         )
 
     def loss(self, inputs: dict[str, Tensor], labels: Tensor, reconstruction_weight: float = 1.0

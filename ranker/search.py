@@ -36,8 +36,10 @@ SEARCHABLE = {
     "batch_size": int,
     "field_dim": int,
     "user_tags": lambda value: {"on": True, "off": False}[value],
+    "history_labels": lambda value: {"on": True, "off": False}[value],
 }
-"""Hyper-parameter -> parser of one value on the command line (`user_tags`: on / off, the demographics field)."""
+"""Hyper-parameter -> parser of one value on the command line (`user_tags`, `history_labels`: on / off, the
+demographics and liked-history fields)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def search(options: EvaluationOptions, backbones: Sequence[str], grid: Mapping[s
          f"rows, validation {len(valid_split.rows):,} rows (the test split is not read)")
     base = FitOptions.of(options)
     setup = fingerprint(Path(__file__).read_text(), options.dataset, train_split.rows, valid_split.rows, repr(asdict(base)),
-                        options.field_dim, options.user_tags)
+                        options.field_dim, options.user_tags, options.history_labels)
     trials = []
     for backbone in backbones:
         for values in combinations:
@@ -92,7 +94,8 @@ def search(options: EvaluationOptions, backbones: Sequence[str], grid: Mapping[s
             torch.manual_seed(0)
             config = ModelConfig(backbone, False, space.n_users, space.n_items, space.n_tags,  # type: ignore[arg-type]
                                  n_user_tags=space.n_user_tags if values.get("user_tags", options.user_tags) else 0,
-                                 field_dim=int(values.get("field_dim", options.field_dim)))
+                                 field_dim=int(values.get("field_dim", options.field_dim)),
+                                 history_labels=bool(values.get("history_labels", options.history_labels)))
             fit_values = {k: v for k, v in values.items() if k in FitOptions.__dataclass_fields__}
             history = fit(RankerModel(config), batches, train_split, valid_split,
                           dataclasses.replace(base, **fit_values), Stepper(lambda _line: None))

@@ -99,7 +99,7 @@ def train(options: TrainOptions, settings: Settings, log: Callable[[str], None] 
 
     torch.manual_seed(options.seed)
     model = RankerModel(ModelConfig(options.backbone, options.ict, space.n_users, space.n_items, space.n_tags,
-                                        n_user_tags=space.n_user_tags))  # type: ignore[arg-type]
+                                        n_user_tags=space.n_user_tags, history_labels=True))  # type: ignore[arg-type]
     batches = Batches(samples, space, records, with_examples=options.ict)
     history = fit(model, batches, train_split, valid_split, FitOptions.of(options), step)
 

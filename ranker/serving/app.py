@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from llmcf.metrics import FRESHNESS
 from ranker.serving.metrics import CANDIDATES, EXAMPLE_AGE, EXAMPLES, INFLIGHT, LOOP_LAG, REQUEST_SECONDS, REQUESTS, SHED
@@ -46,13 +46,21 @@ Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
 class RankRequest(BaseModel):
-    """Score `candidates` for `user_id`; `history` (item ids, oldest first) replaces the stored history when given."""
+    """Score `candidates` for `user_id`; `history` (item ids, oldest first) replaces the stored history when given,
+    with `history_labels` (1 = liked, 0 = not; one per history item) when known."""
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
     user_id: Id
     candidates: Annotated[list[Id], Field(min_length=1, max_length=MAX_CANDIDATES)]
     history: Annotated[list[Id], Field(max_length=MAX_HISTORY)] | None = None
+    history_labels: Annotated[list[Annotated[int, Field(ge=0, le=1)]], Field(max_length=MAX_HISTORY)] | None = None
+
+    @model_validator(mode="after")
+    def _labels_match_the_history(self) -> RankRequest:
+        if self.history_labels is not None and (self.history is None or len(self.history_labels) != len(self.history)):
+            raise ValueError("history_labels needs a history of the same length (one label per history item)")
+        return self
 
 
 class ItemScore(BaseModel):
@@ -236,7 +244,8 @@ async def _rank(service: RankerService, request: Request) -> Response:
     INFLIGHT.inc()
     try:
         result = await asyncio.get_running_loop().run_in_executor(
-            service.executor, service.score, time.perf_counter(), queued, bundle, query.user_id, query.candidates, query.history)
+            service.executor, service.score, time.perf_counter(), queued, bundle, query.user_id, query.candidates, query.history,
+            None, query.history_labels)
     except Overloaded:
         return _shed("queue_wait")
     finally:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 _ENCODE_CHUNK = 20_000
 _VOCABULARY_FIELDS = ("ex_user", "ex_user_tags", "ex_item", "ex_item_tags", "ex_history", "ex_history_mask")
+# The pool keeps no labels of its samples' histories: unknown, as in training (`ranker.features.gather_examples`).
 
 
 class EncodedExamples:
@@ -73,6 +74,7 @@ class EncodedExamples:
             "ex_item_text": view.item_vectors[view.item[rows]], "ex_history_text": view.history[rows],
             "ex_cot": np.where(ready[:, None], view.cot[rows], np.float32(0)),
             "ex_label": view.label[rows].astype(np.int64), "ex_cot_ready": ready.astype(np.float32),
+            "ex_history_label": np.zeros_like(inputs["ex_history"]),
         }
         return {spec.name: np.ascontiguousarray(inputs[spec.name]) for spec in EXAMPLE_ROW_INPUTS}, ready
 

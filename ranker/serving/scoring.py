@@ -56,13 +56,14 @@ class RankResult:
 
 
 def encode_request(space: FeatureSpace, user_id: str, candidates: Sequence[str], history: Sequence[str],
-                   new_items: Mapping[str, NewItem] | None = None) -> dict[str, np.ndarray]:
+                   new_items: Mapping[str, NewItem] | None = None, history_labels: Sequence[int] | None = None
+                   ) -> dict[str, np.ndarray]:
     """The sample inputs of one request: one row per candidate; the history part is the same for every candidate, so
     it is encoded once and broadcast."""
     count = len(candidates)
     inputs = space.encode_samples([user_id] * count, list(candidates), [()] * count, new_items)
-    own = space.encode_samples([user_id], [candidates[0]], [history], new_items)
-    for name in ("history", "history_mask", "history_text"):
+    own = space.encode_samples([user_id], [candidates[0]], [history], new_items, history_labels=[history_labels])
+    for name in ("history", "history_mask", "history_label", "history_text"):
         inputs[name] = np.repeat(own[name], count, axis=0)
     return inputs
 
@@ -95,18 +96,25 @@ class Scorer:
                     self._encoded.popitem(last=False)
             return encoded
 
-    def history_of(self, user_id: str) -> list[str]:
-        return [row.item_id for row in self.repository.user_history(user_id, limit=self.history_length)]
+    def history_of(self, user_id: str) -> tuple[list[str], list[int]]:
+        """The user's stored history: item ids and labels, oldest first."""
+        rows = self.repository.user_history(user_id, limit=self.history_length)
+        return [row.item_id for row in rows], [int(row.label) for row in rows]
 
     def score(self, bundle: ModelBundle, user_id: str, candidates: Sequence[str], history: Sequence[str] | None,
-              now_ms: int | None = None) -> RankResult:
+              now_ms: int | None = None, history_labels: Sequence[int] | None = None) -> RankResult:
+        """`history` (and its 0/1 `history_labels`, unknown when None) replaces the stored history when given."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        recent = list(history)[-self.history_length:] if history is not None else self.history_of(user_id)
+        if history is not None:
+            recent = list(history)[-self.history_length:]
+            labels = list(history_labels)[-self.history_length:] if history_labels is not None else None
+        else:
+            recent, labels = self.history_of(user_id)
         space = bundle.space
         mentioned = list(dict.fromkeys([*candidates, *recent]))
         unknown = [i for i, index in zip(mentioned, space.item_index(mentioned).tolist(), strict=True) if index == 0]
         new_items = self._new_items(unknown)
-        items = encode_request(space, user_id, candidates, recent, new_items)
+        items = encode_request(space, user_id, candidates, recent, new_items, labels)
 
         example_age_s, retrieval_s, examples = None, 0.0, {}
         if bundle.ict:

@@ -93,3 +93,16 @@ def test_a_space_without_profiles_has_no_user_tags_and_old_saved_spaces_load_wit
     del arrays["user_tag_rows"]
     np.savez(tmp_path / "features.npz", **arrays)
     assert FeatureSpace.load(tmp_path).n_user_tags == 0
+
+
+def test_history_labels_are_coded_liked_not_liked_or_unknown_and_must_match_the_history() -> None:
+    import pytest
+
+    encoded = space().encode_samples(["u1", "u2"], ["a", "b"], [["a", "b", "c"], ["c"]], history_labels=[[1, 0, 1], None])
+    assert encoded["history_label"][:, :4].tolist() == [[2, 1, 2, 0], [0, 0, 0, 0]]  # 0: padding or not given
+    long = ["a", "b"] * 15  # the last 20 entries' labels, aligned with their items
+    encoded = space().encode_samples(["u1"], ["a"], [long], history_labels=[[i % 2 for i in range(30)]])
+    assert encoded["history_label"][0].tolist() == [[1, 2][i % 2] for i in range(10, 30)]
+    with pytest.raises(ValueError, match="3 items and 2 labels"):
+        space().encode_samples(["u1"], ["a"], [["a", "b", "c"]], history_labels=[[1, 0]])
+    assert not gather_examples(space().encode_examples([]), np.full((2, 4), -1))["ex_history_label"].any()

@@ -27,10 +27,11 @@ torch.set_num_threads(1)
 VARIANTS = [("deepfm", False), ("deepfm", True), ("din", False), ("din", True)]
 
 
-def make_model(backbone: str = "deepfm", ict: bool = True, seed: int = 0, n_user_tags: int = 0) -> RankerModel:
+def make_model(backbone: str = "deepfm", ict: bool = True, seed: int = 0, n_user_tags: int = 0,
+               history_labels: bool = False) -> RankerModel:
     torch.manual_seed(seed)
     return RankerModel(ModelConfig(backbone, ict, n_users=50, n_items=40, n_tags=8,  # type: ignore[arg-type]
-                                   n_user_tags=n_user_tags)).eval()
+                                   n_user_tags=n_user_tags, history_labels=history_labels)).eval()
 
 
 def tensors(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -124,15 +125,17 @@ def test_reconstruction_gradient_reaches_the_decoder() -> None:
 
 
 @pytest.mark.parametrize("backbone,ict", VARIANTS)
-@pytest.mark.parametrize("n_user_tags", [0, 6])
-def test_onnx_matches_torch(backbone: str, ict: bool, n_user_tags: int, tmp_path: Path) -> None:
-    model = make_model(backbone, ict, seed=8, n_user_tags=n_user_tags)
+@pytest.mark.parametrize("optional_fields", [False, True])
+def test_onnx_matches_torch(backbone: str, ict: bool, optional_fields: bool, tmp_path: Path) -> None:
+    n_user_tags = 6 if optional_fields else 0
+    model = make_model(backbone, ict, seed=8, n_user_tags=n_user_tags, history_labels=optional_fields)
     path = export_onnx(model, tmp_path / "model.onnx")
     session = onnx_session(path)
 
     names = [i.name for i in session.get_inputs()]
     assert names == model.config.input_names
-    assert ("user_tags" in names) == (n_user_tags > 0) and ("ex_user_tags" in names) == (n_user_tags > 0 and ict)
+    for name in ("user_tags", "history_label"):  # a model without the optional fields takes the inputs it always took
+        assert (name in names) == optional_fields and (f"ex_{name}" in names) == (optional_fields and ict)
     assert [o.name for o in session.get_outputs()] == ["score"]
     for batch, seed in ((1, 20), (100, 21), (1000, 22)):
         assert parity(model, session, random_inputs(model.config, batch, seed)) <= PARITY_TOLERANCE
@@ -150,7 +153,7 @@ def test_an_artifact_that_is_not_the_model_fails_the_parity_check(tmp_path: Path
 
 @pytest.mark.parametrize("backbone,n_user_tags", [("deepfm", 0), ("din", 0), ("deepfm", 6)])
 def test_the_split_graphs_give_the_full_graphs_scores(backbone: str, n_user_tags: int, tmp_path: Path) -> None:
-    model = make_model(backbone, True, seed=10, n_user_tags=n_user_tags)
+    model = make_model(backbone, True, seed=10, n_user_tags=n_user_tags, history_labels=n_user_tags > 0)
     full = onnx_session(export_onnx(model, tmp_path / "model.onnx"))
     examples_path, scorer_path = export_split(model, tmp_path)
     examples, scorer = onnx_session(examples_path), onnx_session(scorer_path)
@@ -161,12 +164,15 @@ def test_the_split_graphs_give_the_full_graphs_scores(backbone: str, n_user_tags
         np.testing.assert_allclose(split_scores(examples, scorer, inputs), whole, rtol=0, atol=1e-5)
     assert check_split_parity(model, examples_path, scorer_path, []) <= PARITY_TOLERANCE
     with pytest.raises(ParityError, match="split graphs"):
-        check_split_parity(make_model(backbone, True, seed=11, n_user_tags=n_user_tags), examples_path, scorer_path, [])
+        check_split_parity(make_model(backbone, True, seed=11, n_user_tags=n_user_tags, history_labels=n_user_tags > 0),
+                           examples_path, scorer_path, [])
 
 
-def test_user_tags_change_the_score_only_of_a_model_with_a_user_tag_field() -> None:
-    inputs = random_inputs(make_model(n_user_tags=6).config, 16, seed=40)
-    other = dict(inputs, user_tags=np.roll(inputs["user_tags"], 1, axis=0))
-    with_field, without = make_model(seed=12, n_user_tags=6), make_model(seed=12)
+@pytest.mark.parametrize("name", ["user_tags", "history_label"])
+def test_an_optional_input_changes_the_score_only_of_a_model_with_its_field(name: str) -> None:
+    inputs = random_inputs(make_model(n_user_tags=6, history_labels=True).config, 16, seed=40)
+    other = dict(inputs, **{name: np.roll(inputs[name], 1, axis=0)})
+    field = {"n_user_tags": 6} if name == "user_tags" else {"history_labels": True}
+    with_field, without = make_model(seed=12, **field), make_model(seed=12)  # type: ignore[arg-type]
     assert not torch.allclose(scores(with_field, inputs), scores(with_field, other))
     torch.testing.assert_close(scores(without, inputs), scores(without, other))
