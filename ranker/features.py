@@ -1,7 +1,7 @@
 """The ranker's feature pipeline, shared by training and serving so both feed the model the same numbers.
 
-It owns the vocabularies (user ids, item ids, tags, user tags; index 0 = unknown, so a cold-start user or item is scored with the
-learned "unknown" row instead of failing), the item text embeddings (384-d MiniLM, looked up by item id), and the
+It owns the vocabularies (user ids, item ids, tags, user tags; index 0 = unknown, so a cold-start user or item is
+scored with the learned "unknown" row instead of failing), the item text embeddings (384-d MiniLM, looked up by item id), and the
 encoding of a sample (one user, one target item, the user's history) and of retrieved in-context examples into the
 named arrays the model and its ONNX graph take (`SAMPLE_INPUTS`, `EXAMPLE_INPUTS`).
 
@@ -68,7 +68,8 @@ SAMPLE_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("history_label", "int64", (HISTORY_LENGTH,)),
     InputSpec("history_text", "float32", (EMBEDDING_DIMENSION,)),
 )
-"""The current sample's inputs, every variant's graph takes them."""
+"""The current sample's inputs; every variant's graph takes them, but for the optional fields' inputs
+(`USER_TAG_INPUTS`, `HISTORY_LABEL_INPUTS`), which a model without those fields does not take (`model_inputs`)."""
 
 EXAMPLE_INPUTS: tuple[InputSpec, ...] = (
     InputSpec("ex_user", "int64", (EXAMPLES,)),

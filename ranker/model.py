@@ -3,8 +3,7 @@
 ICT, as the paper has it (../shared/docs/llm-cf.md): K=4 retrieved examples give 3 tokens each, in this order:
 - a feature token: an MLP over the example's field embeddings (user id, item id, item-text embedding mapped down, tags,
   mean-pooled history ids, history-text embedding mapped down, and, where the model has them, mean-pooled user tags
-  and the liked history);
-  the embedding tables are the backbone's own;
+  and the liked history); the embedding tables are the backbone's own;
 - a CoT token: the frozen CoT embedding (384-d MiniLM here; 768-d in the paper) through an MLP 384->256->d, or a learned
   placeholder while the example's CoT is still pending;
 - a label token: a learned 2 x d table;
