@@ -277,12 +277,12 @@ class FeatureSpace:
         histories: Sequence[Sequence[str]],
         new_items: Mapping[str, NewItem] | None = None,
         user_profiles: Mapping[str, Sequence[str]] | None = None,
-        history_labels: Sequence[Sequence[int] | None] | None = None,
+        history_labels: Sequence[Sequence[int | None] | None] | None = None,
     ) -> dict[str, np.ndarray]:
         """The `SAMPLE_INPUTS` arrays for B samples given by ids (the serving path). Unknown users and items are
         index 0; `new_items` supplies text and tags for items the vocabulary lacks (targets and history items),
         `user_profiles` the demographic tokens of users it lacks; `history_labels[b]` the 0/1 labels of history b
-        (the same length; None = unknown)."""
+        (the same length; None = unknown, for the whole history or one entry)."""
         if not len(user_ids) == len(item_ids) == len(histories):
             raise ValueError(f"got {len(user_ids)} users, {len(item_ids)} items and {len(histories)} histories")
         history, history_mask = self.history_indices(histories)
@@ -291,8 +291,10 @@ class FeatureSpace:
             if labels is not None:
                 if len(labels) != len(h):
                     raise ValueError(f"history {row} has {len(h)} items and {len(labels)} labels")
-                recent = np.asarray(list(labels)[-self.history_length:], dtype=np.int64)
-                history_label[row, : len(recent)] = history_label_codes(recent, np.ones(len(recent), dtype=bool))
+                recent = list(labels)[-self.history_length:]
+                history_label[row, : len(recent)] = history_label_codes(
+                    np.array([label or 0 for label in recent], dtype=np.int64),
+                    np.array([label is not None for label in recent], dtype=bool))
         history_text = np.zeros((len(histories), EMBEDDING_DIMENSION), dtype=np.float32)
         for row, h in enumerate(histories):
             if len(h):  # an empty history's h is zeros; a request's candidates carry none (`encode_request`)

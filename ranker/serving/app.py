@@ -22,13 +22,13 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from llmcf.metrics import FRESHNESS
 from ranker.serving.metrics import CANDIDATES, EXAMPLE_AGE, EXAMPLES, INFLIGHT, LOOP_LAG, REQUEST_SECONDS, REQUESTS, SHED
@@ -45,22 +45,31 @@ NO_MODEL = "no model version: run `llmcf train`"
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
+class HistoryEntry(BaseModel):
+    """A history item with the user's label on it (1 = liked, 0 = not)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    item_id: Id
+    label: Literal[0, 1] = Field(description="1: the user liked the item, 0: did not")
+
+
 class RankRequest(BaseModel):
-    """Score `candidates` for `user_id`; `history` (item ids, oldest first) replaces the stored history when given,
-    with `history_labels` (1 = liked, 0 = not; one per history item) when known."""
+    """Score `candidates` for `user_id`; `history` (oldest first) replaces the stored history when given: item ids, or
+    `{"item_id", "label"}` objects where the user's label is known (a plain id's label counts as unknown)."""
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
     user_id: Id
     candidates: Annotated[list[Id], Field(min_length=1, max_length=MAX_CANDIDATES)]
-    history: Annotated[list[Id], Field(max_length=MAX_HISTORY)] | None = None
-    history_labels: Annotated[list[Annotated[int, Field(ge=0, le=1)]], Field(max_length=MAX_HISTORY)] | None = None
+    history: Annotated[list[Id | HistoryEntry], Field(max_length=MAX_HISTORY)] | None = None
 
-    @model_validator(mode="after")
-    def _labels_match_the_history(self) -> RankRequest:
-        if self.history_labels is not None and (self.history is None or len(self.history_labels) != len(self.history)):
-            raise ValueError("history_labels needs a history of the same length (one label per history item)")
-        return self
+    def history_items(self) -> tuple[list[str] | None, list[int | None] | None]:
+        """The history's item ids and labels (None where unknown); (None, None) when the request gives no history."""
+        if self.history is None:
+            return None, None
+        return ([e if isinstance(e, str) else e.item_id for e in self.history],
+                [None if isinstance(e, str) else e.label for e in self.history])
 
 
 class ItemScore(BaseModel):
@@ -199,7 +208,7 @@ def create_app(service: RankerService) -> FastAPI:
             503: {"description": "no model loaded, or overloaded (Retry-After: 1)"},
         },
         openapi_extra={"requestBody": {"required": True,
-                                       "content": {"application/json": {"schema": RankRequest.model_json_schema()}}}},
+                                       "content": {"application/json": {"schema": _inline_schema(RankRequest)}}}},
     )
     async def rank(request: Request) -> Response:
         started = time.perf_counter()
@@ -244,8 +253,8 @@ async def _rank(service: RankerService, request: Request) -> Response:
     INFLIGHT.inc()
     try:
         result = await asyncio.get_running_loop().run_in_executor(
-            service.executor, service.score, time.perf_counter(), queued, bundle, query.user_id, query.candidates, query.history,
-            None, query.history_labels)
+            service.executor, service.score, time.perf_counter(), queued, bundle, query.user_id, query.candidates,
+            *query.history_items())
     except Overloaded:
         return _shed("queue_wait")
     finally:
@@ -264,6 +273,22 @@ async def _rank(service: RankerService, request: Request) -> Response:
 def _shed(reason: str) -> JSONResponse:
     SHED.labels(reason=reason).inc()
     return _error(503, "overloaded", headers={"Retry-After": "1"})
+
+
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON Schema with its `$defs` written in place: the OpenAPI document has no `$defs` for a `$ref`
+    to point into (the request body is declared by hand, as the handler reads it itself)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(value) for value in node] if isinstance(node, list) else node
+
+    return resolve(schema)
 
 
 def _answer(query: RankRequest, result: RankResult) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class RankResult:
 
 
 def encode_request(space: FeatureSpace, user_id: str, candidates: Sequence[str], history: Sequence[str],
-                   new_items: Mapping[str, NewItem] | None = None, history_labels: Sequence[int] | None = None
+                   new_items: Mapping[str, NewItem] | None = None, history_labels: Sequence[int | None] | None = None
                    ) -> dict[str, np.ndarray]:
     """The sample inputs of one request: one row per candidate; the history part is the same for every candidate, so
     it is encoded once and broadcast."""
@@ -102,8 +102,8 @@ class Scorer:
         return [row.item_id for row in rows], [int(row.label) for row in rows]
 
     def score(self, bundle: ModelBundle, user_id: str, candidates: Sequence[str], history: Sequence[str] | None,
-              now_ms: int | None = None, history_labels: Sequence[int] | None = None) -> RankResult:
-        """`history` (and its 0/1 `history_labels`, unknown when None) replaces the stored history when given."""
+              history_labels: Sequence[int | None] | None = None, now_ms: int | None = None) -> RankResult:
+        """`history` (and its 0/1 `history_labels`, None where unknown) replaces the stored history when given."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         if history is not None:
             recent = list(history)[-self.history_length:]

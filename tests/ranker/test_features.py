@@ -103,6 +103,8 @@ def test_history_labels_are_coded_liked_not_liked_or_unknown_and_must_match_the_
     long = ["a", "b"] * 15  # the last 20 entries' labels, aligned with their items
     encoded = space().encode_samples(["u1"], ["a"], [long], history_labels=[[i % 2 for i in range(30)]])
     assert encoded["history_label"][0].tolist() == [[1, 2][i % 2] for i in range(10, 30)]
+    encoded = space().encode_samples(["u1"], ["a"], [["a", "b", "c"]], history_labels=[[1, None, 0]])
+    assert encoded["history_label"][0, :3].tolist() == [2, 0, 1]  # one entry's label unknown
     with pytest.raises(ValueError, match="3 items and 2 labels"):
         space().encode_samples(["u1"], ["a"], [["a", "b", "c"]], history_labels=[[1, 0]])
     assert not gather_examples(space().encode_examples([]), np.full((2, 4), -1))["ex_history_label"].any()

@@ -88,9 +88,11 @@ def test_the_stored_history_is_used_unless_the_request_gives_one(ict_url: tuple[
         return [s["score"] for s in answer.json()["scores"]]
 
     from_storage = scores()
-    assert scores(history=stored, history_labels=labels) == pytest.approx(from_storage, abs=1e-6)
-    flipped = [1 - label for label in labels]  # the stored labels reach the model: other labels, other scores
-    assert scores(history=stored, history_labels=flipped) != pytest.approx(from_storage, abs=1e-4)
+    labelled = [{"item_id": item, "label": label} for item, label in zip(stored, labels, strict=True)]
+    assert scores(history=labelled) == pytest.approx(from_storage, abs=1e-6)
+    flipped = [dict(entry, label=1 - entry["label"]) for entry in labelled]  # labels reach the model: other scores
+    assert scores(history=flipped) != pytest.approx(from_storage, abs=1e-4)
+    assert scores(history=[*stored[:10], *flipped[10:]]) != pytest.approx(scores(history=flipped), abs=1e-4)
     assert scores(history=stored[:3]) != pytest.approx(from_storage, abs=1e-4)
     assert scores(history=[]) != pytest.approx(from_storage, abs=1e-4)
 
@@ -128,10 +130,8 @@ def test_unknown_users_and_items_are_scored_as_cold_starts(ict_url: tuple[str, R
         ({"user_id": "u", "candidates": "1"}, 422, "candidates: Input should be a valid array"),
         ({"user_id": "u", "candidates": ["1"], "history": [3]}, 422, "history.0"),
         ({"candidates": ["1"]}, 422, "user_id: Field required"),
-        ({"user_id": "u", "candidates": ["1"], "history_labels": [1]}, 422, "history_labels needs a history"),
-        ({"user_id": "u", "candidates": ["1"], "history": ["3", "4"], "history_labels": [1]}, 422,
-         "one label per history item"),
-        ({"user_id": "u", "candidates": ["1"], "history": ["3"], "history_labels": [2]}, 422, "history_labels.0"),
+        ({"user_id": "u", "candidates": ["1"], "history": [{"item_id": "3", "label": 2}]}, 422, "history.0"),
+        ({"user_id": "u", "candidates": ["1"], "history": [{"item_id": "3"}]}, 422, "history.0"),
         (["not", "an", "object"], 422, "Input should be an object"),
     ],
 )
