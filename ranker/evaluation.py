@@ -301,9 +301,9 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
     return results
 
 
-def _setup_fingerprint(options: EvaluationOptions, splits: Sequence[Split], pool: CotPool | None) -> tuple[str, ...]:
-    """What a cached run's result depends on besides its variant and seed: the code that trains and scores, the
-    options that change a run, the split (and slices) and, for +ICT runs (the third part), the pool's rows and CoTs."""
+def training_code_fingerprint() -> str:
+    """The source of the code that builds the inputs, trains and scores a run: a cached result is reused only while
+    it is unchanged (`llmcf evaluate`'s runs, `llmcf tune`'s trials)."""
     import ranker.dataset
     import ranker.examples
     import ranker.features
@@ -312,9 +312,14 @@ def _setup_fingerprint(options: EvaluationOptions, splits: Sequence[Split], pool
     import ranker.model
     import ranker.retrieval
 
-    code = fingerprint(Path(__file__).read_text(), *(Path(module.__file__ or "").read_text() for module in (
+    return fingerprint(Path(__file__).read_text(), *(Path(module.__file__ or "").read_text() for module in (
         ranker.dataset, ranker.examples, ranker.features, ranker.fitting, ranker.metrics, ranker.model, ranker.retrieval)))
-    settings = fingerprint(code, options.dataset, options.new_item_window_days, options.field_dim, options.user_tags,
+
+
+def _setup_fingerprint(options: EvaluationOptions, splits: Sequence[Split], pool: CotPool | None) -> tuple[str, ...]:
+    """What a cached run's result depends on besides its variant and seed: the code that trains and scores, the
+    options that change a run, the split (and slices) and, for +ICT runs (the third part), the pool's rows and CoTs."""
+    settings = fingerprint(training_code_fingerprint(), options.dataset, options.new_item_window_days, options.field_dim, options.user_tags,
                            options.history_labels,
                            *(repr(value) for value in asdict(FitOptions.of(options)).values()))
     data = fingerprint(*(s.rows for s in splits))

@@ -25,7 +25,7 @@ from llmcf.errors import UserFacingError
 from llmcf.settings import Settings
 from ranker.data import fingerprint, movielens_corpus
 from ranker.dataset import Samples, build_feature_space, time_split
-from ranker.evaluation import EvaluationOptions
+from ranker.evaluation import EvaluationOptions, training_code_fingerprint
 from ranker.fitting import Batches, FitOptions, fit
 from ranker.model import ModelConfig, RankerModel
 from ranker.progress import Stepper
@@ -80,8 +80,8 @@ def search(options: EvaluationOptions, backbones: Sequence[str], grid: Mapping[s
     step(f"search: {len(backbones)} backbone(s) x {len(combinations)} combination(s), train {len(train_split.rows):,} "
          f"rows, validation {len(valid_split.rows):,} rows (the test split is not read)")
     base = FitOptions.of(options)
-    setup = fingerprint(Path(__file__).read_text(), options.dataset, train_split.rows, valid_split.rows, repr(asdict(base)),
-                        options.field_dim, options.user_tags, options.history_labels)
+    setup = fingerprint(Path(__file__).read_text(), training_code_fingerprint(), options.dataset, train_split.rows,
+                        valid_split.rows, repr(asdict(base)), options.field_dim, options.user_tags, options.history_labels)
     trials = []
     for backbone in backbones:
         for values in combinations:
