@@ -39,8 +39,10 @@ from confluent_kafka import Producer
 from bench.generator_pool import fresh_settings, run_through_pool
 from bench.generators import load_average, movielens_requests
 from bench.overload import percentile
-from generators.backends import CotBackend, create_backend
-from generators.pool import GeneratorPool, PoolConfig
+from generators.backends import create_backend
+from generators.backends.base import CotBackend
+from generators.config import PoolConfig
+from generators.pool import GeneratorPool
 from llmcf.embeddings import TextEmbedder
 from llmcf.events import CotRequest, CotResult, decode
 from llmcf.infra.broker import bootstrap_servers

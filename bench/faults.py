@@ -8,7 +8,7 @@ It starts an embedded Tansu broker (or uses KAFKA_BOOTSTRAP_SERVERS) and always 
 operator would:
 
 1. bad inputs: `llmcf worker` fed `--examples` hypothesis-drawn batches of valid and mutated `items` and
-   `interactions` records (tests/reliability/fuzz_support.py); each bad record must have exactly one dead letter
+   `interactions` records (testkit/fuzz.py); each bad record must have exactly one dead letter
    with the expected reason, each good one must be stored exactly once (an assertion stops the benchmark otherwise);
 2. faults: `llmcf worker` (batches of 100) and `llmcf generate --backend template` on a replayed MovieLens-100k window
    (10% CoT sample, no cold start); during ingest the worker is killed with SIGKILL and restarted, PostgreSQL is
@@ -43,9 +43,7 @@ from storage.models import CotSample, Interaction
 from storage.repository import Repository
 from storage.vectors import Filter, Match
 from storage.vectors.edge import EdgeIndex
-from tests.fixtures.processes import LlmcfProcess, wait_while_running
-from tests.fixtures.windows import expected_window
-from tests.reliability.fuzz_support import (
+from testkit.fuzz import (
     Case,
     Spec,
     base_item_ids,
@@ -56,6 +54,8 @@ from tests.reliability.fuzz_support import (
     specs,
     wait_until_committed,
 )
+from testkit.processes import LlmcfProcess, wait_while_running
+from testkit.windows import expected_window
 
 WAIT_S = 300.0
 BASE_ITEMS = 8

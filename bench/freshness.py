@@ -21,7 +21,6 @@ worker. Ctrl-C (or any failure) stops both processes, the database and the broke
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
@@ -38,10 +37,12 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
+from llmcf import scraping
+from llmcf.replay import ReplaySummary
 from llmcf.settings import Settings
 from storage.models import CotSample, Interaction
 from storage.repository import Repository
-from tests.fixtures.processes import LlmcfProcess, wait_while_running
+from testkit.processes import LlmcfProcess, wait_while_running
 
 STAGES = ("ingested", "stored", "retrievable", "cot_generated", "cot_retrievable")
 RETRIEVABLE_P99_TARGET_S = 2.0
@@ -62,21 +63,8 @@ class Percentiles:
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
-    """Prometheus' `histogram_quantile` on one series: `buckets` are cumulative (upper bound, count) pairs in
-    ascending order, +Inf last. Linear interpolation inside the bucket holding the rank (from 0 for the first bucket);
-    a rank in the +Inf bucket gives the highest finite bound, as Prometheus does."""
-    total = buckets[-1][1]
-    if total == 0:
-        return None
-    rank = q * total
-    lower_bound, lower_count = 0.0, 0.0
-    for upper_bound, count in buckets:
-        if count >= rank:
-            if math.isinf(upper_bound):
-                return lower_bound
-            return lower_bound + (upper_bound - lower_bound) * (rank - lower_count) / (count - lower_count)
-        lower_bound, lower_count = upper_bound, count
-    return lower_bound
+    """Prometheus' `histogram_quantile` (`llmcf.scraping`, the demo's) on cumulative (upper bound, count) pairs."""
+    return scraping.histogram_quantile(q, np.array([b for b, _ in buckets]), np.array([c for _, c in buckets]))
 
 
 def freshness_buckets(metrics: str) -> dict[str, list[tuple[float, float]]]:
@@ -131,10 +119,10 @@ def database_percentiles(repository: Repository) -> dict[str, tuple[str, Percent
 
 def consumer_lag(settings: Settings) -> dict[str, int]:
     """Records not yet committed, read from the broker now, per consumer ('worker/interactions', ...)."""
-    from generators.pool import group_id
+    from generators.config import group_id
     from llmcf.topics import Topics
     from streams.app import app_id
-    from tests.fixtures.kafka import partitions_behind
+    from testkit.kafka import partitions_behind
 
     topics = Topics.from_settings(settings)
     consumers = {
@@ -193,6 +181,38 @@ def shut_down(process: LlmcfProcess) -> None:
         print(f"llmcf {process.command} exited with {status}; its log:\n{process.log_tail()}", file=sys.stderr)
 
 
+def report(args: argparse.Namespace, summary: ReplaySummary, lag_at_publish_end: dict[str, int], drained_s: float,
+           counts_at_end: tuple[int, int, int], buckets: dict[str, list[tuple[float, float]]],
+           exact: dict[str, tuple[str, Percentiles]], final_lag: dict[str, int]) -> None:
+    """The benchmark's figures: throughput, freshness per stage (histogram and exact), the target, the final lag."""
+    stored_interactions, samples, generated = counts_at_end
+    print()
+    print(f"throughput: published {summary.events_per_s:,.0f} events/s (target {args.rate:,.0f}); when publishing "
+          f"ended the worker had {lag_at_publish_end['worker/interactions']:,} interactions uncommitted; "
+          f"{stored_interactions:,} interactions and {samples:,} CoT samples stored, {generated:,} generated; all "
+          f"committed {drained_s:.1f} s after the first event ({generated / drained_s:,.1f} CoTs/s over that time)")
+    print()
+    print(f"{'stage':<16} {'histogram (as Prometheus/Grafana show it)':>32}   {'database (exact)':>28}")
+    print(f"{'':<16} {'p50':>9} {'p99':>9} {'count':>8}     {'p50':>9} {'p99':>9} {'count':>8}   measured as")
+    for stage in STAGES:
+        from_histogram = histogram_percentiles(buckets[stage]) if stage in buckets else Percentiles(0, None, None)
+        measured, from_database = exact.get(stage, ("(not in the database)", Percentiles(0, None, None)))
+        print(f"{stage:<16} {from_histogram.render()}     {from_database.render()}   {measured}")
+    print()
+    if "retrievable" in buckets:
+        within = share_within(buckets["retrievable"], RETRIEVABLE_P99_TARGET_S)
+        exact_p99 = exact["retrievable"][1].p99
+        print(f"target: retrievable p99 <= {RETRIEVABLE_P99_TARGET_S:g} s at 1,000 events/s -> "
+              f"{'MET' if within >= 0.99 else 'NOT MET'} at {summary.events_per_s:,.0f} events/s: {within:.2%} of "
+              f"samples were retrievable within {RETRIEVABLE_P99_TARGET_S:g} s (read at the histogram's bucket bound, "
+              f"exact; the p99 above is interpolated inside its bucket). Exact p99 of the pending row in the database, "
+              f"written just before the index upsert: {'-' if exact_p99 is None else f'{exact_p99:.3f} s'}")
+    else:
+        print("target: retrievable p99 <= 2 s -> no sample became retrievable: nothing to judge")
+    print(f"consumer lag at the end (uncommitted records): {render_lag(final_lag)}")
+
+
+
 def run(args: argparse.Namespace, bootstrap: str, database_url: str, home: Path) -> None:
     import migrations
     from bench.worker import publish
@@ -246,7 +266,7 @@ def run(args: argparse.Namespace, bootstrap: str, database_url: str, home: Path)
                                args.drain_timeout_s, "the worker and the generator to commit everything",
                                interval_s=2.0)
         drained_s = time.monotonic() - started
-        stored_interactions, samples, generated = counts(repository)
+        counts_at_end = counts(repository)
         time.sleep(PROGRESS_EVERY_S)  # the worker's lag gauges are refreshed every 5 s: let them see the end
         worker_metrics, generator_metrics = worker.metrics(), generator.metrics()
         processes.close()  # stop both before reading the last figures: nothing else writes then
@@ -255,31 +275,7 @@ def run(args: argparse.Namespace, bootstrap: str, database_url: str, home: Path)
         exact = database_percentiles(repository)
         final_lag = consumer_lag(settings)
 
-    print()
-    print(f"throughput: published {summary.events_per_s:,.0f} events/s (target {args.rate:,.0f}); when publishing "
-          f"ended the worker had {lag_at_publish_end['worker/interactions']:,} interactions uncommitted; "
-          f"{stored_interactions:,} interactions and {samples:,} CoT samples stored, {generated:,} generated; all "
-          f"committed {drained_s:.1f} s after the first event ({generated / drained_s:,.1f} CoTs/s over that time)")
-    print()
-    print(f"{'stage':<16} {'histogram (as Prometheus/Grafana show it)':>32}   {'database (exact)':>28}")
-    print(f"{'':<16} {'p50':>9} {'p99':>9} {'count':>8}     {'p50':>9} {'p99':>9} {'count':>8}   measured as")
-    for stage in STAGES:
-        from_histogram = histogram_percentiles(buckets[stage]) if stage in buckets else Percentiles(0, None, None)
-        measured, from_database = exact.get(stage, ("(not in the database)", Percentiles(0, None, None)))
-        print(f"{stage:<16} {from_histogram.render()}     {from_database.render()}   {measured}")
-    print()
-    if "retrievable" in buckets:
-        within = share_within(buckets["retrievable"], RETRIEVABLE_P99_TARGET_S)
-        exact_p99 = exact["retrievable"][1].p99
-        print(f"target: retrievable p99 <= {RETRIEVABLE_P99_TARGET_S:g} s at 1,000 events/s -> "
-              f"{'MET' if within >= 0.99 else 'NOT MET'} at {summary.events_per_s:,.0f} events/s: {within:.2%} of "
-              f"samples were retrievable within {RETRIEVABLE_P99_TARGET_S:g} s (read at the histogram's bucket bound, "
-              f"exact; the p99 above is interpolated inside its bucket). Exact p99 of the pending row in the database, "
-              f"written just before the index upsert: {'-' if exact_p99 is None else f'{exact_p99:.3f} s'}")
-    else:
-        print("target: retrievable p99 <= 2 s -> no sample became retrievable: nothing to judge")
-    print(f"consumer lag at the end (uncommitted records): {render_lag(final_lag)}")
-
+    report(args, summary, lag_at_publish_end, drained_s, counts_at_end, buckets, exact, final_lag)
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.freshness", description=__doc__.split("\n\n")[0])

@@ -27,8 +27,10 @@ from pathlib import Path
 from confluent_kafka import Producer
 
 from bench.generators import load_average, movielens_requests
-from generators.backends import CotBackend, GenerationOptions, create_backend
-from generators.pool import GeneratorPool, PoolConfig
+from generators.backends import create_backend
+from generators.backends.base import CotBackend, GenerationOptions
+from generators.config import PoolConfig
+from generators.pool import GeneratorPool
 from generators.prompt import build_prompt
 from llmcf.embeddings import TextEmbedder
 from llmcf.infra.broker import bootstrap_servers

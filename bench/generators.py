@@ -42,7 +42,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from generators.backends import GenerationOptions, create_backend
+from generators.backends import create_backend
+from generators.backends.base import GenerationOptions
 from generators.prompt import DEFAULT_MAX_HISTORY, Prompt, build_prompt
 from llmcf import movielens
 from llmcf.events import CotRequest, HistoryEntry, ItemSnapshot
@@ -178,10 +179,7 @@ def bench_drafts(args: argparse.Namespace, batches: list[int]) -> None:
     """Generator configurations A/B in one process (issue 14): per weight type, prompt form and batch size, plain
     decoding, lossless drafts and relaxed (DARE) drafts on the same requests, each backend's draft index first filled
     with the CoTs it writes for earlier requests (the warm-up)."""
-    from generators.backends import heuristic_rationale_score
-    from generators.backends.drafts import DraftConfig
-    from generators.backends.prefix_decoding import Acceptance
-    from generators.backends.transformers_backend import CPU_MAX_BATCH, default_dtype_name
+    from generators.backends.sampling import Acceptance
 
     requests = movielens_requests(args.draft_warmup + args.prompts)
     forms = args.prompt_forms.split(",")
@@ -189,119 +187,12 @@ def bench_drafts(args: argparse.Namespace, batches: list[int]) -> None:
     all_modes = {"plain": None, "lossless": Acceptance(),
                  "relaxed": Acceptance(top_k=args.relaxed_top_k, min_probability=args.relaxed_min_probability)}
     modes = {mode: all_modes[mode] for mode in args.modes.split(",")}
-    rows = []
-    for dtype in args.dtypes.split(","):
-        print(f"transformers backend, {dtype}: loading, temperature {args.temperature}, drafts of {args.draft_tokens} "
-              f"tokens (load avg {load_average()})", flush=True)
-        options = GenerationOptions(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=1234)
-        backend = create_backend("transformers", model=args.model, device="cpu", threads=args.threads,
-                                 max_batch=max(batches), options=options, dtype=dtype,
-                                 drafts=DraftConfig(draft_tokens=args.draft_tokens))
-        index, decoder = backend.drafts, backend._prefix_decoder
-        warmup = prompts[forms[-1]][: args.draft_warmup]
-        backend.drafts = None  # first-call allocations are not throughput; the index must not learn a measured CoT
-        backend.generate(prompts[forms[0]][-1:])
-        backend.drafts = index
-        started = time.perf_counter()
-        for start in range(0, len(warmup), max(batches)):
-            backend.generate(warmup[start : start + max(batches)])
-        print(f"  draft index warmed with {len(warmup)} CoTs of earlier requests ({time.perf_counter() - started:.0f} s)",
-              flush=True)
-        for form in forms:
-            measured = prompts[form][args.draft_warmup :]
-            for batch in batches:
-                for mode, acceptance in modes.items():
-                    backend.drafts, backend.acceptance = (None, Acceptance()) if acceptance is None else (index, acceptance)
-                    backend.draft_stats.__init__()
-                    decoder.seconds = {"prefill": 0.0, "decode": 0.0}
-                    started, tokens, prompt_tokens, texts = time.perf_counter(), 0, 0, []
-                    for start in range(0, len(measured), batch):
-                        for generation in backend.generate(measured[start : start + batch]):
-                            tokens += generation.completion_tokens
-                            prompt_tokens += generation.prompt_tokens
-                            texts.append(generation.text)
-                    seconds = time.perf_counter() - started
-                    stats = backend.draft_stats
-                    rows.append({
-                        "dtype": dtype, "prompt": form, "batch": batch, "mode": mode, "seconds": seconds,
-                        "tokens": tokens, "prompt_tokens": prompt_tokens / len(measured),
-                        "prefill_s": decoder.seconds["prefill"], "decode_s": decoder.seconds["decode"],
-                        "decode_tokens_per_s": tokens / decoder.seconds["decode"], "cots_per_s": len(measured) / seconds,
-                        "acceptance": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass or 1.0,
-                        "texts": texts,
-                        "score": sum(heuristic_rationale_score(p, t) for p, t in zip(measured, texts, strict=True))
-                        / len(measured),
-                    })
-                    print(f"  {dtype} {form} prompt, batch {batch} {mode}: {seconds:.1f} s, decode "
-                          f"{rows[-1]['decode_tokens_per_s']:.1f} tokens/s", flush=True)
-        backend.close()
-
-    def row_of(dtype: str, form: str, mode: str, batch: int) -> dict | None:
-        return next((r for r in rows if (r["dtype"], r["prompt"], r["mode"], r["batch"]) == (dtype, form, mode, batch)),
-                    None)
-
+    rows = [row for dtype in args.dtypes.split(",") for row in _bench_dtype(args, dtype, batches, prompts, modes)]
     reference = rows[0]["dtype"]
-    count = args.prompts
-    # Quality delta, besides the heuristic score: how close each row's CoTs are in meaning to those of plain decoding
-    # with the reference weights, on the same prompts (prompt form and batch): mean cosine of their embeddings.
-    from llmcf.embeddings import TextEmbedder
-
-    embedder = TextEmbedder.load("cpu")
-    for r in rows:
-        r["vectors"] = embedder.embed(r["texts"])
-    for r in rows:
-        base = row_of(reference, r["prompt"], "plain", r["batch"])
-        r["similarity"] = float(np.mean([
-            float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
-            for a, b in zip(r["vectors"], base["vectors"], strict=True)
-        ])) if base else float("nan")
-    print(f"\n## Generator configurations, SmolLM2-135M on CPU ({args.threads or 'all'} threads), {count} LLM-CF prompts "
-          f"(MovieLens-100k, stream order, 20-item histories), temperature {args.temperature}, "
-          f"<= {args.max_new_tokens or 'the backend default'} new tokens, drafts <= {args.draft_tokens} tokens, "
-          f"index warmed with {args.draft_warmup} CoTs")
-    print(f"{'dtype':<9} {'prompt':<8} {'tokens':>6} {'batch':>5} {'mode':<9} {'seconds':>8} {'CoTs/s':>7} "
-          f"{'prefill s':>9} {'decode s':>8} {'decode tok/s':>12} {'x plain':>7} {'accepted':>8} {'tok/pass':>8} "
-          f"{'same text':>9} {'score':>6} {'sim ref':>7}")
-    for r in rows:
-        plain = row_of(r["dtype"], r["prompt"], "plain", r["batch"])
-        same = sum(a == b for a, b in zip(r["texts"], plain["texts"], strict=True)) if plain else 0
-        ratio = f"{r['decode_tokens_per_s'] / plain['decode_tokens_per_s']:>7.2f}" if plain else f"{'-':>7}"
-        print(f"{r['dtype']:<9} {r['prompt']:<8} {r['prompt_tokens']:>6.0f} {r['batch']:>5} {r['mode']:<9} "
-              f"{r['seconds']:>8.1f} {r['cots_per_s']:>7.2f} {r['prefill_s']:>9.1f} {r['decode_s']:>8.1f} "
-              f"{r['decode_tokens_per_s']:>12.1f} {ratio} {r['acceptance']:>8.2f} {r['tokens_per_pass']:>8.2f} "
-              f"{same:>5}/{count:<3} {r['score']:>6.3f} {r['similarity']:>7.3f}")
-
-    def best(key: str, **where: object) -> dict | None:
-        chosen = [r for r in rows if all(r[k] == v for k, v in where.items())]
-        return max(chosen, key=lambda r: r[key]) if chosen else None
-
-    for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        for form in forms:
-            plain = best("decode_tokens_per_s", dtype=dtype, prompt=form, mode="plain")
-            for mode in modes:
-                fastest = best("decode_tokens_per_s", dtype=dtype, prompt=form, mode=mode)
-                if plain and fastest:
-                    print(f"{dtype} {form} {mode:<8}: decode tokens/s x{fastest['decode_tokens_per_s'] / plain['decode_tokens_per_s']:.2f} "
-                          f"plain's (best batches {fastest['batch']} vs {plain['batch']})")
-    # Today's configuration (before issue 14) against the default `llmcf generate` runs now, and where the gain comes from.
-    today = row_of(reference, forms[0], "plain", 16)
-    default_dtype = default_dtype_name()
-    steps = [("weights", row_of(default_dtype, forms[0], "plain", 16)), ("prompt", row_of(default_dtype, "compact", "plain", 16)),
-             ("batch", row_of(default_dtype, "compact", "plain", CPU_MAX_BATCH))]
-    if today and all(row for _, row in steps):
-        line, previous = [], today
-        for name, row in steps:
-            line.append(f"{name} ({row['dtype']}, {row['prompt']} prompt, batch {row['batch']}) "
-                        f"x{row['cots_per_s'] / previous['cots_per_s']:.2f}")
-            previous = row
-        drafted = row_of(default_dtype, "compact", "lossless", CPU_MAX_BATCH)
-        print(f"\ndefault configuration ({default_dtype}, compact prompt, no drafts, batch {CPU_MAX_BATCH}) against "
-              f"today's ({reference}, {forms[0]} prompt, no drafts, batch 16): CoTs/s "
-              f"x{previous['cots_per_s'] / today['cots_per_s']:.2f} = " + ", then ".join(line)
-              + (f"; lossless drafts on top x{drafted['cots_per_s'] / previous['cots_per_s']:.2f}" if drafted else ""))
-    else:
-        print(f"\n(the default configuration against today's needs --dtypes float32,{default_dtype} --prompt-forms "
-              f"tags,compact --batches 16,{CPU_MAX_BATCH} with plain decoding)")
+    _add_similarity(rows, reference)
+    _print_draft_rows(args, rows)
+    _print_draft_speedups(rows, forms, modes)
+    _print_default_against_today(rows, reference, forms)
     print("(targets, issue 14: lossless drafts >= 2x the decode tokens/s of plain decoding, each at its best batch, with "
           "identical greedy text; relaxed >= 3x; the default configuration >= 2x today's CoTs/s. 'x plain': against "
           "plain decoding of the same weights, prompt and batch; 'same text': outputs equal to it, guaranteed for "
@@ -315,7 +206,186 @@ def bench_drafts(args: argparse.Namespace, batches: list[int]) -> None:
     print("\n" + json.dumps({"drafts": rows, "load_average": load_average(), "argv": sys.argv[1:]}))
 
 
+def _bench_dtype(args: argparse.Namespace, dtype: str, batches: list[int], prompts: dict[str, list[Prompt]],
+                 modes: dict) -> list[dict]:
+    """One weight type's rows: a backend whose draft index is warmed first, then every prompt form, batch and mode."""
+    from generators.backends.drafts import DraftConfig
+
+    forms = list(prompts)
+    print(f"transformers backend, {dtype}: loading, temperature {args.temperature}, drafts of {args.draft_tokens} "
+          f"tokens (load avg {load_average()})", flush=True)
+    options = GenerationOptions(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=1234)
+    backend = create_backend("transformers", model=args.model, device="cpu", threads=args.threads,
+                             max_batch=max(batches), options=options, dtype=dtype,
+                             drafts=DraftConfig(draft_tokens=args.draft_tokens))
+    index = backend.drafts
+    warmup = prompts[forms[-1]][: args.draft_warmup]
+    backend.drafts = None  # first-call allocations are not throughput; the index must not learn a measured CoT
+    backend.generate(prompts[forms[0]][-1:])
+    backend.drafts = index
+    started = time.perf_counter()
+    for start in range(0, len(warmup), max(batches)):
+        backend.generate(warmup[start : start + max(batches)])
+    print(f"  draft index warmed with {len(warmup)} CoTs of earlier requests ({time.perf_counter() - started:.0f} s)",
+          flush=True)
+    rows = []
+    for form in forms:
+        for batch in batches:
+            for mode, acceptance in modes.items():
+                row = _bench_mode(backend, index, prompts[form][args.draft_warmup :], batch, acceptance)
+                rows.append({"dtype": dtype, "prompt": form, "batch": batch, "mode": mode, **row})
+                print(f"  {dtype} {form} prompt, batch {batch} {mode}: {row['seconds']:.1f} s, decode "
+                      f"{row['decode_tokens_per_s']:.1f} tokens/s", flush=True)
+    backend.close()
+    return rows
+
+
+def _bench_mode(backend, index, measured: list[Prompt], batch: int, acceptance) -> dict:
+    """The measured prompts `batch` at a time, plain (`acceptance` None) or with drafts from `index`: one row."""
+    from generators.backends.best_of_n import heuristic_rationale_score
+    from generators.backends.sampling import Acceptance
+
+    decoder = backend._prefix_decoder
+    backend.drafts, backend.acceptance = (None, Acceptance()) if acceptance is None else (index, acceptance)
+    backend.draft_stats.__init__()
+    decoder.seconds = {"prefill": 0.0, "decode": 0.0}
+    started, tokens, prompt_tokens, texts = time.perf_counter(), 0, 0, []
+    for start in range(0, len(measured), batch):
+        for generation in backend.generate(measured[start : start + batch]):
+            tokens += generation.completion_tokens
+            prompt_tokens += generation.prompt_tokens
+            texts.append(generation.text)
+    seconds = time.perf_counter() - started
+    stats = backend.draft_stats
+    return {
+        "seconds": seconds, "tokens": tokens, "prompt_tokens": prompt_tokens / len(measured),
+        "prefill_s": decoder.seconds["prefill"], "decode_s": decoder.seconds["decode"],
+        "decode_tokens_per_s": tokens / decoder.seconds["decode"], "cots_per_s": len(measured) / seconds,
+        "acceptance": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass or 1.0,
+        "texts": texts,
+        "score": sum(heuristic_rationale_score(p, t) for p, t in zip(measured, texts, strict=True)) / len(measured),
+    }
+
+
+def _row_of(rows: list[dict], dtype: str, form: str, mode: str, batch: int) -> dict | None:
+    return next((r for r in rows if (r["dtype"], r["prompt"], r["mode"], r["batch"]) == (dtype, form, mode, batch)),
+                None)
+
+
+def _add_similarity(rows: list[dict], reference: str) -> None:
+    """Quality delta, besides the heuristic score: how close each row's CoTs are in meaning to those of plain decoding
+    with the reference weights, on the same prompts (prompt form and batch): mean cosine of their embeddings."""
+    from llmcf.embeddings import TextEmbedder
+
+    embedder = TextEmbedder.load("cpu")
+    for r in rows:
+        r["vectors"] = embedder.embed(r["texts"])
+    for r in rows:
+        base = _row_of(rows, reference, r["prompt"], "plain", r["batch"])
+        r["similarity"] = float(np.mean([
+            float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
+            for a, b in zip(r["vectors"], base["vectors"], strict=True)
+        ])) if base else float("nan")
+
+
+def _print_draft_rows(args: argparse.Namespace, rows: list[dict]) -> None:
+    count = args.prompts
+    print(f"\n## Generator configurations, SmolLM2-135M on CPU ({args.threads or 'all'} threads), {count} LLM-CF prompts "
+          f"(MovieLens-100k, stream order, 20-item histories), temperature {args.temperature}, "
+          f"<= {args.max_new_tokens or 'the backend default'} new tokens, drafts <= {args.draft_tokens} tokens, "
+          f"index warmed with {args.draft_warmup} CoTs")
+    print(f"{'dtype':<9} {'prompt':<8} {'tokens':>6} {'batch':>5} {'mode':<9} {'seconds':>8} {'CoTs/s':>7} "
+          f"{'prefill s':>9} {'decode s':>8} {'decode tok/s':>12} {'x plain':>7} {'accepted':>8} {'tok/pass':>8} "
+          f"{'same text':>9} {'score':>6} {'sim ref':>7}")
+    for r in rows:
+        plain = _row_of(rows, r["dtype"], r["prompt"], "plain", r["batch"])
+        same = sum(a == b for a, b in zip(r["texts"], plain["texts"], strict=True)) if plain else 0
+        ratio = f"{r['decode_tokens_per_s'] / plain['decode_tokens_per_s']:>7.2f}" if plain else f"{'-':>7}"
+        print(f"{r['dtype']:<9} {r['prompt']:<8} {r['prompt_tokens']:>6.0f} {r['batch']:>5} {r['mode']:<9} "
+              f"{r['seconds']:>8.1f} {r['cots_per_s']:>7.2f} {r['prefill_s']:>9.1f} {r['decode_s']:>8.1f} "
+              f"{r['decode_tokens_per_s']:>12.1f} {ratio} {r['acceptance']:>8.2f} {r['tokens_per_pass']:>8.2f} "
+              f"{same:>5}/{count:<3} {r['score']:>6.3f} {r['similarity']:>7.3f}")
+
+
+def _print_draft_speedups(rows: list[dict], forms: list[str], modes: dict) -> None:
+    """Per weight type, prompt form and mode: the best decode tokens/s against plain decoding's best."""
+
+    def best(key: str, **where: object) -> dict | None:
+        chosen = [r for r in rows if all(r[k] == v for k, v in where.items())]
+        return max(chosen, key=lambda r: r[key]) if chosen else None
+
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for form in forms:
+            plain = best("decode_tokens_per_s", dtype=dtype, prompt=form, mode="plain")
+            for mode in modes:
+                fastest = best("decode_tokens_per_s", dtype=dtype, prompt=form, mode=mode)
+                if plain and fastest:
+                    print(f"{dtype} {form} {mode:<8}: decode tokens/s x{fastest['decode_tokens_per_s'] / plain['decode_tokens_per_s']:.2f} "
+                          f"plain's (best batches {fastest['batch']} vs {plain['batch']})")
+
+
+def _print_default_against_today(rows: list[dict], reference: str, forms: list[str]) -> None:
+    """Today's configuration (before issue 14) against the default `llmcf generate` runs now, and where the gain comes
+    from."""
+    from generators.backends.model_loading import default_dtype_name
+    from generators.backends.transformers_backend import CPU_MAX_BATCH
+
+    today = _row_of(rows, reference, forms[0], "plain", 16)
+    default_dtype = default_dtype_name()
+    steps = [("weights", _row_of(rows, default_dtype, forms[0], "plain", 16)),
+             ("prompt", _row_of(rows, default_dtype, "compact", "plain", 16)),
+             ("batch", _row_of(rows, default_dtype, "compact", "plain", CPU_MAX_BATCH))]
+    if not (today and all(row for _, row in steps)):
+        print(f"\n(the default configuration against today's needs --dtypes float32,{default_dtype} --prompt-forms "
+              f"tags,compact --batches 16,{CPU_MAX_BATCH} with plain decoding)")
+        return
+    line, previous = [], today
+    for name, row in steps:
+        assert row is not None
+        line.append(f"{name} ({row['dtype']}, {row['prompt']} prompt, batch {row['batch']}) "
+                    f"x{row['cots_per_s'] / previous['cots_per_s']:.2f}")
+        previous = row
+    drafted = _row_of(rows, default_dtype, "compact", "lossless", CPU_MAX_BATCH)
+    print(f"\ndefault configuration ({default_dtype}, compact prompt, no drafts, batch {CPU_MAX_BATCH}) against "
+          f"today's ({reference}, {forms[0]} prompt, no drafts, batch 16): CoTs/s "
+          f"x{previous['cots_per_s'] / today['cots_per_s']:.2f} = " + ", then ".join(line)
+          + (f"; lossless drafts on top x{drafted['cots_per_s'] / previous['cots_per_s']:.2f}" if drafted else ""))
+
+
 def main() -> None:
+    args = _parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.drafts:
+        bench_drafts(args, batches)
+        return
+    requests = movielens_requests(args.prompts)
+    prompt_sets = {
+        "llmcf": [build_prompt(r, feedback="rating") for r in requests],
+        "short": [build_prompt(r, feedback="rating", max_history=2) for r in requests],
+    }
+    template_prompts = [build_prompt(r, feedback="rating") for r in movielens_requests(args.template_prompts)]
+    chosen_sets = args.prompt_sets.split(",")
+
+    print(f"template backend: {args.template_prompts} CoTs (load avg {load_average()})", flush=True)
+    rows = [run_backend(create_backend("template"), template_prompts, args.template_prompts)]
+    chosen = {name: prompt_sets[name] for name in chosen_sets}
+    rows.extend(_bench_transformers(args, batches, chosen, warmup=prompt_sets["llmcf"][:1]))
+    embedder_rows = [] if args.skip_embedder else bench_embedder(args.sentences, args.threads)
+    _print_generation(rows, chosen_sets)
+    if embedder_rows:
+        print(f"\n## Embedder ({embedder_rows[0]['sentences']} item texts, batch 64)")
+        print(f"{'runtime':<8} {'load s':>7} {'sentences/s':>12} {'max |diff| vs torch':>20}")
+        for r in embedder_rows:
+            print(f"{r['runtime']:<8} {r['load_s']:>7.1f} {r['per_s']:>12.0f} {r['max_diff']:>20.1e}")
+    print(
+        "\n"
+        + json.dumps(
+            {"generation": rows, "embedder": embedder_rows, "load_average": load_average(), "argv": sys.argv[1:]}
+        )
+    )
+
+
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=16, help="prompts per transformer run (default 16)")
     parser.add_argument("--batches", default="1,4,16", help="transformer batch sizes (default 1,4,16)")
@@ -350,24 +420,13 @@ def main() -> None:
     parser.add_argument("--relaxed-top-k", type=int, default=2, help="relaxed acceptance: the model's top k (DARE: 2)")
     parser.add_argument("--relaxed-min-probability", type=float, default=0.1,
                         help="relaxed acceptance: minimum probability of a kept draft token (DARE: 0.1)")
-    args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
-    if args.drafts:
-        bench_drafts(args, batches)
-        return
+    return parser.parse_args()
 
-    requests = movielens_requests(args.prompts)
-    prompt_sets = {
-        "llmcf": [build_prompt(r, feedback="rating") for r in requests],
-        "short": [build_prompt(r, feedback="rating", max_history=2) for r in requests],
-    }
-    template_prompts = [build_prompt(r, feedback="rating") for r in movielens_requests(args.template_prompts)]
-    chosen_sets = args.prompt_sets.split(",")
-    rows = []
 
-    print(f"template backend: {args.template_prompts} CoTs (load avg {load_average()})", flush=True)
-    rows.append(run_backend(create_backend("template"), template_prompts, args.template_prompts))
-
+def _bench_transformers(args: argparse.Namespace, batches: list[int], prompt_sets: dict[str, list[Prompt]],
+                        warmup: list[Prompt]) -> list[dict]:
+    """The transformers backend over each prompt set at each batch size, the batch sizes taking turns per round;
+    `warmup` is generated first, unmeasured."""
     print(f"transformers backend: loading on {args.device} (load avg {load_average()})", flush=True)
     options = GenerationOptions(temperature=0.6, max_new_tokens=args.max_new_tokens, seed=1234)
     started = time.perf_counter()
@@ -385,8 +444,9 @@ def main() -> None:
         f"{backend.threads} threads)",
         flush=True,
     )
-    backend.generate(prompt_sets["llmcf"][:1])  # warm-up: first-call allocations and kernel selection are not throughput
-    for prompt_set in chosen_sets:
+    backend.generate(warmup)  # first-call allocations and kernel selection are not throughput
+    rows = []
+    for prompt_set, prompts in prompt_sets.items():
         runs: dict[int, list[dict]] = {batch: [] for batch in batches}
         # Batch sizes take turns, so a change in the machine's load hits all of them alike.
         for round_number in range(1, args.repeats + 1):
@@ -396,12 +456,13 @@ def main() -> None:
                     f"{args.prompts} CoTs, {backend.options.max_new_tokens} new tokens max (load avg {load_average()})",
                     flush=True,
                 )
-                runs[batch].append(run_backend(backend, prompt_sets[prompt_set], batch, prompt_set))
+                runs[batch].append(run_backend(backend, prompts, batch, prompt_set))
         rows.extend(summarise(runs[batch]) for batch in batches)
     backend.close()
+    return rows
 
-    embedder_rows = [] if args.skip_embedder else bench_embedder(args.sentences, args.threads)
 
+def _print_generation(rows: list[dict], chosen_sets: list[str]) -> None:
     print("\n## CoT generation (SmolLM2-135M-Instruct Q4_1 -> float32 for transformers; template is not an LLM)")
     print(
         f"{'backend':<13} {'prompts':<7} {'batch':>5} {'CoTs':>5} {'seconds':>8} {'cpu s':>8} {'CoTs/s':>9} "
@@ -427,17 +488,6 @@ def main() -> None:
                 f"CoTs/s x{largest['cots_per_s'] / base['cots_per_s']:.2f}, "
                 f"tokens/s x{largest['tokens_per_s'] / base['tokens_per_s']:.2f} (target: x4 CoTs/s)"
             )
-    if embedder_rows:
-        print(f"\n## Embedder ({embedder_rows[0]['sentences']} item texts, batch 64)")
-        print(f"{'runtime':<8} {'load s':>7} {'sentences/s':>12} {'max |diff| vs torch':>20}")
-        for r in embedder_rows:
-            print(f"{r['runtime']:<8} {r['load_s']:>7.1f} {r['per_s']:>12.0f} {r['max_diff']:>20.1e}")
-    print(
-        "\n"
-        + json.dumps(
-            {"generation": rows, "embedder": embedder_rows, "load_average": load_average(), "argv": sys.argv[1:]}
-        )
-    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import httpx
 from bench.serving import Workload, prepare
 from llmcf.infra import free_port
 from llmcf.settings import Settings
-from tests.fixtures.processes import LlmcfProcess, wait_while_running
+from testkit.processes import LlmcfProcess, wait_while_running
 
 
 @dataclass

@@ -38,7 +38,7 @@ import migrations
 from llmcf.infra import free_port
 from llmcf.settings import Settings
 from storage.repository import Repository
-from tests.fixtures.processes import LlmcfProcess, wait_while_running
+from testkit.processes import LlmcfProcess, wait_while_running
 
 KINDS = ("deepfm+ict", "deepfm")
 _TIMING = re.compile(r"(\w+);dur=([0-9.]+)")

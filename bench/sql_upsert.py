@@ -26,7 +26,8 @@ from sqlalchemy.pool import NullPool
 import migrations
 from llmcf.events import InteractionEvent, ItemEvent
 from llmcf.infra.postgres import TemporaryPostgres
-from storage.repository import Repository, normalize_database_url
+from storage.engine import normalize_database_url
+from storage.repository import Repository
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 

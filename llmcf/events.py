@@ -12,7 +12,7 @@ import base64
 import hashlib
 import uuid
 from datetime import datetime, timezone
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Final, Literal, TypeVar
 
 from pydantic import (
     AliasChoices,
@@ -26,7 +26,9 @@ from pydantic import (
     ValidationError,
 )
 
-SCHEMA_VERSION = 1
+from llmcf.backend_names import NOT_LLM_BACKENDS, CotBackendName
+
+SCHEMA_VERSION: Final = 1
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=False)]
 Label = Annotated[int, Strict(), Field(ge=0, le=1)]
@@ -46,8 +48,6 @@ def _rfc3339(value: object) -> object:
 
 Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
 InteractionKind = Literal["impression", "view", "click", "like", "share", "comment", "rating", "skip"]
-CotBackendName = Literal["transformers", "openai", "template"]
-NOT_LLM_BACKENDS = frozenset({"template"})  # CoT writers that are not language models: never counted as LLM output
 
 
 def is_llm_backend(backend: str | None) -> bool:

@@ -29,8 +29,11 @@ SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _SECRET_KEYS = frozenset({"sasl.password", "ssl.key.password"})
 
+ClientConfig = dict[str, str | int | float | bool]
+"""The connection part of a librdkafka config, typed as `AdminClient` takes it."""
 
-def client_config(settings: Settings, bootstrap: str, client_id: str = "llmcf") -> dict[str, object]:
+
+def client_config(settings: Settings, bootstrap: str, client_id: str = "llmcf") -> ClientConfig:
     """Connection settings every client shares: bootstrap servers, security protocol and SASL credentials.
 
     Raises `UserFacingError` for a protocol or mechanism librdkafka would reject, or SASL without credentials, so the
@@ -42,7 +45,7 @@ def client_config(settings: Settings, bootstrap: str, client_id: str = "llmcf") 
             f"KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol!r} is not one of "
             f"{', '.join(SECURITY_PROTOCOLS)}"
         )
-    config: dict[str, object] = {"bootstrap.servers": bootstrap, "security.protocol": protocol, "client.id": client_id}
+    config: ClientConfig = {"bootstrap.servers": bootstrap, "security.protocol": protocol, "client.id": client_id}
     if protocol.startswith("SASL_"):
         mechanism = (settings.kafka_sasl_mechanism or "").upper()
         if mechanism not in SASL_MECHANISMS:
@@ -215,7 +218,9 @@ def read_to_end(settings: Settings, bootstrap: str, topic: str, timeout: float =
                 if error is None:
                     yield message
                 elif error.code() == KafkaError._PARTITION_EOF:
-                    at_end.add(message.partition())
+                    partition = message.partition()
+                    assert partition is not None  # an end-of-partition event names its partition
+                    at_end.add(partition)
                 else:
                     raise UserFacingError(f"reading {topic}: {error.str()}")
     finally:

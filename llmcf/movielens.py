@@ -245,7 +245,7 @@ def read_user_profiles(path: Path) -> dict[str, tuple[str, ...]]:
     columns, rows = _read_table(path)
     user_col, age_col = columns.index("user_id"), columns.index("age")
     gender_col, occupation_col = columns.index("gender"), columns.index("occupation")
-    profiles = {}
+    profiles: dict[str, tuple[str, ...]] = {}
     for row in rows:
         age = int(float(row[age_col]))
         bucket = max((b for b in AGE_BUCKETS if b <= age), default=AGE_BUCKETS[0])

@@ -110,15 +110,16 @@ class TokenBucket:
     accurate even at tens of thousands per second where each sleep is coarser than one event's interval.
     """
 
-    def __init__(self, rate: float):
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic):
         self.rate = rate
         self.capacity = max(1.0, rate * 0.05)
         self.tokens = 1.0
-        self.updated = time.monotonic()
+        self.clock = clock
+        self.updated = clock()
 
     def wait(self, sleep: Callable[[float], object]) -> None:
         while True:
-            now = time.monotonic()
+            now = self.clock()
             self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
             self.updated = now
             if self.tokens >= 1.0:

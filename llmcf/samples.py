@@ -12,6 +12,7 @@ import numpy as np
 from llmcf.embeddings import EMBEDDING_DIMENSION
 
 SAMPLE_DIMENSION = 2 * EMBEDDING_DIMENSION
+_SQRT2 = np.float32(np.sqrt(2.0))
 
 
 def unit_rows(rows: np.ndarray) -> np.ndarray:
@@ -50,11 +51,18 @@ def history_vector(vectors: np.ndarray) -> np.ndarray:
     return history_vectors(table, np.arange(1, len(vectors) + 1)[None, :])[0]
 
 
+def join_sample_vectors(histories: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Row-wise [h; t] / sqrt(2) from h (already unit or zero: `history_vectors`) and the target's embedding (made unit
+    here): the one place LLM-CF's sample formula is written. A row is a unit vector when its history is not empty,
+    and its cosine with another sample's row is 0.5*<h,h'> + 0.5*<t,t'>."""
+    joined = np.concatenate([np.asarray(histories, dtype=np.float32), unit_rows(targets)], axis=-1)
+    joined /= _SQRT2
+    return joined
+
+
 def sample_vector(history_vectors: np.ndarray, target_vector: np.ndarray) -> np.ndarray:
-    """[h; t] / sqrt(2), a unit vector when the history is not empty: its cosine with another sample's vector is
-    0.5*<h,h'> + 0.5*<t,t'>."""
-    target = unit_rows(np.asarray(target_vector, dtype=np.float32)[None, :])[0]
-    return (np.concatenate([history_vector(history_vectors), target]) / np.sqrt(2.0)).astype(np.float32)
+    """One sample's vector (`join_sample_vectors`) from its history items' embeddings and its target's."""
+    return join_sample_vectors(history_vector(history_vectors)[None, :], np.asarray(target_vector)[None, :])[0]
 
 
 HISTORY_SEPARATOR = "\x1f"

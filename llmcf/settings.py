@@ -1,7 +1,7 @@
 """Every setting of every process, read from the environment in one place.
 
-`SETTINGS` is the catalogue (name, default, meaning); `Settings.from_env()` turns it into typed values. The README's
-settings table and `llmcf config` are both printed from the catalogue, so a setting documented anywhere exists here.
+`SETTINGS` is the catalogue (name, default, meaning); `Settings.from_env()` turns it into typed values. The settings
+table of docs/settings.md and `llmcf config` are both printed from the catalogue, so a setting documented anywhere exists here.
 Secrets are never printed: `Settings.describe()` masks them.
 """
 
@@ -12,6 +12,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
+
+from llmcf.backend_names import BACKEND_NAMES
+from llmcf.model_kinds import MODEL_KINDS
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,6 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _BY_ENV = {s.env: s for s in SETTINGS}
-RANKER_KINDS = ("deepfm", "deepfm+ict", "din", "din+ict")
 """`ranker.model.ModelConfig.kind` values (kept here so reading settings does not import torch)."""
 
 
@@ -218,14 +220,14 @@ class Settings:
             history_length=_integer(env, "LLMCF_HISTORY_LENGTH", 1),
             cot_ttl_s=_number(env, "LLMCF_COT_TTL_S", 0.0),
             cot_max_backlog=_integer(env, "LLMCF_COT_MAX_BACKLOG", 1),
-            generator_backend=_choice(env, "LLMCF_GENERATOR_BACKEND", ("transformers", "openai", "template")),
+            generator_backend=_choice(env, "LLMCF_GENERATOR_BACKEND", BACKEND_NAMES),
             generator_model=_value(env, "LLMCF_GENERATOR_MODEL"),
             generator_device=_value(env, "LLMCF_GENERATOR_DEVICE") or "auto",
             openai_base_url=_value(env, "LLMCF_OPENAI_BASE_URL"),
             openai_api_key=_value(env, "LLMCF_OPENAI_API_KEY"),
             ranker_host=_value(env, "LLMCF_RANKER_HOST") or "127.0.0.1",
             ranker_port=_integer(env, "LLMCF_RANKER_PORT", 1),
-            ranker_kind=_choice(env, "LLMCF_RANKER_KIND", RANKER_KINDS),
+            ranker_kind=_choice(env, "LLMCF_RANKER_KIND", MODEL_KINDS),
             ranker_threads=_integer(env, "LLMCF_RANKER_THREADS", 1),
             ranker_max_inflight=_integer(env, "LLMCF_RANKER_MAX_INFLIGHT", 1),
             ranker_max_body_bytes=_integer(env, "LLMCF_RANKER_MAX_BODY_BYTES", 1024),

@@ -10,7 +10,7 @@ database at head:
 
     from alembic import command
     from migrations import alembic_config
-    from storage.repository import make_engine
+    from storage.engine import make_engine
     with make_engine(url).begin() as conn:
         command.revision(alembic_config(conn), message="what", autogenerate=True, rev_id="0002")
 """
@@ -24,7 +24,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection
 
-from storage.repository import make_engine
+from storage.engine import make_engine
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 

@@ -1,7 +1,7 @@
 """Alembic's entry point, run by `migrations.upgrade/downgrade` with an open connection in `config.attributes`.
 
 Only online mode exists: the caller (migrations/__init__.py) owns the engine and the transaction, so URL handling
-(driver normalization, SQLite directory creation) lives in one place, `storage.repository.make_engine`.
+(driver normalization, SQLite directory creation) lives in one place, `storage.engine.make_engine`.
 """
 
 from alembic import context

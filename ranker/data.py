@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ import numpy as np
 
 from llmcf.embeddings import EMBEDDING_DIMENSION, MODEL_NAME, TextEmbedder
 from llmcf.events import epoch_ms
+from llmcf.files import staged_file
 
 
 @dataclass
@@ -176,10 +176,8 @@ class EmbeddingCache:
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write `path` whole or not at all, also when several processes write it at once (the last one wins): each
     stages its own file (named by its pid) and renames it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(staging, **arrays)
-    staging.replace(path)
+    with staged_file(path) as staging:
+        np.savez(staging, allow_pickle=False, **arrays)  # numeric and string arrays only, as `np.load` reads them
 
 
 def embedding_cache_path(cache_dir: Path, kind: str) -> Path:

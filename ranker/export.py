@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmcf.samples import unit_rows
 from ranker.features import FeatureSpace, input_specs
 from ranker.model import TOKENS_PER_EXAMPLE, ExampleEncoderGraph, ModelConfig, QueryScorerGraph, RankerModel, ScoringGraph
 
@@ -200,7 +201,7 @@ def random_inputs(config: ModelConfig, batch: int, seed: int) -> dict[str, np.nd
             inputs[spec.name] = (rng.random(shape) < 0.7).astype(np.float32)
         else:
             values = rng.standard_normal(shape).astype(np.float32)
-            inputs[spec.name] = values / np.linalg.norm(values, axis=-1, keepdims=True)
+            inputs[spec.name] = unit_rows(values)
     return inputs
 
 

@@ -416,7 +416,7 @@ def absent_as_zeros(fields: dict[str, np.ndarray], present: np.ndarray) -> dict[
 
 def _empty_examples(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
     return {
-        spec.name: np.zeros(shape + tuple(s for s in spec.shape[1:]), dtype=spec.dtype)  # type: ignore[misc]
+        spec.name: np.zeros(shape + tuple(int(s) for s in spec.shape[1:]), dtype=spec.dtype)
         for spec in EXAMPLE_INPUTS
     }
 

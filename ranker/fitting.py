@@ -7,7 +7,7 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,7 +24,9 @@ EVAL_BATCH = 4_096
 
 @dataclass(frozen=True)
 class FitOptions:
-    """What `fit` needs: the optimiser, the epochs and early stopping, and the seed of the shuffling."""
+    """What `fit` needs: the optimiser, the epochs and early stopping, and the seed of the shuffling. The options of
+    `llmcf train`, `evaluate` and `update` take their fitting defaults from these (or state their own) and build one
+    with their `fit_options()`."""
 
     max_epochs: int = 20
     patience: int = 2
@@ -33,12 +35,6 @@ class FitOptions:
     reconstruction_weight: float = 1.0
     seed: int = 0
     weight_decay: float = 0.0
-
-    @classmethod
-    def of(cls, options: Any) -> FitOptions:
-        """The fit options of any options object with the same field names (`TrainOptions`, update options); a
-        field the object lacks keeps its default."""
-        return cls(**{name: getattr(options, name) for name in cls.__dataclass_fields__ if hasattr(options, name)})
 
 
 class Batches:

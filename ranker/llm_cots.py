@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from llmcf.errors import UserFacingError
+from llmcf.files import write_atomically
 
 COTS_DIR = Path(__file__).resolve().parents[1] / "data" / "cots"
 DEFAULT_FRACTION = 0.01
@@ -148,19 +149,8 @@ def write_cots(options: WriteOptions, home: Path, path: Path | None = None,
     if not todo:
         return path
 
-    backend_options: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "temperature": options.temperature,
-                                       "seed": options.seed}
-    if options.backend == "openai":
-        if not options.openai_base_url or not options.model:
-            raise UserFacingError("the openai backend needs --openai-base-url (LLMCF_OPENAI_BASE_URL) and --model "
-                                  "(LLMCF_GENERATOR_MODEL, the served model's name)")
-        backend_options |= {"base_url": options.openai_base_url, "model": options.model,
-                            "concurrency": options.max_batch or 16}
-    else:
-        backend_options |= {"model": options.model, "device": options.device, "dtype": options.dtype,
-                            "threads": options.threads, "max_batch": options.max_batch}
+    backend_options = _backend_options(options)
     path.parent.mkdir(parents=True, exist_ok=True)
-    backend_options = {name: value for name, value in backend_options.items() if value is not None}
     with create_backend(options.backend, **backend_options) as backend:
         settings = {"backend": backend.name, "model": backend.model, "max_batch": backend.max_batch,
                     "dtype": getattr(backend, "dtype_name", options.dtype), "device": options.device,
@@ -202,6 +192,22 @@ def write_cots(options: WriteOptions, home: Path, path: Path | None = None,
     return path
 
 
+def _backend_options(options: WriteOptions) -> dict[str, Any]:
+    """The generator backend's arguments for `options` (those left unset keep the backend's defaults)."""
+    backend_options: dict[str, Any] = {"max_new_tokens": options.max_new_tokens, "temperature": options.temperature,
+                                       "seed": options.seed}
+    if options.backend == "openai":
+        if not options.openai_base_url or not options.model:
+            raise UserFacingError("the openai backend needs --openai-base-url (LLMCF_OPENAI_BASE_URL) and --model "
+                                  "(LLMCF_GENERATOR_MODEL, the served model's name)")
+        backend_options |= {"base_url": options.openai_base_url, "model": options.model,
+                            "concurrency": options.max_batch or 16}
+    else:
+        backend_options |= {"model": options.model, "device": options.device, "dtype": options.dtype,
+                            "threads": options.threads, "max_batch": options.max_batch}
+    return {name: value for name, value in backend_options.items() if value is not None}
+
+
 def command_of(options: WriteOptions, generator: dict[str, Any], path: Path) -> str:
     """The `llmcf cots` command that writes this file again with the same sample, generator and decoding."""
     args = ["llmcf", "cots", "--dataset", options.dataset, "--fraction", f"{options.fraction:g}", "--seed",
@@ -236,6 +242,4 @@ def _write_manifest(path: Path, sample: dict[str, Any], generator: dict[str, Any
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "embeddings": "not stored: readers embed the texts with llmcf.embeddings.MODEL_NAME",
     }
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(manifest, indent=2) + "\n")
-    staging.replace(path)
+    write_atomically(path, json.dumps(manifest, indent=2) + "\n")

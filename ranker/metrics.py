@@ -24,3 +24,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 def logloss(labels: np.ndarray, scores: np.ndarray) -> float:
     p = np.clip(np.asarray(scores, dtype=np.float64), 1e-7, 1 - 1e-7)
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def auc_or_none(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """The AUC where `labels` hold both labels, else None (a slice or a day with one label has none)."""
+    return auc(labels, scores) if len(np.unique(labels)) == 2 else None

@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from llmcf.embeddings import EMBEDDING_DIMENSION
+from llmcf.model_kinds import BACKBONES, Backbone, ModelKind
 from ranker.features import EXAMPLE_ROW_INPUTS, EXAMPLES, LIKED, NOT_LIKED, SAMPLE_INPUTS, input_specs, model_inputs
 
-Backbone = Literal["deepfm", "din"]
-BACKBONES: tuple[Backbone, ...] = ("deepfm", "din")
 FIELDS = 6  # user, item, tags, item text, history ids, history text (+ user tags, liked history: `ModelConfig.fields`)
 TOKENS_PER_EXAMPLE = 3
 _MASKED_SCORE = -1e9  # exp() of this underflows to exactly 0 in float32: masked keys get exactly zero weight
@@ -67,7 +65,7 @@ class ModelConfig:
     @property
     def kind(self) -> str:
         """The model_versions kind: 'deepfm', 'deepfm+ict', 'din', 'din+ict'."""
-        return f"{self.backbone}+ict" if self.ict else self.backbone
+        return ModelKind(self.backbone, self.ict).name
 
     @property
     def fields(self) -> int:
@@ -209,6 +207,13 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class ICTModule(nn.Module):
     """The In-context Chain-of-Thought module: 13 tokens -> causal decoder -> w (B, d) and the reconstruction loss."""
+
+    # Buffers (`register_buffer`): declared so that the type checker reads them as tensors, not as submodules.
+    cos: Tensor
+    sin: Tensor
+    causal: Tensor
+    diagonal: Tensor
+    feature_positions: Tensor
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from ranker.export import (
 )
 from ranker.features import FeatureSpace
 from ranker.model import RankerModel
+
+if TYPE_CHECKING:
+    from storage.registry import ModelStatus
 
 PARITY_ROWS = 512
 
@@ -79,11 +82,12 @@ def export_artifact(model: RankerModel, space: FeatureSpace, parity_inputs: dict
     return Artifact(version_id, directory, directory / MODEL_ONNX, checksum, created_at, metrics)
 
 
-def register_version(settings: Settings, result: TrainResult, status: str = "candidate",
+def register_version(settings: Settings, result: TrainResult, status: ModelStatus = "candidate",
                      parent_version: str | None = None, notes: str | None = None) -> None:
     """Record the artifact as a `model_versions` row (migrating the database first)."""
     import migrations
-    from storage.repository import ModelVersionRecord, Repository
+    from storage.registry import ModelVersionRecord
+    from storage.repository import Repository
 
     migrations.upgrade(settings.database_url)
     with Repository.from_settings(settings) as repository:
@@ -91,5 +95,5 @@ def register_version(settings: Settings, result: TrainResult, status: str = "can
             version_id=result.version_id, kind=result.kind, artifact_path=str(result.onnx_path), checksum=result.checksum,
             created_at=result.created_at or datetime.now(timezone.utc),
             metrics={k: v for k, v in result.metrics.items() if v is not None},
-            parent_version=parent_version, status=status, notes=notes if notes is not None else result.notes,  # type: ignore[arg-type]
+            parent_version=parent_version, status=status, notes=notes if notes is not None else result.notes,
         ))

@@ -12,8 +12,8 @@ Why it is exact and cheap (the algebra): every sample of one item shares the ite
 (= 1 for unit vectors). So for a query whose target's similarity row c_i = <t, T_i> is sorted in decreasing order,
 items are scanned best-first and the scan stops as soon as the second-best score found for each label is strictly
 above 0.5 |h| max|H| + 0.5 c_next: no sample of any item not scanned can reach it. The similarity rows depend only on
-the target item and the pool's item table, so they are cached per item (`_Neighbours`) and extended, by merging, when
-new items join the pool (`bench/retrieval.py` prints how many pool rows a query scores).
+the target item and the pool's item table, so they are cached per item (`ranker.neighbours`) and extended, by merging,
+when new items join the pool (`bench/retrieval.py` prints how many pool rows a query scores).
 
 Two executions of the same rule, both checked against brute force in the tests:
 - many queries sharing a target item with their own histories (training, evaluation, updates): one matrix product per
@@ -29,14 +29,12 @@ The pool itself, its snapshots and their layout: `ranker.sample_pool`.
 from __future__ import annotations
 
 import itertools
-import threading
 import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from ranker.neighbours import NeighbourCache, Neighbours
 from ranker.sample_pool import PoolView, SamplePool
 
 POSITIVES = 2
@@ -52,35 +50,15 @@ _FULL_SCAN_CELLS = 1_000_000  # targets x pool rows under which one request scor
 # ---- exact retrieval -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Neighbours:
-    """A target's similarity to each pool item (`sims`, by item code) and the item codes best-first (`order`,
-    ties by code); valid for the first `n_items` items of the pool's item table."""
-
-    sims: np.ndarray
-    order: np.ndarray
-    generation: int
-    sorted_sims: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sorted_sims = self.sims[self.order]
-
-    @property
-    def n_items(self) -> int:
-        return len(self.sims)
-
-
 class ExactRetriever:
     """Exact, balanced (2 positives + 2 negatives), leak-free retrieval over a `SamplePool` (module docstring).
 
-    Thread-safe: the only shared state is the similarity-row cache (bounded, entries replaced whole)."""
+    Thread-safe: the only shared state is the similarity-row cache (`NeighbourCache`)."""
 
     def __init__(self, pool: SamplePool, neighbour_cache_size: int = 20_000, full_scan_cells: int = _FULL_SCAN_CELLS) -> None:
         self.pool = pool
-        self.neighbour_cache_size = neighbour_cache_size
         self.full_scan_cells = full_scan_cells  # below this many targets x rows, a request scores the whole pool
-        self._neighbours: OrderedDict[str, _Neighbours] = OrderedDict()
-        self._cache_lock = threading.Lock()
+        self.neighbours = NeighbourCache(neighbour_cache_size)
         self.rows_scored = 0  # pool rows whose score was computed, summed over queries (benchmarks)
 
     # ---- the public entry points ---------------------------------------------------------------------------------
@@ -96,13 +74,13 @@ class ExactRetriever:
         by_target: dict[str, list[int]] = {}
         for position, item in enumerate(items):
             by_target.setdefault(item, []).append(position)
-        blank = ~histories.any(axis=1) & ~targets.any(axis=1)
+        blank = ~np.any(histories, axis=1) & ~np.any(targets, axis=1)
         for item, positions in by_target.items():
             members = np.asarray(positions, dtype=np.int64)
             members = members[~blank[members]]
             if not len(members):
                 continue
-            neighbours = self._neighbours_of(view, item, targets[members[0]])
+            neighbours = self.neighbours.get(view, item, targets[members[0]])
             self._scan(view, neighbours, histories[members], users[members], ts[members], seq[members], gmax[members],
                        result, members)
         return result
@@ -118,13 +96,13 @@ class ExactRetriever:
             keep = np.flatnonzero(targets.any(axis=1))
             if len(keep) < len(items):
                 if len(keep):
-                    result[keep] = self.top_rows_for_history(view, user, ts, seq, history, [items[i] for i in keep],
+                    result[keep] = self.top_rows_for_history(view, user, ts, seq, history, [items[i] for i in keep.tolist()],
                                                              targets[keep])
                 return result
         distinct = list(dict.fromkeys(items))
         position = {item: i for i, item in enumerate(distinct)}
         first = {item: targets[i] for i, item in reversed(list(enumerate(items)))}
-        neighbours = [self._neighbours_of(view, item, first[item]) for item in distinct]
+        neighbours = [self.neighbours.get(view, item, first[item]) for item in distinct]
         sims = np.stack([nb.sims for nb in neighbours])  # (targets, items)
         excluded = _excluded_rows(view, user, ts, seq)
         best = _ItemBest(view, history, excluded)
@@ -154,7 +132,7 @@ class ExactRetriever:
 
     # ---- one target's scan --------------------------------------------------------------------------------------------
 
-    def _scan(self, view: PoolView, neighbours: _Neighbours, histories: np.ndarray, users: np.ndarray, ts: np.ndarray,
+    def _scan(self, view: PoolView, neighbours: Neighbours, histories: np.ndarray, users: np.ndarray, ts: np.ndarray,
               seq: np.ndarray, gmax: np.ndarray, result: np.ndarray, members: np.ndarray) -> None:
         """Queries sharing one target: scan its items best-first. A query not settled by a prefix moves on to the
         prefix it needs, rounded up to a power of two and shared with the queries that need about as much: each query
@@ -191,38 +169,6 @@ class ExactRetriever:
             rounded = np.minimum(2 ** np.ceil(np.log2(need)).astype(np.int64), neighbours.n_items)
             for size in np.unique(rounded).tolist():
                 work.append((left[rounded == size], int(size)))
-
-    def _neighbours_of(self, view: PoolView, item: str, target: np.ndarray) -> _Neighbours:
-        """The target's similarity row over the view's items, from the cache (extended for items added since). The key
-        holds the target vector's hash too: an unknown item scored as zeros until its embedding is stored changes."""
-        key = f"{item}\x1f{zlib.crc32(np.ascontiguousarray(target, dtype=np.float32).tobytes())}"
-        with self._cache_lock:
-            cached = self._neighbours.get(key)
-            if cached is not None:
-                self._neighbours.move_to_end(key)
-        n_items = view.n_items
-        if cached is not None and cached.generation != view.generation:
-            cached = None
-        if cached is not None and cached.n_items == n_items:
-            return cached
-        if cached is not None and cached.n_items < n_items:
-            # Items joined the pool since: merge theirs into the cached order (new codes are the largest, so among
-            # equal similarities they go after the old ones, as a full sort would put them) instead of sorting again.
-            tail = (view.item_vectors[cached.n_items : n_items] @ target).astype(np.float32)
-            tail_order = np.lexsort((np.arange(len(tail)), -tail))
-            at = np.searchsorted(-cached.sorted_sims, -tail[tail_order], side="right")
-            order = np.insert(cached.order, at, tail_order + cached.n_items)
-            entry = _Neighbours(np.concatenate([cached.sims, tail]), order, view.generation)
-        else:
-            sims = (view.item_vectors[:n_items] @ target).astype(np.float32)
-            entry = _Neighbours(sims, np.lexsort((np.arange(n_items), -sims)), view.generation)
-        with self._cache_lock:
-            current = self._neighbours.get(key)
-            if current is None or current.generation != view.generation or current.n_items <= n_items:
-                self._neighbours[key] = entry
-            while len(self._neighbours) > self.neighbour_cache_size:
-                self._neighbours.popitem(last=False)
-        return entry
 
 
 class _ItemBest:
@@ -367,12 +313,12 @@ def _group_best(values: np.ndarray, ts: np.ndarray, seq: np.ndarray, start: np.n
 # ---- helpers -------------------------------------------------------------------------------------------------------
 
 
-def _next_sim(neighbours: _Neighbours, prefix: int) -> float:
+def _next_sim(neighbours: Neighbours, prefix: int) -> float:
     """The best item similarity not yet scanned (-inf when every item was)."""
     return float(neighbours.sorted_sims[prefix]) if prefix < neighbours.n_items else -np.inf
 
 
-def _first_prefix(neighbours: _Neighbours, label_counts: np.ndarray) -> int:
+def _first_prefix(neighbours: Neighbours, label_counts: np.ndarray) -> int:
     """The shortest prefix of the target's items that holds two samples of each label (all items when the pool has
     fewer): where a scan starts, so that its first round can already bound the rest."""
     size = 4
@@ -384,7 +330,7 @@ def _first_prefix(neighbours: _Neighbours, label_counts: np.ndarray) -> int:
         size *= 4
 
 
-def _settled(second: np.ndarray, bound: np.ndarray, neighbours: list[_Neighbours], prefix: np.ndarray,
+def _settled(second: np.ndarray, bound: np.ndarray, neighbours: list[Neighbours], prefix: np.ndarray,
              gmax: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     """Which queries are settled (every item scanned, or each label's second-best score strictly above what an
     unscanned sample could reach), and for the others how many items to scan next: every item that could still reach

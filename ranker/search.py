@@ -22,15 +22,19 @@ import numpy as np
 import torch
 
 from llmcf.errors import UserFacingError
+from llmcf.model_kinds import ModelKind
 from llmcf.settings import Settings
 from ranker.data import fingerprint, movielens_corpus
 from ranker.dataset import Samples, build_feature_space, time_split
-from ranker.evaluation import EvaluationOptions, training_code_fingerprint
+from ranker.evaluation import training_code_fingerprint
+from ranker.evaluation_options import EvaluationOptions
 from ranker.fitting import Batches, FitOptions, fit
 from ranker.model import ModelConfig, RankerModel
 from ranker.progress import Stepper
 
-SEARCHABLE = {
+GridValue = int | float | bool
+
+SEARCHABLE: dict[str, Callable[[str], GridValue]] = {
     "learning_rate": float,
     "weight_decay": float,
     "batch_size": int,
@@ -45,16 +49,16 @@ demographics and liked-history fields)."""
 @dataclass(frozen=True)
 class Trial:
     backbone: str
-    values: dict[str, object]
+    values: dict[str, GridValue]
     valid_auc: float
     epochs: int
     best_epoch: int
     seconds: float
 
 
-def parse_grid(items: Sequence[str]) -> dict[str, list[object]]:
+def parse_grid(items: Sequence[str]) -> dict[str, list[GridValue]]:
     """["learning_rate=1e-3,3e-3", "user_tags=on,off"] -> {"learning_rate": [0.001, 0.003], "user_tags": [True, False]}."""
-    grid: dict[str, list[object]] = {}
+    grid: dict[str, list[GridValue]] = {}
     for item in items:
         name, _, values = item.partition("=")
         if name not in SEARCHABLE or not values:
@@ -66,7 +70,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[object]]:
     return grid
 
 
-def search(options: EvaluationOptions, backbones: Sequence[str], grid: Mapping[str, Sequence[object]], settings: Settings,
+def search(options: EvaluationOptions, backbones: Sequence[str], grid: Mapping[str, Sequence[GridValue]], settings: Settings,
            out: Path, log: Callable[[str], None] = print) -> list[Trial]:
     """Train every combination of `grid` for each backbone with `options` (an `EvaluationOptions`: dataset, caps,
     epochs, the defaults of what the grid leaves out); write `tune.md`/`tune.csv` under `out`; best first."""
@@ -79,7 +83,7 @@ def search(options: EvaluationOptions, backbones: Sequence[str], grid: Mapping[s
     combinations = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     step(f"search: {len(backbones)} backbone(s) x {len(combinations)} combination(s), train {len(train_split.rows):,} "
          f"rows, validation {len(valid_split.rows):,} rows (the test split is not read)")
-    base = FitOptions.of(options)
+    base = options.fit_options()
     setup = fingerprint(Path(__file__).read_text(), training_code_fingerprint(), options.dataset, train_split.rows,
                         valid_split.rows, repr(asdict(base)), options.field_dim, options.user_tags, options.history_labels)
     trials = []
@@ -92,13 +96,12 @@ def search(options: EvaluationOptions, backbones: Sequence[str], grid: Mapping[s
                 continue
             started = time.perf_counter()
             torch.manual_seed(0)
-            config = ModelConfig(backbone, False, space.n_users, space.n_items, space.n_tags,  # type: ignore[arg-type]
+            config = ModelConfig(ModelKind.parse(backbone).backbone, False, space.n_users, space.n_items, space.n_tags,
                                  n_user_tags=space.n_user_tags if values.get("user_tags", options.user_tags) else 0,
                                  field_dim=int(values.get("field_dim", options.field_dim)),
                                  history_labels=bool(values.get("history_labels", options.history_labels)))
-            fit_values = {k: v for k, v in values.items() if k in FitOptions.__dataclass_fields__}
-            history = fit(RankerModel(config), batches, train_split, valid_split,
-                          dataclasses.replace(base, **fit_values), Stepper(lambda _line: None))
+            history = fit(RankerModel(config), batches, train_split, valid_split, _fit_options(base, values),
+                          Stepper(lambda _line: None))
             aucs = [h["valid_auc"] for h in history]
             trials.append(Trial(backbone, values, max(aucs), len(history), int(np.argmax(aucs)) + 1,
                                 time.perf_counter() - started))
@@ -111,11 +114,18 @@ def search(options: EvaluationOptions, backbones: Sequence[str], grid: Mapping[s
     return trials
 
 
-def _describe(values: Mapping[str, object]) -> str:
+def _fit_options(base: FitOptions, values: Mapping[str, GridValue]) -> FitOptions:
+    """`base` with the fitting hyper-parameters of a grid point (`SEARCHABLE`'s optimiser ones)."""
+    return dataclasses.replace(base, learning_rate=float(values.get("learning_rate", base.learning_rate)),
+                               weight_decay=float(values.get("weight_decay", base.weight_decay)),
+                               batch_size=int(values.get("batch_size", base.batch_size)))
+
+
+def _describe(values: Mapping[str, GridValue]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "(defaults)"
 
 
-def _write(trials: Sequence[Trial], grid: Mapping[str, Sequence[object]], options: EvaluationOptions, out: Path) -> None:
+def _write(trials: Sequence[Trial], grid: Mapping[str, Sequence[GridValue]], options: EvaluationOptions, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     names = list(grid)
     with (out / "tune.csv").open("w", newline="") as handle:

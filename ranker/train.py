@@ -37,7 +37,7 @@ from ranker.dataset import DEFAULT_MAX_EVAL_SAMPLES, DEFAULT_MAX_TRAIN_SAMPLES, 
 from ranker.examples import retrieve_examples
 from ranker.fitting import Batches, FitOptions, evaluate, fit
 from ranker.metrics import logloss
-from ranker.model import ModelConfig, RankerModel
+from ranker.model import Backbone, ModelConfig, RankerModel
 from ranker.progress import Stepper
 from ranker.registry import PARITY_ROWS, TrainResult, export_artifact, register_version
 from ranker.sample_pool import ExampleRecord
@@ -48,18 +48,18 @@ class TrainOptions:
     """One training run. `dataset` None = read the database (`DATABASE_URL`)."""
 
     dataset: str | None = "ml-1m"
-    backbone: str = "deepfm"
+    backbone: Backbone = "deepfm"
     ict: bool = True
     max_train_samples: int | None = DEFAULT_MAX_TRAIN_SAMPLES
     max_eval_samples: int | None = DEFAULT_MAX_EVAL_SAMPLES
-    max_epochs: int = 20
-    patience: int = 2
-    batch_size: int = 512
-    learning_rate: float = 1e-3
-    reconstruction_weight: float = 1.0
+    max_epochs: int = FitOptions.max_epochs
+    patience: int = FitOptions.patience
+    batch_size: int = FitOptions.batch_size
+    learning_rate: float = FitOptions.learning_rate
+    reconstruction_weight: float = FitOptions.reconstruction_weight
     pool_rate: float = 0.1
     cot_backend: str = "template"
-    seed: int = 0
+    seed: int = FitOptions.seed
     threads: int = 2
     register: bool = True
 
@@ -68,6 +68,11 @@ class TrainOptions:
             raise UserFacingError(f"batch size {self.batch_size} is outside 128..4096")
         if not 0 < self.pool_rate <= 1:
             raise UserFacingError(f"pool rate {self.pool_rate} must be in (0, 1]")
+
+    def fit_options(self) -> FitOptions:
+        """How the model is fitted (no weight decay: `llmcf train` has none)."""
+        return FitOptions(max_epochs=self.max_epochs, patience=self.patience, batch_size=self.batch_size,
+                          learning_rate=self.learning_rate, reconstruction_weight=self.reconstruction_weight, seed=self.seed)
 
 
 def train(options: TrainOptions, settings: Settings, log: Callable[[str], None] = print,
@@ -99,9 +104,9 @@ def train(options: TrainOptions, settings: Settings, log: Callable[[str], None] 
 
     torch.manual_seed(options.seed)
     model = RankerModel(ModelConfig(options.backbone, options.ict, space.n_users, space.n_items, space.n_tags,
-                                        n_user_tags=space.n_user_tags, history_labels=True))  # type: ignore[arg-type]
+                                    n_user_tags=space.n_user_tags, history_labels=True))
     batches = Batches(samples, space, records, with_examples=options.ict)
-    history = fit(model, batches, train_split, valid_split, FitOptions.of(options), step)
+    history = fit(model, batches, train_split, valid_split, options.fit_options(), step)
 
     test_metrics = evaluate(model, batches, test_split)
     valid_metrics = evaluate(model, batches, valid_split)

@@ -9,7 +9,7 @@ converge to the same rows. Timestamps are always timezone-aware UTC in Python, o
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -23,6 +23,7 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     String,
+    Table,
     Text,
     TypeDecorator,
 )
@@ -79,6 +80,10 @@ class Base(DeclarativeBase):
         dict[str, Any]: JSON(),
         list[Any]: JSON(),
     }
+
+    if TYPE_CHECKING:
+        # SQLAlchemy types `__table__` as any FromClause (a model may map a join); every model here maps one Table.
+        __table__: ClassVar[Table]
 
 
 class Item(Base):

@@ -1,4 +1,7 @@
-"""The storage API every stage uses: batch upserts from events, and the reads the stages need. No SQL elsewhere.
+"""The storage API every stage uses (`Repository`): batch upserts from events, and the reads the stages need. No SQL
+outside this package. The facade owns items, users, interactions, CoT samples and item embeddings; engines come from
+`storage.engine`, row types from `storage.rows`, the PostgreSQL COPY road from `storage.bulk`, and model versions from
+`storage.registry` (which the facade delegates to).
 
 Contracts, for every method:
 - One call is one transaction. If it raises, nothing of that call was written; retrying the same batch is safe.
@@ -12,8 +15,8 @@ Contracts, for every method:
 - The stream worker's two hot writes (interactions with their users, pending CoT samples) take a faster road on
   PostgreSQL with the same semantics: the batch is copied (binary `COPY FROM STDIN`, rows formatted by psycopg's C
   code) into a session-local staging table, then one `INSERT ... SELECT DISTINCT ON (key) ... ORDER BY key, version
-  DESC` statement collapses, orders and upserts it in the server. SQLAlchemy's per-row processing, which held the GIL
-  for ~60 us per interaction, is gone; errors are raised as the same `sqlalchemy.exc` classes.
+  DESC` statement collapses, orders and upserts it in the server (`storage.bulk`). SQLAlchemy's per-row processing,
+  which held the GIL for every row, is gone; errors are raised as the same `sqlalchemy.exc` classes.
 - Two tables merge instead of replacing: `users` (see `upsert_interactions`) and `cot_samples`, whose request and
   result halves are versioned separately (see `upsert_cot_samples` and `complete_cot_samples`).
 - All values travel as bound parameters. Timestamps must be timezone-aware and come back as UTC.
@@ -24,225 +27,49 @@ Contracts, for every method:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
 
 import numpy as np
-import orjson
-from sqlalchemy import Engine, Table, and_, case, create_engine, event, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.expression import ColumnElement
+from sqlalchemy import Engine, Table, and_, case, func, or_, select
+from sqlalchemy.engine import URL
 
-from llmcf.events import CotRequest, CotResult, InteractionEvent, ItemEvent, epoch_ms
-from storage.models import MODEL_STATUSES, TABLES, CotSample, Interaction, Item, ItemEmbedding, ModelVersion, User
+from llmcf.events import CotRequest, CotResult, InteractionEvent, ItemEvent
+from storage import bulk
+from storage.engine import dialect_insert, make_engine
+from storage.models import TABLES, CotSample, Interaction, Item, ItemEmbedding, User
+from storage.registry import ModelRegistry, ModelStatus, ModelVersionRecord
+from storage.rows import (
+    REQUEST_FIELDS,
+    InteractionRow,
+    PendingSampleRow,
+    StoredCotSample,
+    StoredInteraction,
+    StoredItem,
+    StoredUser,
+    vector_from_bytes,
+    vector_to_bytes,
+)
+from storage.statements import in_chunks, latest_per_key, merge_users, upsert_newer, users_of
 
 if TYPE_CHECKING:
     from llmcf.settings import Settings
 
-ModelStatus = Literal["candidate", "serving", "retired", "rejected"]
+
+class _Timed(Protocol):
+    """A row read back in time order (`StoredInteraction`, `StoredCotSample`)."""
+
+    @property
+    def ts(self) -> datetime: ...
+
+
 R = TypeVar("R")
-SQLITE_BUSY_TIMEOUT_MS = 10_000
-# SQLite (before 3.32) allows 999 bound parameters per statement; IN lists are sent in chunks below that.
-_IN_LIST_CHUNK = 500
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def normalize_database_url(url: str | URL) -> URL:
-    """Parse a database URL and pin PostgreSQL to the psycopg 3 driver (`postgres://` and `postgresql://` included)."""
-    parsed = make_url(url)
-    if parsed.drivername in {"postgres", "postgresql"}:
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() not in {"postgresql", "sqlite"}:
-        raise ValueError(
-            f"unsupported database {parsed.render_as_string(hide_password=True)}: use PostgreSQL or SQLite"
-        )
-    return parsed
-
-
-def make_engine(url: str | URL) -> Engine:
-    """An engine tuned for the pipeline: pre-ping on PostgreSQL (a restarted server costs one retry, not a crash),
-    WAL and a busy timeout on SQLite (readers never block the writer; writers wait instead of failing). The SQLite
-    file's directory is created if missing."""
-    parsed = normalize_database_url(url)
-    if parsed.get_backend_name() == "postgresql":
-        return create_engine(
-            parsed, pool_size=5, max_overflow=5, pool_pre_ping=True, pool_recycle=1800, pool_timeout=30
-        )
-    if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(parsed)
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps the file consistent
-        cursor.close()
-
-    return engine
-
-
-@dataclass(frozen=True)
-class StoredItem:
-    """An `items` row as read back (the `Stored*` classes mirror their tables column for column)."""
-
-    item_id: str
-    title: str
-    text: str
-    tags: list[str]
-    created_at: datetime
-    updated_at: datetime | None
-    version: int
-    stored_at: datetime
-
-
-@dataclass(frozen=True)
-class StoredUser:
-    user_id: str
-    first_seen_at: datetime
-    last_seen_at: datetime
-    interactions: int
-    version: int
-
-
-@dataclass(frozen=True)
-class StoredInteraction:
-    interaction_id: str
-    user_id: str
-    item_id: str
-    kind: str
-    label: int
-    value: float | None
-    ts: datetime
-    version: int
-    stored_at: datetime
-
-
-@dataclass(frozen=True)
-class StoredCotSample:
-    sample_id: str
-    user_id: str
-    item_id: str
-    label: int
-    ts: datetime
-    history: list[dict[str, Any]] | None
-    reason: str | None
-    status: str
-    cot_text: str | None
-    backend: str | None
-    model: str | None
-    stored_at: datetime
-    generated_at: datetime | None
-    cot_stored_at: datetime | None
-    version: int
-    cot_embedding: bytes | None = None
-
-    def cot_vector(self) -> np.ndarray | None:
-        """The CoT embedding as a float32 array, or None while the CoT is pending."""
-        return None if self.cot_embedding is None else vector_from_bytes(self.cot_embedding)
-
-
-def vector_to_bytes(vector: np.ndarray | Sequence[float]) -> bytes:
-    """Little-endian float32 bytes: the storage form of every embedding, the same on every machine."""
-    return np.asarray(vector, dtype="<f4").tobytes()
-
-
-def vector_from_bytes(data: bytes) -> np.ndarray:
-    """The float32 array stored by `vector_to_bytes` (native byte order, writable)."""
-    return np.frombuffer(data, dtype="<f4").astype(np.float32)
-
-
-@dataclass(frozen=True)
-class ModelVersionRecord:
-    """A trained ranker artifact; `checksum` is the artifact's sha256 in hex."""
-
-    version_id: str
-    kind: str
-    artifact_path: str
-    checksum: str
-    created_at: datetime
-    metrics: dict[str, Any] = field(default_factory=dict)
-    parent_version: str | None = None
-    status: ModelStatus = "candidate"
-    notes: str | None = None
-
-    def __post_init__(self) -> None:
-        if not _SHA256_HEX.fullmatch(self.checksum):
-            raise ValueError(f"checksum must be a lowercase sha256 hex digest, got {self.checksum!r}")
-        if self.status not in MODEL_STATUSES:
-            raise ValueError(f"status must be one of {MODEL_STATUSES}, got {self.status!r}")
-
-
-class ModelVersionConflict(ValueError):
-    """A version id was recorded again with a different artifact: ids must name one artifact forever."""
-
-
-def _latest_per_key(rows: Iterable[dict[str, Any]], key: str, version: str = "version") -> list[dict[str, Any]]:
-    """Collapse rows sharing a key to the one with the highest version (the first one on ties), in key order."""
-    kept: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        current = kept.get(row[key])
-        if current is None or row[version] > current[version]:
-            kept[row[key]] = row
-    return [kept[k] for k in sorted(kept)]
-
-
-def _chunks(values: Sequence[str], size: int = _IN_LIST_CHUNK) -> Iterator[Sequence[str]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
+Timed = TypeVar("Timed", bound=_Timed)
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-class InteractionRow(NamedTuple):
-    """An interaction as stored, without the event model: what the stream worker decodes into, with the id and the
-    version (event time in ms) computed once."""
-
-    interaction_id: str
-    user_id: str
-    item_id: str
-    kind: str
-    label: int
-    value: float | None
-    ts: datetime
-    version: int
-
-    @classmethod
-    def from_event(cls, event: InteractionEvent) -> "InteractionRow":
-        return cls(event.interaction_id, event.user_id, event.item_id, event.kind, event.label, event.value, event.ts,
-                   event.version)
-
-
-class PendingSampleRow(NamedTuple):
-    """The request half of a CoT sample, without the `CotRequest` model: `history` is the (item id, label) of each
-    history entry, oldest first; `version` is `requested_at` in epoch ms."""
-
-    sample_id: str
-    user_id: str
-    item_id: str
-    label: int
-    ts: datetime
-    history: Sequence[tuple[str, int]]
-    reason: str
-    version: int
-
-    @classmethod
-    def from_request(cls, request: CotRequest) -> "PendingSampleRow":
-        return cls(request.request_id, request.user_id, request.item_id, request.label, request.ts,
-                   [(h.item_id, h.label) for h in request.history], request.reason, epoch_ms(request.requested_at))
-
-
-def _history_json(history: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
-    return [{"item_id": item_id, "label": label} for item_id, label in history]
 
 
 def _require_aware(rows: Sequence[InteractionRow] | Sequence[PendingSampleRow]) -> None:
@@ -252,118 +79,15 @@ def _require_aware(rows: Sequence[InteractionRow] | Sequence[PendingSampleRow]) 
             raise ValueError(f"naive datetime {row.ts!r}: storage needs timezone-aware timestamps")
 
 
-# PostgreSQL staging tables of the COPY road: one per session (temporary), emptied at every commit, `ord` numbering
-# rows in copy order so that DISTINCT ON keeps the first row among equal versions, like `_latest_per_key`.
-_INTERACTIONS_IN = "llmcf_interactions_in"
-_PENDING_SAMPLES_IN = "llmcf_pending_samples_in"
-_STAGING_COLUMNS = {
-    _INTERACTIONS_IN: (
-        ("interaction_id", "text"), ("user_id", "text"), ("item_id", "text"), ("kind", "text"), ("label", "int2"),
-        ("value", "float8"), ("ts", "timestamptz"), ("version", "int8"),
-    ),
-    _PENDING_SAMPLES_IN: (
-        ("sample_id", "text"), ("user_id", "text"), ("item_id", "text"), ("label", "int2"), ("ts", "timestamptz"),
-        ("history", "text"), ("reason", "text"), ("version", "int8"),
-    ),
-}
-_STAGING_DDL = tuple(
-    f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} (ord bigint GENERATED ALWAYS AS IDENTITY, "
-    + ", ".join(f"{column} {kind}" for column, kind in columns)
-    + ") ON COMMIT DELETE ROWS"
-    for name, columns in _STAGING_COLUMNS.items()
-)
-
-
-def _set_excluded(columns: Iterable[str]) -> str:
-    return ", ".join(f"{column} = excluded.{column}" for column in columns)
-
-
-_INTERACTION_COLUMNS = (*(name for name, _ in _STAGING_COLUMNS[_INTERACTIONS_IN]), "stored_at")
-_LATEST_INTERACTIONS = (
-    f"SELECT DISTINCT ON (interaction_id) * FROM {_INTERACTIONS_IN} ORDER BY interaction_id, version DESC, ord"
-)
-_PG_UPSERT_INTERACTIONS = (
-    f"INSERT INTO interactions ({', '.join(_INTERACTION_COLUMNS)}) "
-    f"SELECT {', '.join('%(stored_at)s' if c == 'stored_at' else c for c in _INTERACTION_COLUMNS)} "
-    f"FROM ({_LATEST_INTERACTIONS}) AS batch ORDER BY interaction_id "
-    f"ON CONFLICT (interaction_id) DO UPDATE SET "
-    f"{_set_excluded(c for c in _INTERACTION_COLUMNS if c != 'interaction_id')} "
-    f"WHERE interactions.version < excluded.version"
-)
-_PG_MERGE_USERS = (
-    "INSERT INTO users (user_id, first_seen_at, last_seen_at, interactions, version) "
-    f"SELECT user_id, min(ts), max(ts), 0, max(version) FROM ({_LATEST_INTERACTIONS}) AS batch "
-    "GROUP BY user_id ORDER BY user_id "
-    "ON CONFLICT (user_id) DO UPDATE SET first_seen_at = LEAST(users.first_seen_at, excluded.first_seen_at), "
-    "last_seen_at = GREATEST(users.last_seen_at, excluded.last_seen_at), version = GREATEST(users.version, excluded.version)"
-)
-_PG_RECOUNT_USERS = (
-    "UPDATE users SET interactions = (SELECT count(*) FROM interactions WHERE interactions.user_id = users.user_id) "
-    f"WHERE users.user_id IN (SELECT user_id FROM {_INTERACTIONS_IN})"
-)
-_REQUEST_FIELDS = ("user_id", "item_id", "label", "ts", "history", "reason", "stored_at", "version")
-_PG_UPSERT_PENDING_SAMPLES = (
-    "INSERT INTO cot_samples (sample_id, user_id, item_id, label, ts, history, reason, status, stored_at, version) "
-    "SELECT DISTINCT ON (sample_id) sample_id, user_id, item_id, label, ts, history::json, reason, 'pending', "
-    f"%(stored_at)s, version FROM {_PENDING_SAMPLES_IN} ORDER BY sample_id, version DESC, ord "
-    f"ON CONFLICT (sample_id) DO UPDATE SET {_set_excluded(_REQUEST_FIELDS)} "
-    "WHERE cot_samples.version < excluded.version"
-)
-_STAGING_READY = "llmcf_staging_ready"
-
-
-def _ensure_staging(conn: Connection) -> None:
-    """Create this session's staging tables once per database connection, committed on their own: a table created
-    inside a batch's transaction would vanish with that transaction's rollback."""
-    info = conn.connection.info
-    if not info.get(_STAGING_READY):
-        for statement in _STAGING_DDL:
-            conn.exec_driver_sql(statement)
-        conn.commit()
-        info[_STAGING_READY] = True
-
-
-def _pipeline(conn: Connection, statements: Sequence[tuple[str, Mapping[str, Any] | None]]) -> None:
-    """Run `statements` in this transaction in one round trip (psycopg's pipeline mode), errors raised like
-    `_copy_rows`'s."""
-    import psycopg
-
-    driver = conn.connection.driver_connection
-    try:
-        with driver.cursor() as cursor, driver.pipeline():
-            for statement, parameters in statements:
-                cursor.execute(statement, parameters)
-    except psycopg.Error as exc:
-        raise DBAPIError.instance("; ".join(s for s, _ in statements), None, exc, psycopg.Error) from exc
-
-
-def _copy_rows(conn: Connection, staging: str, rows: Iterable[Sequence[Any]]) -> None:
-    """Binary COPY of `rows` (tuples in `_STAGING_COLUMNS` order) into a staging table, in this transaction.
-
-    psycopg's own errors are raised as their `sqlalchemy.exc` counterparts (DataError for a NUL in a string,
-    OperationalError for a lost server), like every other statement of the repository."""
-    import psycopg
-
-    columns = _STAGING_COLUMNS[staging]
-    statement = f"COPY {staging} ({', '.join(name for name, _ in columns)}) FROM STDIN (FORMAT BINARY)"
-    try:
-        with conn.connection.driver_connection.cursor() as cursor, cursor.copy(statement) as copy:
-            copy.set_types([kind for _, kind in columns])
-            for row in rows:
-                copy.write_row(row)
-    except psycopg.Error as exc:
-        raise DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
-
-
 class Repository:
     """Batch upserts and reads over one engine. Thread-safe (the engine pools connections); `close()` releases them."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        dialect = engine.dialect.name
-        self._insert: Callable[[Table], Any] = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        self._insert = dialect_insert(engine)
         # The COPY road needs psycopg 3 (the driver `normalize_database_url` picks); any other driver takes the other.
-        self._copy_road = dialect == "postgresql" and engine.dialect.driver == "psycopg"
+        self._copy_road = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        self.models = ModelRegistry(engine)
 
     @classmethod
     def from_url(cls, url: str | URL) -> "Repository":
@@ -390,7 +114,7 @@ class Repository:
     def upsert_items(self, items: Sequence[ItemEvent]) -> int:
         """Store items; a row is replaced only by a later `updated_at` (or `created_at`). Returns distinct items."""
         stored_at = _now()
-        rows = _latest_per_key(
+        rows = latest_per_key(
             (
                 {
                     "item_id": item.item_id,
@@ -408,7 +132,7 @@ class Repository:
         )
         if rows:
             with self.engine.begin() as conn:
-                self._upsert_newer(conn, Item.__table__, "item_id", rows)
+                upsert_newer(conn, self._insert, Item.__table__, "item_id", rows)
         return len(rows)
 
     def upsert_interactions(self, interactions: Sequence[InteractionEvent]) -> int:
@@ -427,27 +151,12 @@ class Repository:
         stored_at = _now()
         if self._copy_road:
             with self.engine.connect() as conn:
-                _ensure_staging(conn)
-                with conn.begin():
-                    _copy_rows(conn, _INTERACTIONS_IN, interactions)
-                    _pipeline(conn, [(_PG_UPSERT_INTERACTIONS, {"stored_at": stored_at}), (_PG_MERGE_USERS, None),
-                                     (_PG_RECOUNT_USERS, None)])
+                bulk.copy_interactions(conn, interactions, stored_at)
             return len({row.interaction_id for row in interactions})
-        rows = _latest_per_key(({**row._asdict(), "stored_at": stored_at} for row in interactions), key="interaction_id")
-        users: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            user = users.setdefault(
-                row["user_id"],
-                {"user_id": row["user_id"], "first_seen_at": row["ts"], "last_seen_at": row["ts"],
-                 "interactions": 0, "version": row["version"]},
-            )
-            user["first_seen_at"] = min(user["first_seen_at"], row["ts"])
-            user["last_seen_at"] = max(user["last_seen_at"], row["ts"])
-            user["version"] = max(user["version"], row["version"])
-        user_rows = [users[k] for k in sorted(users)]
+        rows = latest_per_key(({**row._asdict(), "stored_at": stored_at} for row in interactions), key="interaction_id")
         with self.engine.begin() as conn:
-            self._upsert_newer(conn, Interaction.__table__, "interaction_id", rows)
-            self._merge_users(conn, user_rows)
+            upsert_newer(conn, self._insert, Interaction.__table__, "interaction_id", rows)
+            merge_users(conn, self._insert, users_of(rows))
         return len(rows)
 
     def upsert_cot_samples(self, requests: Sequence[CotRequest]) -> int:
@@ -467,18 +176,11 @@ class Repository:
         stored_at = _now()
         if self._copy_road:
             with self.engine.connect() as conn:
-                _ensure_staging(conn)
-                with conn.begin():
-                    _copy_rows(conn, _PENDING_SAMPLES_IN, (
-                        (r.sample_id, r.user_id, r.item_id, r.label, r.ts, orjson.dumps(_history_json(r.history)).decode(),
-                         r.reason, r.version)
-                        for r in samples
-                    ))
-                    conn.exec_driver_sql(_PG_UPSERT_PENDING_SAMPLES, {"stored_at": stored_at})
+                bulk.copy_pending_samples(conn, samples, stored_at)
             return len({row.sample_id for row in samples})
-        rows = _latest_per_key(
+        rows = latest_per_key(
             (
-                {**row._asdict(), "history": _history_json(row.history), "status": "pending", "stored_at": stored_at}
+                {**row._asdict(), "history": row.history_json(), "status": "pending", "stored_at": stored_at}
                 for row in samples
             ),
             key="sample_id",
@@ -487,7 +189,7 @@ class Repository:
         stmt = self._insert(table)
         stmt = stmt.on_conflict_do_update(
             index_elements=["sample_id"],
-            set_={name: stmt.excluded[name] for name in _REQUEST_FIELDS},
+            set_={name: stmt.excluded[name] for name in REQUEST_FIELDS},
             where=table.c.version < stmt.excluded.version,
         )
         with self.engine.begin() as conn:
@@ -502,7 +204,7 @@ class Repository:
         result changes nothing, `cot_stored_at` included.
         """
         stored_at = _now()
-        rows = _latest_per_key(
+        rows = latest_per_key(
             (
                 {
                     "sample_id": result.request_id,
@@ -568,80 +270,32 @@ class Repository:
         table = ItemEmbedding.__table__
         found: dict[str, np.ndarray] = {}
         with self.engine.connect() as conn:
-            for chunk in _chunks(sorted(set(item_ids))):
+            for chunk in in_chunks(sorted(set(item_ids))):
                 for item_id, data in conn.execute(
                     select(table.c.item_id, table.c.embedding).where(table.c.item_id.in_(chunk))
                 ):
                     found[item_id] = vector_from_bytes(data)
         return found
 
+    # ---- model versions (the registry's, kept here so that callers hold one storage object) ---------------------
+
     def record_model_version(self, version: ModelVersionRecord) -> None:
-        """Register a trained artifact. Recording the same version again is a no-op (a retried trainer step);
-        recording its id with a different checksum raises `ModelVersionConflict` and writes nothing."""
-        table = ModelVersion.__table__
-        row = {
-            "version_id": version.version_id,
-            "created_at": version.created_at,
-            "kind": version.kind,
-            "parent_version": version.parent_version,
-            "metrics": version.metrics,
-            "artifact_path": version.artifact_path,
-            "checksum": version.checksum,
-            "status": version.status,
-            "notes": version.notes,
-        }
-        with self.engine.begin() as conn:
-            conn.execute(self._insert(table).on_conflict_do_nothing(index_elements=["version_id"]), [row])
-            stored = conn.execute(
-                select(table.c.checksum).where(table.c.version_id == version.version_id)
-            ).scalar_one()
-            if stored != version.checksum:
-                raise ModelVersionConflict(
-                    f"model version {version.version_id!r} is already recorded with checksum {stored}, "
-                    f"not {version.checksum}"
-                )
+        """See `ModelRegistry.record`."""
+        self.models.record(version)
 
     def set_model_status(self, version_id: str, status: ModelStatus, notes: str | None = None) -> None:
-        """Move a version to `status` (and replace its notes when given). Promoting one to 'serving' retires the
-        version of the same kind that was serving, in the same transaction: at most one serves per kind."""
-        if status not in MODEL_STATUSES:
-            raise ValueError(f"status must be one of {MODEL_STATUSES}, got {status!r}")
-        table = ModelVersion.__table__
-        with self.engine.begin() as conn:
-            kind = conn.execute(select(table.c.kind).where(table.c.version_id == version_id)).scalar_one_or_none()
-            if kind is None:
-                raise KeyError(f"no model version {version_id!r}")
-            if status == "serving":
-                conn.execute(
-                    update(table)
-                    .where(table.c.kind == kind, table.c.status == "serving", table.c.version_id != version_id)
-                    .values(status="retired")
-                )
-            values: dict[str, Any] = {"status": status}
-            if notes is not None:
-                values["notes"] = notes
-            conn.execute(update(table).where(table.c.version_id == version_id).values(**values))
-
-    # ---- reads --------------------------------------------------------------------------------------------------
+        """See `ModelRegistry.set_status`."""
+        self.models.set_status(version_id, status, notes)
 
     def latest_model_version(self, kind: str, status: ModelStatus = "serving") -> ModelVersionRecord | None:
-        """The most recently created version of `kind` in `status`, or None."""
-        table = ModelVersion.__table__
-        with self.engine.connect() as conn:
-            row = conn.execute(
-                select(table)
-                .where(table.c.kind == kind, table.c.status == status)
-                .order_by(table.c.created_at.desc(), table.c.version_id.desc())
-                .limit(1)
-            ).mappings().first()
-        return None if row is None else ModelVersionRecord(**row)
+        """See `ModelRegistry.latest`."""
+        return self.models.latest(kind, status)
 
     def get_model_version(self, version_id: str) -> ModelVersionRecord | None:
-        """The version `version_id` whatever its status, or None."""
-        table = ModelVersion.__table__
-        with self.engine.connect() as conn:
-            row = conn.execute(select(table).where(table.c.version_id == version_id)).mappings().first()
-        return None if row is None else ModelVersionRecord(**row)
+        """See `ModelRegistry.get`."""
+        return self.models.get(version_id)
+
+    # ---- reads --------------------------------------------------------------------------------------------------
 
     def get_items(self, item_ids: Iterable[str]) -> dict[str, StoredItem]:
         """The stored items among `item_ids`, by id (missing ids are simply absent)."""
@@ -713,9 +367,9 @@ class Repository:
         return self._iter_by_time(Interaction.__table__, "interaction_id", StoredInteraction, start, end, batch_size)
 
     def _iter_by_time(
-        self, table: Table, id_column: str, row_type: type[R], start: datetime | None, end: datetime | None,
+        self, table: Table, id_column: str, row_type: type[Timed], start: datetime | None, end: datetime | None,
         batch_size: int,
-    ) -> Iterator[R]:
+    ) -> Iterator[Timed]:
         """Rows of `table` with start <= ts < end, ordered by (ts, id), one keyset-paginated query per batch."""
         row_id = table.c[id_column]
         position: tuple[datetime, str] | None = None
@@ -759,54 +413,13 @@ class Repository:
                                  .order_by(func.count().desc(), interactions.c.item_id).limit(n_items)).scalars().all()
         return user, list(items)
 
-    # ---- statements ---------------------------------------------------------------------------------------------
+    # ---- helpers -----------------------------------------------------------------------------------------------------
 
-    def _upsert_newer(self, conn: Connection, table: Table, key: str, rows: list[dict[str, Any]]) -> None:
-        """Insert rows; replace a stored row only where the incoming version is strictly higher."""
-        stmt = self._insert(table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[key],
-            set_={column.name: stmt.excluded[column.name] for column in table.columns if column.name != key},
-            where=table.c.version < stmt.excluded.version,
-        )
-        conn.execute(stmt, rows)
-
-    def _merge_users(self, conn: Connection, user_rows: list[dict[str, Any]]) -> None:
-        table = User.__table__
-        stmt = self._insert(table)
-        incoming = stmt.excluded
-
-        def earliest(stored: ColumnElement[Any], new: ColumnElement[Any]) -> ColumnElement[Any]:
-            return case((new < stored, new), else_=stored)
-
-        def latest(stored: ColumnElement[Any], new: ColumnElement[Any]) -> ColumnElement[Any]:
-            return case((new > stored, new), else_=stored)
-
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["user_id"],
-            set_={
-                "first_seen_at": earliest(table.c.first_seen_at, incoming.first_seen_at),
-                "last_seen_at": latest(table.c.last_seen_at, incoming.last_seen_at),
-                "version": latest(table.c.version, incoming.version),
-            },
-        )
-        conn.execute(stmt, user_rows)
-        # Recount rather than increment: the count is then right however often an interaction is delivered.
-        interactions = Interaction.__table__
-        recount = (
-            select(func.count())
-            .where(interactions.c.user_id == table.c.user_id)
-            .scalar_subquery()
-        )
-        user_ids = [row["user_id"] for row in user_rows]
-        for chunk in _chunks(user_ids):
-            conn.execute(update(table).where(table.c.user_id.in_(chunk)).values(interactions=recount))
-
-    def _get_by_ids(self, table: Table, key: str, ids: Iterable[str], build: Callable[..., Any]) -> list[Any]:
+    def _get_by_ids(self, table: Table, key: str, ids: Iterable[str], build: Callable[..., R]) -> list[R]:
         wanted = sorted(set(ids))
-        found = []
+        found: list[R] = []
         with self.engine.connect() as conn:
-            for chunk in _chunks(wanted):
+            for chunk in in_chunks(wanted):
                 rows = conn.execute(select(table).where(table.c[key].in_(chunk))).mappings()
                 found.extend(build(**row) for row in rows)
         return found

@@ -6,8 +6,11 @@ The error policy, in one place:
   exponential backoff until it succeeds; each failure is logged and counted (`llmcf_worker_write_failures_total`). The
   batch is never acknowledged with unwritten data: Faust acks a `take_events` batch when the body returns, even if it
   raised, so the body must not return or raise before its writes are durable.
-- A write refused because of the data itself (`ValueError`, `TypeError`, SQL data or integrity errors) is retried
-  record by record, and each record still refused is dead-lettered with reason `processing_failed`; the others go on.
+- A write refused because of the data itself (`ValueError`, SQL data or integrity errors) is retried record by
+  record, and each record still refused is dead-lettered with reason `processing_failed`; the others go on.
+- A `TypeError` is a bug, never the data's fault (what decodes and validates has the contract's types): it is raised
+  at once, neither retried in place nor dead-lettered, so the batch fails loudly (`streams.delivery` logs it with its
+  traceback and processes the batch again).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from llmcf.dead_letters import DeadLetterPolicy, SourceRecord, decode_batch
 from llmcf.events import Event
+from llmcf.retries import backoff_s
 from streams.metrics import WRITE_FAILURES
 
 log = logging.getLogger(__name__)
@@ -33,8 +37,10 @@ U = TypeVar("U")
 
 RETRY_FIRST_DELAY_S = 0.1
 RETRY_MAX_DELAY_S = 5.0
-DATA_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, DataError, IntegrityError)
+DATA_ERRORS: tuple[type[BaseException], ...] = (ValueError, DataError, IntegrityError)
 """Errors that say the data is wrong, not the system: retrying the same records would fail the same way."""
+BUG_ERRORS: tuple[type[BaseException], ...] = (TypeError,)
+"""Errors that say the code is wrong: retrying would fail the same way, and no record is to blame."""
 
 
 class Consumed(NamedTuple, Generic[E]):
@@ -73,21 +79,21 @@ class Writer:
         self.policy = policy
 
     async def call(self, step: str, operation: Callable[[], T]) -> T:
-        """`operation()` on the executor, retried with capped backoff until it returns; data errors are raised."""
+        """`operation()` on the executor, retried with capped backoff until it returns; data errors and bugs are
+        raised."""
         loop = asyncio.get_running_loop()
-        delay = RETRY_FIRST_DELAY_S
         attempt = 0
         while True:
             try:
                 return await loop.run_in_executor(self.executor, operation)
-            except DATA_ERRORS:
+            except (*DATA_ERRORS, *BUG_ERRORS):
                 raise
             except Exception as exc:
                 attempt += 1
                 WRITE_FAILURES.labels(step=step).inc()
+                delay = backoff_s(attempt, RETRY_FIRST_DELAY_S, RETRY_MAX_DELAY_S)
                 log.warning("%s failed (attempt %d), retrying in %.1f s: %s", step, attempt, delay, exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
     async def each_good(
         self,

@@ -11,7 +11,7 @@ transaction marker, a compacted record), and it would otherwise wait forever for
 
 With the exact rule, both show up as a commit standing still behind processed records, which `streams.stalls`
 notices; the worker then reads the records between the committed offset and the next acknowledged one from the broker
-itself, processes them, and `acknowledge`s that range (`streams.app`): dropped records are processed, offsets holding
+itself, processes them, and `acknowledge`s that range (`streams.repair`): dropped records are processed, offsets holding
 none are passed. A transactional upstream therefore costs the stall guard's patience once after a restart that lands
 on a marker, instead of a lost record. (The worker never seeks Faust's consumer for this: records of a fetch already
 in Faust's hands at the moment of a seek are still delivered afterwards, and make Faust report a gap, see below.)
@@ -112,3 +112,10 @@ class ExactCommitApp(faust.App):
 
     def _new_transport(self) -> ExactCommitTransport:
         return ExactCommitTransport(self.conf.broker_consumer, self)
+
+    @property
+    def exact_consumer(self) -> ExactCommitConsumer:
+        """`consumer`, typed as the transport makes it. Built on first access: read it once the worker runs, on its loop."""
+        consumer = self.consumer
+        assert isinstance(consumer, ExactCommitConsumer)
+        return consumer

@@ -21,7 +21,7 @@ import orjson
 
 from llmcf.dead_letters import SourceRecord
 from llmcf.events import DeadLetterReason, EventError, InteractionEvent, InteractionKind, decode, epoch_ms
-from storage.repository import InteractionRow
+from storage.rows import InteractionRow
 
 _KINDS = frozenset(get_args(InteractionKind))
 _ID_MAX = 128
@@ -66,6 +66,8 @@ def fast_row(raw: bytes | None) -> InteractionRow | None:
     get = data.get
     user_id, item_id, kind, label, ts_text = get("user_id"), get("item_id"), get("kind"), get("label"), get("ts")
     if type(user_id) is not str or type(item_id) is not str or type(ts_text) is not str or type(label) is not int:
+        return None
+    if type(kind) is not str:  # before `kind in _KINDS`, which raises TypeError for a list or an object
         return None
     if not (0 < len(user_id) <= _ID_MAX and 0 < len(item_id) <= _ID_MAX and kind in _KINDS and label in (0, 1)):
         return None

@@ -49,11 +49,15 @@ def before(history: Sequence[HistoryItem], item: HistoryItem, length: int) -> li
     return list(history[max(0, end - length) : end])
 
 
-def to_stored(history: Sequence[HistoryItem]) -> list[list[object]]:
+StoredItem = list[int | str]
+"""A history item as the table's changelog carries it (JSON): [ts in ms, interaction id, item id, label]."""
+
+
+def to_stored(history: Sequence[HistoryItem]) -> list[StoredItem]:
     return [list(item) for item in history]
 
 
-def from_stored(stored: Sequence[Sequence[object]] | None) -> list[HistoryItem]:
+def from_stored(stored: Sequence[Sequence[int | str]] | None) -> list[HistoryItem]:
     return [HistoryItem(int(ts), str(iid), str(item), int(label)) for ts, iid, item, label in stored or ()]
 
 
@@ -67,15 +71,3 @@ class HistoryStore(Protocol):
         """Replace the user's history; `partition` is the source partition of the user's interactions (user-keyed,
         so the table's changelog partition matches the topic's and a restart recovers it with the partition)."""
 
-
-class MemoryHistories:
-    """A `HistoryStore` in a dict, for tests and tools."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, list[HistoryItem]] = {}
-
-    def get(self, user_id: str) -> list[HistoryItem]:
-        return list(self.data.get(user_id, ()))
-
-    def put(self, user_id: str, history: list[HistoryItem], partition: int) -> None:
-        self.data[user_id] = list(history)

@@ -8,7 +8,7 @@ Lifecycle of one batch (`InteractionBatchProcessor.process`), in this order:
    agent, possibly behind); an interaction whose item is still unknown after `item_wait_s` is stored, but its sample is
    dead-lettered (`processing_failed`) instead of decided;
 3. merge each user's new interactions into their history (once per user per batch) and decide, per interaction, whether
-   its sample gets a CoT (`streams.decisions`); build the batch's requests (history = the user's items *before* each),
+   its sample gets a CoT (`llmcf.cot_policy`); build the batch's requests (history = the user's items *before* each),
    pending rows and retrieval vectors together (`streams.requests`);
 4. at once, on the index thread: the vector index upserts the samples as pending points, key = request id (the
    index holds the GIL, so it overlaps best with PostgreSQL, which mostly waits on its socket);
@@ -41,16 +41,17 @@ from functools import partial
 
 import numpy as np
 
+from llmcf.cot_policy import CotPolicy, CotReason
 from llmcf.dead_letters import SourceRecord
 from llmcf.metrics import EVENTS
 from storage.repository import Repository
 from storage.vectors import VectorIndex
 from streams.batch import Writer
 from streams.catalogue import Catalogue, CatalogueItem
-from streams.decisions import CotPolicy, CotReason
 from streams.decoding import Received, decode_interactions
 from streams.history import HistoryItem, HistoryStore, before, latest, merge
 from streams.metrics import COT_DECISIONS, observe_freshness_ms
+from streams.processor import BatchProcessor
 from streams.publisher import RequestPublisher
 from streams.requests import Decided, Sample, build_samples
 
@@ -63,7 +64,7 @@ def event_times_ms(rows: Iterable[Received | Sample]) -> np.ndarray:
     return np.fromiter((r.row.version for r in rows), dtype=np.int64)
 
 
-class InteractionBatchProcessor:
+class InteractionBatchProcessor(BatchProcessor):
     """Processes one consumed batch of `interactions` records; see the module docstring for the lifecycle."""
 
     def __init__(
@@ -72,6 +73,7 @@ class InteractionBatchProcessor:
         repository: Repository,
         index: VectorIndex,
         catalogue: Catalogue,
+        histories: HistoryStore,
         publisher: RequestPublisher,
         writer: Writer,
         index_writer: Writer,
@@ -83,6 +85,7 @@ class InteractionBatchProcessor:
         self.repository = repository
         self.index = index
         self.catalogue = catalogue
+        self.histories = histories
         self.publisher = publisher
         self.writer = writer
         self.index_writer = index_writer
@@ -90,7 +93,7 @@ class InteractionBatchProcessor:
         self.history_length = history_length
         self.item_wait_s = item_wait_s
 
-    async def process(self, records: Sequence[SourceRecord], histories: HistoryStore) -> None:
+    async def process(self, records: Sequence[SourceRecord]) -> None:
         received = decode_interactions(records, self.writer.policy)
         EVENTS.labels(topic=self.topic, outcome="dead_lettered").inc(len(records) - len(received))
         observe_freshness_ms("ingested", event_times_ms(received))
@@ -102,7 +105,7 @@ class InteractionBatchProcessor:
             lambda r: r.record,
         ))
         try:
-            samples, merged_histories = await self._samples(received, histories)
+            samples, merged_histories = await self._samples(received)
         except BaseException:
             await storing  # never leave a write running behind an exception
             raise
@@ -131,7 +134,7 @@ class InteractionBatchProcessor:
                 COT_DECISIONS.labels(reason=reason).inc(count)
         await self.writer.flush_dead_letters()
         for user_id, (history, partition) in merged_histories.items():
-            histories.put(user_id, history, partition)
+            self.histories.put(user_id, history, partition)
         EVENTS.labels(topic=self.topic, outcome="ok").inc(len(received))
 
     async def _indexed(self, stored: list[Sample], indexed: list[Sample]) -> list[Sample]:
@@ -145,9 +148,7 @@ class InteractionBatchProcessor:
         indexed_ids = {s.request_id for s in indexed}
         return [s for s in stored if s.request_id in indexed_ids]
 
-    async def _samples(
-        self, received: list[Received], histories: HistoryStore
-    ) -> tuple[list[Sample], dict[str, tuple[list[HistoryItem], int]]]:
+    async def _samples(self, received: list[Received]) -> tuple[list[Sample], dict[str, tuple[list[HistoryItem], int]]]:
         """The samples that get a CoT, and each user's merged history (with its partition) to store once written."""
         policy = self.writer.policy
         targets = await self._known_items({r.row.item_id for r in received})
@@ -159,7 +160,7 @@ class InteractionBatchProcessor:
         merged_histories: dict[str, tuple[list[HistoryItem], int]] = {}
         decided: list[tuple[Received, CotReason, CatalogueItem, list[HistoryItem]]] = []
         for user_id, entries in by_user.items():
-            merged = merge(histories.get(user_id), (item for _, item in entries))
+            merged = merge(self.histories.get(user_id), (item for _, item in entries))
             merged_histories[user_id] = (latest(merged, self.history_length), entries[0][0].record.partition)
             for entry, item in entries:
                 target = targets.get(item.item_id)

@@ -24,6 +24,7 @@ from llmcf.metrics import EVENTS
 from storage.repository import Repository
 from streams.batch import Writer, decode_records, latest_per_key
 from streams.catalogue import Catalogue, CatalogueItem
+from streams.processor import BatchProcessor
 
 EMBED_CHUNK = 256
 
@@ -42,7 +43,7 @@ def catalogue_item(item: ItemEvent, vector: np.ndarray) -> CatalogueItem:
     )
 
 
-class ItemBatchProcessor:
+class ItemBatchProcessor(BatchProcessor):
     """Processes one consumed batch of `items` records; see the module docstring for the lifecycle."""
 
     def __init__(

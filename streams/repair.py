@@ -43,7 +43,7 @@ class RepairableConsumer(Protocol):
 
 RangeReader = Callable[[str, int, int, int], "list[SourceRecord] | None"]
 """(topic, partition, start, end) -> the records at offsets start..end-1, or None if the broker did not deliver them
-in time (`streams.app.OffsetProbe.read`); called on a worker thread."""
+in time (`streams.probe.OffsetProbe.read`); called on a worker thread."""
 
 
 class DeliveryRepair:
@@ -74,9 +74,9 @@ class DeliveryRepair:
         stalled = self.stall_guard.stalled(committed, ends, time.monotonic() if now is None else now)
         for (topic, partition), offset in stalled.items():
             tp = TP(topic, partition)
-            end = consumer.first_acknowledged_after(tp, offset) or consumer.highwater(tp)
-            if end is not None and end > offset:
-                await self.repair(tp, offset, end, "stall", f"committed at offset {offset} for "
+            until = consumer.first_acknowledged_after(tp, offset) or consumer.highwater(tp)
+            if until is not None and until > offset:
+                await self.repair(tp, offset, until, "stall", f"committed at offset {offset} for "
                                   f"{self.stall_guard.patience_s:.0f} s with later records processed, or waiting while "
                                   "its agent is idle")
 

@@ -18,16 +18,14 @@ from typing import NamedTuple
 import numpy as np
 import orjson
 
+from llmcf.cot_policy import CotReason, cot_request_id
 from llmcf.dead_letters import SourceRecord
 from llmcf.events import epoch_ms
-from llmcf.samples import encode_history, history_vectors, unit_rows
-from storage.repository import InteractionRow, PendingSampleRow
+from llmcf.samples import encode_history, history_vectors, join_sample_vectors
+from storage.rows import InteractionRow, PendingSampleRow
 from storage.vectors import Point
 from streams.catalogue import Catalogue, CatalogueItem
-from streams.decisions import CotReason, cot_request_id
 from streams.history import HistoryItem
-
-_SQRT2 = np.float32(np.sqrt(2.0))
 
 
 class Decided(NamedTuple):
@@ -77,7 +75,7 @@ def build_samples(
     for d, vector in zip(decided, vectors, strict=True):
         try:
             samples.append(_sample(d, vector, fragments, requested_json, requested_ms))
-        except (TypeError, ValueError) as exc:  # e.g. a string orjson cannot encode: that sample only
+        except (orjson.JSONEncodeError, ValueError) as exc:  # e.g. a string orjson cannot encode: that sample only
             refuse(d.record, f"{type(exc).__name__}: {exc}")
     return samples
 
@@ -119,14 +117,12 @@ def sample_vectors(vectors: np.ndarray, target_rows: Sequence[int], history_rows
     and summed one history position at a time (a (samples, dim) gather per position stays in cache, where gathering
     every history row at once and reducing per sample was 2-3x slower)."""
     n, dim = len(target_rows), vectors.shape[1]
-    out = np.zeros((n, 2 * dim), dtype=np.float32)
-    out[:, dim:] = unit_rows(vectors[np.asarray(target_rows, dtype=np.intp)])
+    histories = np.zeros((n, dim), dtype=np.float32)
     counts = np.fromiter(map(len, history_rows), dtype=np.intp, count=n)
     if counts.any():
         flat = np.fromiter(chain.from_iterable(history_rows), dtype=np.intp, count=int(counts.sum()))
         padded = np.zeros((n, int(counts.max())), dtype=np.intp)
         owner = np.repeat(np.arange(n), counts)
         padded[owner, np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)] = flat
-        out[:, :dim] = history_vectors(vectors, padded)
-    out /= _SQRT2
-    return out
+        histories = history_vectors(vectors, padded)
+    return join_sample_vectors(histories, vectors[np.asarray(target_rows, dtype=np.intp)])

@@ -20,9 +20,10 @@ from llmcf.metrics import EVENTS, observe_freshness
 from storage.repository import Repository
 from storage.vectors import VectorIndex
 from streams.batch import Writer, decode_records, latest_per_key
+from streams.processor import BatchProcessor
 
 
-class ResultBatchProcessor:
+class ResultBatchProcessor(BatchProcessor):
     """Processes one consumed batch of `cot-results` records; see the module docstring for the lifecycle."""
 
     def __init__(self, topic: str, repository: Repository, index: VectorIndex, writer: Writer):

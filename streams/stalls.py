@@ -14,7 +14,7 @@ moved for `patience_s` although either
   acknowledged offsets every second), or
 - records at or after it exist (its end offset, as last fetched, is past it) while its agent had no batch in hand for
   that whole time: the dropped records were the partition's last ones, and nothing later will arrive to show it.
-The worker then repairs it (`streams.app`): it reads the records from the committed offset up to the next
+The worker then repairs it (`streams.repair`): it reads the records from the committed offset up to the next
 acknowledged one (or the partition's end) from the broker itself, processes them like any batch (the processors are
 idempotent, so a record processed twice changes nothing), and acknowledges that range, offsets without records
 (transaction markers, compacted records, which the exact commit rule of `streams.commits` waits on) included. Ranges

@@ -18,8 +18,8 @@ from confluent_kafka import Producer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
+from generators.backends.model_loading import resolve_model_dir
 from generators.backends.template_backend import TEMPLATE_MARKER
-from generators.backends.transformers_backend import resolve_model_dir
 from llmcf.embeddings import EMBEDDING_DIMENSION
 from llmcf.events import CotResult, decode
 from llmcf.kafka import producer_config, read_to_end
@@ -28,11 +28,12 @@ from llmcf.samples import SAMPLE_DIMENSION
 from llmcf.settings import Settings
 from llmcf.topics import Topics
 from storage.models import CotSample, Interaction
-from storage.repository import Repository, StoredCotSample
+from storage.repository import Repository
+from storage.rows import StoredCotSample
 from storage.vectors import Filter, Match
 from storage.vectors.edge import EdgeIndex
-from tests.fixtures.processes import LlmcfProcess, ProcessStarter, wait_while_running
-from tests.fixtures.windows import Expected, expected_window
+from testkit.processes import LlmcfProcess, ProcessStarter, wait_while_running
+from testkit.windows import Expected, expected_window
 from tests.generators.pool_support import read_dead_letters
 
 COMPLETED_TIMEOUT_S = 150.0

@@ -8,7 +8,7 @@ somewhere already written:
 - in the chains of thought already written for the same target item, then in the most recent ones overall
   (`DraftIndex`, fed with every finished generation; groups and documents bounded in number, oldest evicted).
 The continuation found (up to `draft_tokens`) is a draft; the decoder verifies all of it in one forward pass and keeps
-the longest prefix the model agrees with (`prefix_decoding.Acceptance`), so drafts change speed, never the text in the
+the longest prefix the model agrees with (`sampling.Acceptance`), so drafts change speed, never the text in the
 lossless mode. A miss costs a few dictionary lookups.
 
 Lookups keep the latest occurrence of each n-gram (the freshest text wins). Thread-safety: none; one decoder thread

@@ -21,7 +21,6 @@ from __future__ import annotations
 import email.utils
 import logging
 import os
-import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -29,16 +28,11 @@ from typing import Any, Literal
 
 import httpx
 
-from generators.backends import (
-    BackendError,
-    BackendSaturated,
-    CotBackend,
-    Generation,
-    GenerationOptions,
-    pick_best_candidate,
-)
+from generators.backends.base import BackendError, BackendSaturated, CotBackend, Generation, GenerationOptions
+from generators.backends.best_of_n import pick_best_candidate
 from generators.prompt import Prompt
 from llmcf.errors import UserFacingError
+from llmcf.retries import backoff_s, jittered_backoff_s
 from llmcf.settings import without_credentials
 
 log = logging.getLogger(__name__)
@@ -106,12 +100,12 @@ class OpenAIBackend(CotBackend):
             return []
         futures = [self._pool.submit(self._generate_one, prompt) for prompt in prompts]
         done, not_done = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f for f in futures if f in done and f.exception() is not None), None)
-        if failed is not None:
+        error = next((e for e in (f.exception() for f in futures if f in done) if e is not None), None)
+        if error is not None:
             for future in not_done:
                 future.cancel()
             wait(not_done)
-            raise failed.exception()  # type: ignore[misc]
+            raise error
         return [f.result() for f in futures]
 
     def _generate_one(self, prompt: Prompt) -> Generation:
@@ -190,8 +184,8 @@ class OpenAIBackend(CotBackend):
             raise BackendError(f"{self.shown_endpoint} rejected the request with {status}: {_snippet(response)}")
 
     def _sleep_backoff(self, attempt: int, why: str) -> None:
-        """Exponential backoff with full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
-        delay = random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
+        """Exponential backoff with full jitter (`llmcf.retries`)."""
+        delay = jittered_backoff_s(attempt, self.backoff_base_s, self.backoff_max_s)
         log.warning("%s failed (%s), retry %d/%d in %.2f s", self.shown_endpoint, why, attempt, self.max_retries, delay)
         time.sleep(delay)
 
@@ -208,7 +202,7 @@ class OpenAIBackend(CotBackend):
                 except (TypeError, ValueError):
                     seconds = None
         if seconds is None:
-            seconds = self.backoff_base_s * 2 ** (attempt - 1)
+            seconds = backoff_s(attempt, self.backoff_base_s, self.max_retry_after_s)
         return max(0.0, min(seconds, self.max_retry_after_s))
 
     def close(self) -> None:

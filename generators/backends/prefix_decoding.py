@@ -40,6 +40,9 @@ from typing import Protocol
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from generators.backends.llama_layout import LlamaLayer, llama_layout
+from generators.backends.sampling import Acceptance, Sampling, sample
+
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 Linear = Callable[[torch.nn.Linear, torch.Tensor], torch.Tensor]
@@ -85,36 +88,29 @@ class Prefix:
         return len(self.token_ids)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy when `temperature` is 0; otherwise softmax sampling at `temperature` within the top-p nucleus."""
-
-    temperature: float
-    top_p: float = 1.0
-
-
 class PrefixDecoder:
     """Generates continuations of `prefix + own part` prompts for a Llama-architecture `model` (evaluation mode)."""
 
     def __init__(self, model: torch.nn.Module, eos_ids: list[int]):
         if not self.supports(model):
-            raise ValueError(f"PrefixDecoder supports {', '.join(SUPPORTED_MODEL_TYPES)} models, not {model.config.model_type}")
-        self.model = model
-        self.decoder = model.model
-        config = model.config
+            raise ValueError(f"PrefixDecoder supports {', '.join(SUPPORTED_MODEL_TYPES)} models, "
+                             f"not {llama_layout(model).config.model_type}")
+        self.model = llama_layout(model)
+        self.decoder = self.model.model
+        config = self.model.config
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.group = self.heads // self.kv_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.decoder.layers[0].self_attn.scaling
-        self.dtype = next(model.parameters()).dtype  # the caches' too (bfloat16 models decode in bfloat16)
+        self.dtype = next(self.model.parameters()).dtype  # the caches' too (bfloat16 models decode in bfloat16)
         self.seconds = {"prefill": 0.0, "decode": 0.0}  # wall time spent in each phase since construction (benchmarks)
         self._eos = frozenset(eos_ids)
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
         """Whether `model` has the Llama layout this decoder drives (a plain decoder, no sliding window)."""
-        config = model.config
+        config = llama_layout(model).config
         return config.model_type in SUPPORTED_MODEL_TYPES and getattr(config, "sliding_window", None) is None
 
     @torch.inference_mode()
@@ -152,11 +148,21 @@ class PrefixDecoder:
             return []
         if any(not part for part in own_parts):
             raise ValueError("every prompt needs at least one token after the shared prefix")
-        acceptance = acceptance or Acceptance()
+        spare = drafter.max_tokens if drafter is not None else 0
+        rows, first_logits = self._prefill_rows(prefix, own_parts, candidates, max_new_tokens + spare)
+        prefilled = time.perf_counter()
+        step = _Step(max_new_tokens, sampling, drafter, acceptance or Acceptance())
+        outputs = self._decode(prefix, rows, first_logits, step)
+        self.seconds["decode"] += time.perf_counter() - prefilled
+        return [outputs[i * candidates : (i + 1) * candidates] for i in range(len(own_parts))]
+
+    def _prefill_rows(self, prefix: Prefix, own_parts: list[list[int]], candidates: int,
+                      new_columns: int) -> tuple[_Rows, list[torch.Tensor]]:
+        """Each own part prefilled once, its keys and values copied to its `candidates` rows of a cache with
+        `new_columns` left for generated tokens; the rows and the logits of their first token."""
         width = max(len(part) for part in own_parts)
         rows = len(own_parts) * candidates
-        spare = drafter.max_tokens if drafter is not None else 0
-        total = width + max_new_tokens + spare
+        total = width + new_columns
         keys = [torch.zeros(rows, self.kv_heads, total, self.head_dim, dtype=self.dtype) for _ in self.decoder.layers]
         values = [torch.zeros(rows, self.kv_heads, total, self.head_dim, dtype=self.dtype) for _ in self.decoder.layers]
         valid = torch.zeros(rows, total, dtype=torch.bool)
@@ -171,60 +177,41 @@ class PrefixDecoder:
                 layer_values[rows_of_part, :, start:width] = value
             valid[rows_of_part, start:width] = True
             first_logits.append(logits.expand(candidates, -1))
-
-        owner = torch.arange(rows)  # row -> index into the outputs (prompt * candidates + candidate)
         positions = torch.tensor([len(prefix) + len(part) for part in own_parts]).repeat_interleave(candidates)
-        prefilled = time.perf_counter()
-        self.seconds["prefill"] += prefilled - started
-        written = torch.full((rows,), width)  # per row, the cache column of its next token
-        outputs: list[list[int]] = [[] for _ in range(rows)]
-        tokens = sample(torch.cat(first_logits), sampling)
-        emitted = [[token] for token in tokens.tolist()]
+        state = _Rows(owner=torch.arange(rows), tokens=torch.zeros(rows, dtype=torch.long), positions=positions,
+                      valid=valid, written=torch.full((rows,), width), keys=keys, values=values)
+        self.seconds["prefill"] += time.perf_counter() - started
+        return state, first_logits
+
+    def _decode(self, prefix: Prefix, rows: _Rows, first_logits: list[torch.Tensor], step: _Step) -> list[list[int]]:
+        """Decode every row until it ends; each row's tokens (prompt * candidates + candidate order)."""
+        outputs: list[list[int]] = [[] for _ in range(len(rows.owner))]
+        rows.tokens = sample(torch.cat(first_logits), step.sampling)
+        emitted = [[token] for token in rows.tokens.tolist()]
         first_pass = True
+        total = rows.valid.shape[1]
         while True:
-            finished = []
-            for row, new in zip(owner.tolist(), emitted, strict=True):
-                out = outputs[row]
-                # up to and including the first end-of-sequence token, within max_new_tokens
-                count = next((i + 1 for i, token in enumerate(new) if token in self._eos), len(new))
-                count = min(count, max_new_tokens - len(out))
-                out.extend(new[:count])
-                finished.append(len(out) == max_new_tokens or out[-1] in self._eos)
-                if drafter is not None:
-                    drafter.extend(row, new[:count])
-                    if not first_pass:
-                        drafter.steps += 1
-                        drafter.emitted += count
-                        drafter.accepted += min(count, len(new) - 1)  # drafts kept and emitted (none after an end)
-            done = torch.tensor(finished)
+            done = torch.tensor(step.emit(rows.owner.tolist(), emitted, outputs, first_pass, self._eos))
             if bool(done.all()):
-                break
+                return outputs
             if bool(done.any()):
-                keep = ~done
-                owner, tokens, positions, valid, written = owner[keep], tokens[keep], positions[keep], valid[keep], written[keep]
-                keys = [k[keep] for k in keys]
-                values = [v[keep] for v in values]
-            drafts = [
-                drafter.draft(row, max_new_tokens - len(outputs[row]) - 1) if drafter is not None else []
-                for row in owner.tolist()
-            ]
-            length = 1 + max(len(d) for d in drafts)
-            block = tokens[:, None].repeat(1, length)
+                rows.keep(~done)
+            drafts = [step.draft(row, len(outputs[row])) for row in rows.owner.tolist()]
+            block = rows.tokens[:, None].repeat(1, 1 + max(len(d) for d in drafts))
             for index, draft in enumerate(drafts):
                 if draft:
                     block[index, 1 : 1 + len(draft)] = torch.tensor(draft)
-            logits = self._forward_block(prefix, block, positions, keys, values, valid, written)
-            kept, tokens = acceptance.verify(logits, block, torch.tensor([len(d) for d in drafts]), sampling)
+            logits = self._forward_block(prefix, block, rows.positions, rows.keys, rows.values, rows.valid, rows.written)
+            kept, rows.tokens = step.acceptance.verify(logits, block, torch.tensor([len(d) for d in drafts]),
+                                                       step.sampling)
             first_pass = False
             emitted = [block[index, 1 : 1 + count].tolist() + [token]
-                       for index, (count, token) in enumerate(zip(kept.tolist(), tokens.tolist(), strict=True))]
+                       for index, (count, token) in enumerate(zip(kept.tolist(), rows.tokens.tolist(), strict=True))]
             # The row's token and its accepted drafts are now in the cache; the token after them is not yet.
             columns = torch.arange(total)[None, :]
-            valid |= (columns >= written[:, None]) & (columns <= (written + kept)[:, None])
-            written = written + 1 + kept
-            positions = positions + 1 + kept
-        self.seconds["decode"] += time.perf_counter() - prefilled
-        return [outputs[i * candidates : (i + 1) * candidates] for i in range(len(own_parts))]
+            rows.valid |= (columns >= rows.written[:, None]) & (columns <= (rows.written + kept)[:, None])
+            rows.written = rows.written + 1 + kept
+            rows.positions = rows.positions + 1 + kept
 
     def _prefill(self, prefix: Prefix, part: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """One prompt's own part after the prefix: its keys and values per layer, and the logits of its last token."""
@@ -303,7 +290,7 @@ class PrefixDecoder:
         return self._logits(hidden, few_rows_linear)
 
     def _project(
-        self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        self, layer: LlamaLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         linear: Linear = torch.nn.Module.__call__,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys, values (batch x heads x tokens x head_dim) of a layer, rotary positions applied."""
@@ -318,7 +305,7 @@ class PrefixDecoder:
 
     @staticmethod
     def _finish_layer(
-        layer: torch.nn.Module, hidden: torch.Tensor, attended: torch.Tensor, linear: Linear = torch.nn.Module.__call__
+        layer: LlamaLayer, hidden: torch.Tensor, attended: torch.Tensor, linear: Linear = torch.nn.Module.__call__
     ) -> torch.Tensor:
         """Output projection and residual, then the MLP block (Llama's: down(act(gate(x)) * up(x))) and residual;
         `attended` is batch x heads x tokens x dim."""
@@ -332,89 +319,57 @@ class PrefixDecoder:
         return linear(self.model.lm_head, self.decoder.norm(hidden)).float()
 
 
-def distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """The probabilities sampling draws from (sampling.temperature > 0): softmax at the temperature, cut to the top-p
-    nucleus (the tokens whose preceding cumulative probability is below top_p) and renormalised. Any leading shape."""
-    scaled = logits / sampling.temperature
-    if sampling.top_p < 1.0:
-        ordered, order = scaled.sort(dim=-1, descending=True)
-        probabilities = ordered.softmax(dim=-1)
-        outside = probabilities.cumsum(dim=-1) - probabilities >= sampling.top_p
-        scaled = scaled.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
-    return scaled.softmax(dim=-1)
+@dataclass
+class _Rows:
+    """The rows of a batch still decoding, and their caches (the module docstring gives the layout)."""
+
+    owner: torch.Tensor  # row -> index into the outputs (prompt * candidates + candidate)
+    tokens: torch.Tensor  # each row's next token, not in the cache yet
+    positions: torch.Tensor  # each row's next rotary position
+    valid: torch.Tensor  # rows x columns: the cache columns written and kept
+    written: torch.Tensor  # per row, the cache column of its next token
+    keys: list[torch.Tensor]  # per layer
+    values: list[torch.Tensor]
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Only the rows where `keep` is true go on (rows that finished leave the batch)."""
+        self.owner, self.tokens, self.positions = self.owner[keep], self.tokens[keep], self.positions[keep]
+        self.valid, self.written = self.valid[keep], self.written[keep]
+        self.keys = [k[keep] for k in self.keys]
+        self.values = [v[keep] for v in self.values]
 
 
-def sample(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """One token per row of `logits` (rows x vocabulary): the argmax when greedy, else a draw from `distribution`."""
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
-    return _draw(distribution(logits, sampling))
+@dataclass
+class _Step:
+    """How each decoding pass of one `generate` call emits and drafts tokens."""
 
+    max_new_tokens: int
+    sampling: Sampling
+    drafter: Drafter | None
+    acceptance: Acceptance
 
-def _draw(probabilities: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: one uniform number per row (torch.multinomial draws one exponential per vocabulary entry,
-    which costs more than the rest of a small model's step at batch 16)."""
-    cumulative = probabilities.cumsum(dim=-1)
-    draws = torch.rand(len(cumulative), 1) * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, draws)[:, 0].clamp_(max=cumulative.shape[1] - 1)
+    def emit(self, owners: list[int], emitted: list[list[int]], outputs: list[list[int]], first_pass: bool,
+             eos: frozenset[int]) -> list[bool]:
+        """Append each row's newly emitted tokens to its output, up to and including the first end-of-sequence token
+        and within `max_new_tokens`; per row, whether it is finished."""
+        finished = []
+        for row, new in zip(owners, emitted, strict=True):
+            out = outputs[row]
+            count = next((i + 1 for i, token in enumerate(new) if token in eos), len(new))
+            count = min(count, self.max_new_tokens - len(out))
+            out.extend(new[:count])
+            finished.append(len(out) == self.max_new_tokens or out[-1] in eos)
+            if self.drafter is not None:
+                self.drafter.extend(row, new[:count])
+                if not first_pass:
+                    self.drafter.steps += 1
+                    self.drafter.emitted += count
+                    self.drafter.accepted += min(count, len(new) - 1)  # drafts kept and emitted (none after an end)
+        return finished
 
-
-@dataclass(frozen=True)
-class Acceptance:
-    """Which draft tokens a speculative step keeps.
-
-    Lossless (`top_k` 1, `min_probability` 0): greedy keeps a draft token while it is the model's argmax, so the text
-    is plain greedy decoding's; sampling keeps draft token d with probability p(d) and, at the first rejection, draws
-    from p with d removed (speculative sampling with a one-point draft distribution), so the text follows the model's
-    distribution. Relaxed (DARE): a draft token is kept when it is among the model's `top_k` and its probability (at
-    temperature 1) is at least `min_probability`; the text changes (bench.generators measures how much)."""
-
-    top_k: int = 1
-    min_probability: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1 or not 0.0 <= self.min_probability <= 1.0:
-            raise ValueError("top_k must be >= 1 and min_probability within [0, 1]")
-
-    @property
-    def lossless(self) -> bool:
-        return self.top_k == 1 and self.min_probability == 0.0
-
-    def verify(self, logits: torch.Tensor, block: torch.Tensor, drafted: torch.Tensor,
-               sampling: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
-        """`logits` (rows x L x vocabulary) after each token of `block` (rows x L: a row's token, then `drafted[row]`
-        draft tokens, then padding): per row, how many draft tokens are kept and the token that follows them."""
-        rows, length, _ = logits.shape
-        if length == 1:  # no row has drafts (plain decoding): only the next token, without the verifying gathers
-            return torch.zeros(rows, dtype=torch.long), sample(logits[:, 0], sampling)
-        drafts = block[:, 1:]
-        in_draft = torch.arange(length - 1)[None, :] < drafted[:, None]
-        index = torch.arange(rows)
-        probabilities = None
-        if self.lossless and sampling.temperature == 0:
-            agrees = logits[:, :-1].argmax(dim=-1) == drafts
-        elif self.lossless:
-            probabilities = distribution(logits, sampling)
-            p_draft = probabilities[:, :-1].gather(-1, drafts[..., None])[..., 0]
-            agrees = torch.rand(p_draft.shape) < p_draft
-        else:
-            ranked = logits[:, :-1].topk(self.top_k, dim=-1).indices
-            p_draft = logits[:, :-1].softmax(dim=-1).gather(-1, drafts[..., None])[..., 0]
-            agrees = (ranked == drafts[..., None]).any(dim=-1) & (p_draft >= self.min_probability)
-        kept = (agrees & in_draft).long().cumprod(dim=1).sum(dim=1)
-        after = logits[index, kept]
-        if sampling.temperature == 0:
-            return kept, after.argmax(dim=-1)
-        if probabilities is None:
-            return kept, sample(after, sampling)
-        following = probabilities[index, kept]
-        rejected = kept < drafted  # the draft token at `kept` was refused: draw from the rest
-        refused = drafts[index, kept.clamp(max=length - 2)] if length > 1 else block[:, 0]
-        following = torch.where(rejected[:, None], following.scatter(-1, refused[:, None], 0.0), following)
-        return kept, _draw(following)
-
-
-RELAXED = Acceptance(top_k=2, min_probability=0.1)  # DARE's published setting
+    def draft(self, row: int, written: int) -> list[int]:
+        """The row's draft tokens for the next pass (none without a drafter), leaving room for the token after."""
+        return self.drafter.draft(row, self.max_new_tokens - written - 1) if self.drafter is not None else []
 
 
 class Drafter(Protocol):

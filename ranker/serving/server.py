@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from llmcf.errors import UserFacingError
-from llmcf.settings import RANKER_KINDS, Settings
+from llmcf.model_kinds import ModelKind
+from llmcf.settings import Settings
 from ranker.serving.app import Limits, RankerService, create_app
 from ranker.serving.models import ModelHolder
 from ranker.serving.pool import PoolSync
@@ -40,15 +41,17 @@ def build_service(settings: Settings, options: ServeOptions, repository: Reposit
     """The service for these settings (`limits` replaces the settings' ones). The kind is the pinned version's when
     `options.version` is given. Only ICT kinds keep an example pool (backbone-only models use none)."""
     kind = options.kind or settings.ranker_kind
-    if kind not in RANKER_KINDS:
-        raise UserFacingError(f"unknown model kind {kind!r}: one of {', '.join(RANKER_KINDS)}")
+    try:
+        ModelKind.parse(kind)
+    except ValueError as exc:
+        raise UserFacingError(str(exc)) from None
     if options.version is not None:
         record = repository.get_model_version(options.version)
         if record is None:
             raise UserFacingError(f"no model version {options.version!r} in model_versions (DATABASE_URL)")
         kind = record.kind
     source = PoolSync(repository, settings.ranker_pool_sync_s, settings.ranker_pool_max_samples) \
-        if kind.endswith("+ict") else None
+        if ModelKind.parse(kind).ict else None
     scorer = Scorer(repository, source.pool if source is not None else None, settings.history_length)
     holder = ModelHolder(repository, kind, threads=options.threads or settings.ranker_threads,
                          pinned_version=options.version, poll_s=settings.ranker_model_poll_s, prepare=scorer.prepare)

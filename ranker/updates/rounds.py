@@ -31,7 +31,8 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from llmcf.errors import UserFacingError
-from llmcf.settings import RANKER_KINDS, Settings
+from llmcf.model_kinds import Backbone, ModelKind
+from llmcf.settings import Settings
 from ranker.cot_pool import CotPool, stored_cot_rows
 from ranker.data import Corpus, database_corpus
 from ranker.dataset import NotEnoughData, Samples, Split, require_both_labels
@@ -58,29 +59,36 @@ class UpdateOptions:
     max_auc_drop: float = 0.0
     max_pool_samples: int = 100_000
     max_epochs: int = 3
-    scratch_max_epochs: int = 20
+    scratch_max_epochs: int = TrainOptions.max_epochs
     patience: int = 1
-    batch_size: int = 512
+    batch_size: int = FitOptions.batch_size
     learning_rate: float = 5e-4
-    reconstruction_weight: float = 1.0
-    seed: int = 0
+    reconstruction_weight: float = FitOptions.reconstruction_weight
+    seed: int = FitOptions.seed
     threads: int = 2
 
     def __post_init__(self) -> None:
-        if self.kind not in RANKER_KINDS:
-            raise UserFacingError(f"kind {self.kind!r} is not one of {', '.join(RANKER_KINDS)}")
+        try:
+            ModelKind.parse(self.kind)
+        except ValueError as exc:
+            raise UserFacingError(str(exc)) from None
         if not 0 < self.holdout_fraction < 0.5:
             raise UserFacingError(f"holdout fraction {self.holdout_fraction} must be in (0, 0.5)")
         if self.max_auc_drop < 0:
             raise UserFacingError(f"max AUC drop {self.max_auc_drop} must not be negative")
 
     @property
-    def backbone(self) -> str:
-        return self.kind.split("+")[0]
+    def backbone(self) -> Backbone:
+        return ModelKind.parse(self.kind).backbone
 
     @property
     def ict(self) -> bool:
-        return self.kind.endswith("+ict")
+        return ModelKind.parse(self.kind).ict
+
+    def fit_options(self) -> FitOptions:
+        """How a round fine-tunes the serving model (no weight decay: `llmcf update` has none)."""
+        return FitOptions(max_epochs=self.max_epochs, patience=self.patience, batch_size=self.batch_size,
+                          learning_rate=self.learning_rate, reconstruction_weight=self.reconstruction_weight, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -170,7 +178,7 @@ def _fine_tune_round(corpus: Corpus, settings: Settings, options: UpdateOptions,
     parent, parent_space, _ = load_model(Path(serving.artifact_path).parent)
     if parent.config.kind != options.kind:
         raise UserFacingError(f"serving version {serving.version_id} is a {parent.config.kind} model, not {options.kind}")
-    tuned = fine_tune(parent, parent_space, samples, records, train_split, valid_split, FitOptions.of(options), step)
+    tuned = fine_tune(parent, parent_space, samples, records, train_split, valid_split, options.fit_options(), step)
 
     candidate = evaluate(tuned.model, tuned.batches, holdout)
     current = evaluate(parent, Batches(samples, parent_space, records, with_examples=options.ict), holdout)
@@ -204,10 +212,10 @@ def _fine_tune_round(corpus: Corpus, settings: Settings, options: UpdateOptions,
         register_version(settings, result, status="rejected", parent_version=serving.version_id,
                          notes=f"rejected by llmcf update: {comparison}")
         step(f"rejected {result.version_id}: its holdout AUC is lower by more than {options.max_auc_drop:g}")
-        return RoundReport("rejected", comparison, **report)  # type: ignore[arg-type]
+        return RoundReport("rejected", comparison, **report)
     _promote(settings, result, serving.version_id, f"promoted by llmcf update: {comparison}")
     step(f"promoted {result.version_id} (parent {serving.version_id}); {serving.version_id} retired")
-    return RoundReport("promoted", comparison, **report)  # type: ignore[arg-type]
+    return RoundReport("promoted", comparison, **report)
 
 
 def _promote(settings: Settings, result: TrainResult, parent_version: str | None, notes: str) -> None:

@@ -42,12 +42,13 @@ def run_updater(settings: Settings, options: UpdateOptions, interval_s: float, o
 def run_once(settings: Settings, options: UpdateOptions, log: Callable[[str], None]) -> str:
     """One round with its metrics; returns its outcome (`failed` when it raised)."""
     started = time.perf_counter()
+    report: RoundReport | None = None
     try:
-        report: RoundReport | None = run_round(settings, options, log)
-        outcome = report.outcome
+        report = run_round(settings, options, log)
+        outcome: str = report.outcome
     except Exception:
         logger.exception("update round failed; the next one runs as scheduled")
-        report, outcome = None, "failed"
+        outcome = "failed"
     RUNS.labels(outcome=outcome).inc()
     RUN_SECONDS.observe(time.perf_counter() - started)
     if report is not None and report.outcome == "promoted" and report.newest_event_ms is not None:

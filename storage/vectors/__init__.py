@@ -336,11 +336,20 @@ class VectorIndex(ABC):
         return matrix
 
 
-def hit_from_stored(score: float, stored_payload: Mapping[str, Any] | None, vector: Sequence[float] | None = None) -> Hit:
-    """A `Hit` from an engine's scored point: the key comes out of the payload it travelled in."""
+def hit_from_stored(score: float, stored_payload: Mapping[str, Any] | None, vector: object = None) -> Hit:
+    """A `Hit` from an engine's scored point: the key comes out of the payload it travelled in. `vector` is the point's
+    vector as the engine returns it (typed there as any of dense, multi, named or sparse), None when not asked for."""
     payload = dict(stored_payload or {})
-    stored_vector = None if vector is None else np.asarray(vector, dtype=np.float32)
-    return Hit(key=payload.pop(KEY_FIELD), score=score, payload=payload, vector=stored_vector)
+    return Hit(key=payload.pop(KEY_FIELD), score=score, payload=payload, vector=_dense_vector(vector))
+
+
+def _dense_vector(vector: object) -> np.ndarray | None:
+    """The one unnamed dense vector every point of this index holds (the index creates no other kind)."""
+    if vector is None:
+        return None
+    if not isinstance(vector, list):
+        raise TypeError(f"expected one dense vector per point, got {type(vector).__name__}")
+    return np.asarray(vector, dtype=np.float32)
 
 
 def _shape(row: np.ndarray) -> str:

@@ -27,6 +27,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 from qdrant_edge import (
@@ -119,7 +120,8 @@ class EdgeIndex(VectorIndex):
 
     def _get_payloads(self, ids: list[str], payload_fields: list[str] | None) -> list[dict[str, Any]]:
         with_payload: bool | list[str] = True if payload_fields is None else payload_fields
-        return [dict(record.payload or {}) for record in self._shard.retrieve(ids, with_payload, False)]
+        point_ids: list[int | UUID | str] = list(ids)
+        return [dict(record.payload or {}) for record in self._shard.retrieve(point_ids, with_payload, False)]
 
     def _set_payload(self, payloads: dict[str, dict[str, Any]]) -> None:
         # The engine fails a payload update naming a missing point, so look the points up first (one call), then
@@ -130,7 +132,8 @@ class EdgeIndex(VectorIndex):
                 self._shard.update(UpdateOperation.set_payload([point], payload))
 
     def _delete(self, ids: list[str]) -> None:
-        self._shard.update(UpdateOperation.delete_points(ids))
+        point_ids: list[int | UUID | str] = list(ids)
+        self._shard.update(UpdateOperation.delete_points(point_ids))
 
     def _count(self, filter: Filter | None) -> int:
         return self._shard.count(CountRequest(exact=True, filter=_edge_filter(filter)))

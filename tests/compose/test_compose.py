@@ -1,7 +1,7 @@
 """compose/ checked against the code, since no Docker engine runs here: every environment name is a setting, every
 command parses with the `llmcf` parser, ports agree with the settings and the commands' metrics ports, Prometheus scrapes
 exactly the processes' metrics endpoints, every metric in the alert rules and the dashboard is one the code exports,
-every alert links to a README runbook section, topic names come from llmcf/topics.py, and no secret is written down.
+every alert links to a docs/runbook.md section, topic names come from llmcf/topics.py, and no secret is written down.
 When promtool is installed (Debian: `apt-get install prometheus`), the Prometheus configuration is validated and the
 alert rules' unit tests (compose/prometheus/alerts.test.yml) are run.
 """
@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 
 from llmcf.settings import SETTINGS, Settings
 from llmcf.topics import Topics
+from testkit.docs import heading_anchors
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "compose"
@@ -292,19 +293,13 @@ def _alert_expressions() -> list[str]:
     return [rule["expr"] for rule in _rules()]
 
 
-def _readme_anchors() -> set[str]:
-    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
-    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", (ROOT / "README.md").read_text(), flags=re.M)
-    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
-
-
-def test_every_alert_has_a_summary_a_description_and_a_runbook_in_the_readme():
-    anchors = _readme_anchors()
+def test_every_alert_has_a_summary_a_description_and_a_runbook_section():
+    anchors = heading_anchors(ROOT / "docs" / "runbook.md")
     for rule in _rules():
         annotations = rule["annotations"]
         assert annotations.get("summary") and annotations.get("description"), rule["alert"]
         document, _, anchor = annotations["runbook"].partition("#")
-        assert document == "README.md" and anchor in anchors, f"{rule['alert']}: no README section #{anchor}"
+        assert document == "docs/runbook.md" and anchor in anchors, f"{rule['alert']}: no docs/runbook.md section #{anchor}"
 
 
 def test_the_alerts_cover_the_failure_modes():
@@ -326,7 +321,7 @@ _CODE_SCRIPT = """
 import json
 import generators.metrics, llmcf.metrics, ranker.serving.metrics, ranker.updates.metrics, streams.metrics
 from generators.service import DEFAULT_METRICS_PORT
-from llmcf.cli import WORKER_METRICS_PORT
+from llmcf.commands.stream import WORKER_METRICS_PORT
 from prometheus_client import REGISTRY
 from ranker.updates.metrics import UPDATER_METRICS_PORT
 # prometheus_client has no public way to list a metric's type and label names: they live on the metric object.

@@ -14,12 +14,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from confluent_kafka import Producer
 
-from generators.pool import GeneratorPool, group_id
+from generators.config import group_id
+from generators.pool import GeneratorPool
 from llmcf.events import CotResult, DeadLetter, decode
 from llmcf.kafka import producer_config, read_to_end
 from llmcf.settings import Settings
 from llmcf.topics import Topics
-from tests.fixtures.kafka import partitions_behind
+from testkit.kafka import partitions_behind
 from tests.generators import make_request
 
 

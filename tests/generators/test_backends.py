@@ -9,14 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from generators.backends import (
-    BackendError,
-    BackendSaturated,
-    GenerationOptions,
-    create_backend,
-    heuristic_rationale_score,
-    pick_best_candidate,
-)
+from generators.backends import create_backend
+from generators.backends.base import BackendError, BackendSaturated, GenerationOptions
+from generators.backends.best_of_n import heuristic_rationale_score, pick_best_candidate
 from generators.backends.openai_backend import OpenAIBackend
 from generators.backends.template_backend import TEMPLATE_MARKER, TemplateBackend
 from generators.prompt import build_prompt
@@ -211,12 +206,9 @@ def test_completions_api_sends_plain_text_prompt():
 
 def test_batch_is_concurrent_bounded_and_in_order():
     with FakeOpenAIServer(delay_s=0.2) as server, fast_backend(server.url, concurrency=4) as backend:
-        started = time.perf_counter()
         generations = backend.generate(prompts(8))
-        elapsed = time.perf_counter() - started
     assert [g.text for g in generations] == [f"reasoning about Movie {i}" for i in range(8)]
-    assert server.max_in_flight == 4
-    assert elapsed < 8 * 0.2  # concurrent, not one after the other
+    assert server.max_in_flight == 4  # concurrent (more than one at once), and bounded
 
 
 def test_server_errors_are_retried_with_backoff():
@@ -272,10 +264,9 @@ def test_hanging_server_times_out_and_fails_after_retries():
         FakeOpenAIServer(script=["hang", "hang"]) as server,
         fast_backend(server.url, read_timeout_s=0.3, max_retries=1) as backend,
     ):
-        started = time.perf_counter()
+        # ReadTimeout, not the server's own close after 1.5 s, ends each attempt
         with pytest.raises(BackendError, match="ReadTimeout"):
             backend.generate(prompts(1))
-        assert time.perf_counter() - started < 1.5
     assert len(server.requests) == 2
 
 
@@ -319,7 +310,7 @@ def test_bad_base_url_is_an_operator_error():
 
 
 def test_transformers_rejects_a_model_that_is_not_local(tmp_path):
-    from generators.backends.transformers_backend import resolve_model_dir
+    from generators.backends.model_loading import resolve_model_dir
 
     with pytest.raises(UserFacingError, match="never downloaded"):
         resolve_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path)
@@ -330,7 +321,7 @@ def test_transformers_rejects_a_model_that_is_not_local(tmp_path):
 def test_transformers_rejects_unavailable_or_malformed_devices():
     import torch
 
-    from generators.backends.transformers_backend import resolve_device
+    from generators.backends.model_loading import resolve_device
 
     with pytest.raises(UserFacingError, match="not 'cpu' or 'cuda"):
         resolve_device("gpu0")
@@ -435,7 +426,8 @@ def test_prefix_decoder_matches_generate_with_padding_and_rows_that_finish_early
     end-of-sequence token before the others: greedy tokens equal transformers' generate on each full prompt alone."""
     import torch
 
-    from generators.backends.prefix_decoding import PrefixDecoder, Sampling
+    from generators.backends.prefix_decoding import PrefixDecoder
+    from generators.backends.sampling import Sampling
 
     prefix_ids = torch.randint(3, 128, (7,), generator=torch.Generator().manual_seed(1)).tolist()
     own_parts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 3)]
@@ -481,7 +473,7 @@ def test_few_rows_linear_computes_the_module_s_own_product_for_any_row_count():
 def test_sampling_follows_temperature_and_nucleus():
     import torch
 
-    from generators.backends.prefix_decoding import Sampling, sample
+    from generators.backends.sampling import Sampling, sample
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).expand(4000, -1)
     torch.manual_seed(3)
@@ -499,7 +491,7 @@ def test_prefix_caching_does_not_change_greedy_output_of_the_real_smollm2():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from generators.backends.transformers_backend import resolve_model_dir
+    from generators.backends.model_loading import resolve_model_dir
     from llmcf.settings import Settings
 
     requests = [
@@ -536,15 +528,15 @@ def test_prefix_caching_does_not_change_greedy_output_of_the_real_smollm2():
 def test_weights_default_to_bfloat16_only_where_the_hardware_computes_it(monkeypatch):
     import torch
 
-    from generators.backends import transformers_backend as tb
+    from generators.backends import model_loading as loading
 
-    monkeypatch.setattr(tb, "_cpu_has_bfloat16", lambda: True)
-    assert tb.default_dtype_name() == "bfloat16" and tb.resolve_dtype(None, torch.device("cpu")) == torch.bfloat16
-    monkeypatch.setattr(tb, "_cpu_has_bfloat16", lambda: False)
-    assert tb.default_dtype_name() == "float32" and tb.resolve_dtype(None, torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(loading, "_cpu_has_bfloat16", lambda: True)
+    assert loading.default_dtype_name() == "bfloat16" and loading.resolve_dtype(None, torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(loading, "_cpu_has_bfloat16", lambda: False)
+    assert loading.default_dtype_name() == "float32" and loading.resolve_dtype(None, torch.device("cpu")) == torch.float32
     with pytest.raises(UserFacingError, match="emulated"):
-        tb.resolve_dtype("bfloat16", torch.device("cpu"))
-    assert tb.resolve_dtype("float32", torch.device("cpu")) == torch.float32
+        loading.resolve_dtype("bfloat16", torch.device("cpu"))
+    assert loading.resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
 
 def test_int8_weights_quantize_every_linear_layer_and_decode_through_the_cpu_path():
@@ -552,7 +544,7 @@ def test_int8_weights_quantize_every_linear_layer_and_decode_through_the_cpu_pat
     hands quantized layers their own kernel), and int8 is refused on a GPU."""
     import torch
 
-    from generators.backends import transformers_backend as tb
+    from generators.backends import model_loading as loading
 
     backend = create_backend("transformers", temperature=0.0, max_new_tokens=12, dtype="int8")
     try:
@@ -565,7 +557,7 @@ def test_int8_weights_quantize_every_linear_layer_and_decode_through_the_cpu_pat
     finally:
         backend.close()
     with pytest.raises(UserFacingError, match="CPU option"):
-        tb.resolve_dtype("int8", torch.device("cuda:0"))
+        loading.resolve_dtype("int8", torch.device("cuda:0"))
 
 
 def _chat_text_and_ids(tokenizer, prompt) -> tuple[str, list[int]]:

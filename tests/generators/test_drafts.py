@@ -1,5 +1,5 @@
 """Speculative decoding: the draft index (`generators.backends.drafts`) and the decoder's verification
-(`prefix_decoding.Acceptance`): lossless drafting gives plain greedy text token for token whatever the drafts, and
+(`sampling.Acceptance`): lossless drafting gives plain greedy text token for token whatever the drafts, and
 sampling's distribution; relaxed acceptance keeps what its rule says."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from generators.backends.drafts import GLOBAL_GROUP, DraftConfig, DraftIndex, RequestDrafter, RowContext
-from generators.backends.prefix_decoding import Acceptance, PrefixDecoder, Sampling
+from generators.backends.prefix_decoding import PrefixDecoder
+from generators.backends.sampling import Acceptance, Sampling
 from tests.generators.test_backends import tiny_llama
 
 CONFIG = DraftConfig(draft_tokens=4, max_ngram=3, min_ngram=2, per_group_documents=2, global_documents=3)

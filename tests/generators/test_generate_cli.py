@@ -7,7 +7,7 @@ import time
 import pytest
 
 from llmcf.cli import main
-from tests.fixtures.processes import wait_while_running
+from testkit.processes import wait_while_running
 from tests.generators.pool_support import publish_requests, read_results, uncommitted
 
 

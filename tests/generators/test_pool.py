@@ -13,10 +13,13 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client import REGISTRY
 
-from generators.backends import CotBackend, Generation, create_backend
+from generators.backends import create_backend
+from generators.backends.base import CotBackend, Generation
 from generators.backends.openai_backend import OpenAIBackend
 from generators.backends.template_backend import TEMPLATE_MARKER
-from generators.pool import GeneratorPool, OffsetTracker, PoolConfig
+from generators.config import PoolConfig
+from generators.offsets import OffsetTracker
+from generators.pool import GeneratorPool
 from generators.prompt import Prompt
 from llmcf.embeddings import EMBEDDING_DIMENSION, TextEmbedder
 from llmcf.kafka import producer_config

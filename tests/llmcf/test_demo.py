@@ -1,4 +1,4 @@
-"""The demo's own pieces: the replay position it resumes from, the quantiles it reads off `/metrics`, its plot."""
+"""The demo's own pieces: the replay position it resumes from, waiting for its worker, its documented flags, a whole run."""
 
 from __future__ import annotations
 
@@ -12,77 +12,15 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmcf import movielens
-from llmcf.demo import (
-    Child,
-    DemoOptions,
-    DemoPaths,
-    FreshnessSeries,
-    ReplayPosition,
-    freshness_buckets,
-    histogram_quantile,
-    wait_for_worker,
-)
+from llmcf.demo import Child, DemoOptions, DemoPaths, ReplayPosition, wait_for_worker
 from llmcf.events import InteractionEvent
 from llmcf.infra import free_port
-from llmcf.metrics import FRESHNESS_BUCKETS
 from llmcf.settings import Settings
 from storage.repository import Repository
-from tests.fixtures.processes import child_environment
-
-
-def scraped(values_by_stage: dict[str, list[float]]) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """What `scrape()` returns for a process whose freshness histogram observed these values."""
-    registry = CollectorRegistry()
-    histogram = Histogram("llmcf_freshness_seconds", "test", ["stage"], buckets=FRESHNESS_BUCKETS, registry=registry)
-    for stage, values in values_by_stage.items():
-        for value in values:
-            histogram.labels(stage=stage).observe(value)
-    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return samples
-
-
-def test_quantiles_from_buckets_bracket_the_true_quantile():
-    values = np.random.default_rng(0).lognormal(mean=0.0, sigma=1.0, size=5_000)
-    bounds, cumulative = freshness_buckets(scraped({"stored": list(values)}), "stored")
-    for q in (0.5, 0.9, 0.99):
-        estimate = histogram_quantile(q, bounds, cumulative)
-        true = float(np.quantile(values, q))
-        below = bounds[bounds < true].max(initial=0.0)
-        above = bounds[bounds >= true].min()
-        assert below <= estimate <= above, (q, estimate, true)
-
-
-def test_quantile_of_an_empty_histogram_is_none_and_inf_bucket_reports_the_top_bound():
-    assert histogram_quantile(0.99, np.array([]), np.array([])) is None
-    bounds, cumulative = freshness_buckets(scraped({"stored": [1e9] * 10}), "stored")
-    assert histogram_quantile(0.99, bounds, cumulative) == max(FRESHNESS_BUCKETS)
-
-
-def test_series_records_the_p99_of_each_interval_not_of_all_time():
-    series = FreshnessSeries()
-    series.record(scraped({"retrievable": [0.1] * 100}))
-    latest = series.record(scraped({"retrievable": [0.1] * 100 + [30.0] * 100}))
-    assert latest["retrievable"] > 10  # the second interval only saw 30 s samples
-
-
-def test_series_writes_a_png_and_csv(tmp_path):
-    paths = DemoPaths(Settings.from_env({"LLMCF_HOME": str(tmp_path)}))
-    paths.root.mkdir(parents=True)
-    series = FreshnessSeries()
-    assert series.write(paths) is None
-    series.record(scraped({"stored": [0.5, 1.0], "retrievable": [0.7, 1.5]}))
-    plot = series.write(paths)
-    assert plot == paths.plot and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert paths.series.read_text().splitlines()[0] == "elapsed_s,stage,p99_s"
+from testkit.processes import child_environment
 
 
 @pytest.mark.parametrize("same_window", [True, False])
@@ -158,3 +96,31 @@ def test_the_replay_waits_for_a_worker_that_exits_and_says_so(tmp_path):
     worker.start(DemoPaths(Settings.from_env({"LLMCF_HOME": str(tmp_path)})), dict(os.environ))
     outcome = wait_for_worker(DemoOptions(metrics_port_base=free_port()), [worker], threading.Event())
     assert outcome == "failed: llmcf worker exited with status 2 (see worker.log)"
+
+
+def test_the_demo_documents_only_flags_its_parser_has():
+    """The demo's docstring and the docs' paragraphs on the demo name its flags; each must be a real `llmcf demo`
+    flag (the docstring once said `--timeout-s` for `--timeout`). Snippets running another command are not the demo's."""
+    import re
+    from pathlib import Path
+
+    from llmcf import demo
+    from llmcf.cli import build_parser
+
+    demo_parser = build_parser()._subparsers._group_actions[0].choices["demo"]
+    flags = {flag for action in demo_parser._actions for flag in action.option_strings}
+    root = Path(__file__).parents[2]
+    pages = [(root / "README.md").read_text(), *(page.read_text() for page in sorted((root / "docs").glob("*.md")))]
+    texts = [demo.__doc__ or "", *(paragraph for page in pages for paragraph in page.split("\n\n") if "llmcf demo" in paragraph)]
+    snippets = [snippet for text in texts for snippet in re.findall(r"`([^`]+)`", text)]
+    documented = {flag for snippet in snippets if "llmcf " not in snippet or "llmcf demo" in snippet
+                  for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", snippet)}
+    assert {"--timeout", "--rate", "--limit", "--stop"} <= documented
+    assert documented <= flags, sorted(documented - flags)
+
+
+def test_the_demo_flags_defaults_are_the_demo_options_defaults():
+    from llmcf.cli import build_parser
+    from llmcf.commands.serving import _demo_options
+
+    assert _demo_options(build_parser().parse_args(["demo"])) == DemoOptions()

@@ -129,11 +129,11 @@ def test_json_schemas_are_published_for_every_topic():
         assert "schema_version" in schema["properties"], topic
 
 
-def test_readme_tables_document_every_platform_field():
+def test_docs_tables_document_every_platform_field():
     from pathlib import Path
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    contracts = (Path(__file__).parents[2] / "docs" / "events.md").read_text()
     for model in (ItemEvent, InteractionEvent):
         for field in model.model_fields:
             if field != "schema_version":
-                assert f"| `{field}` |" in readme, f"{model.__name__}.{field} missing from the README"
+                assert f"| `{field}` |" in contracts, f"{model.__name__}.{field} missing from docs/events.md"

@@ -9,7 +9,7 @@ from sqlalchemy import text
 from llmcf.errors import UserFacingError
 from llmcf.infra import postgres
 from llmcf.infra.postgres import TemporaryPostgres
-from storage.repository import make_engine
+from storage.engine import make_engine
 
 
 def test_start_restart_stop() -> None:

@@ -80,10 +80,10 @@ def test_cli_config_masks_the_database_password(monkeypatch, capsys):
     assert "hunter2" not in out and "DATABASE_URL" in out
 
 
-def test_readme_documents_every_setting():
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    missing = [s.env for s in SETTINGS if f"`{s.env}`" not in readme]
-    assert not missing, f"README settings table lacks {missing}"
+def test_docs_document_every_setting():
+    page = (Path(__file__).parents[2] / "docs" / "settings.md").read_text()
+    missing = [s.env for s in SETTINGS if f"`{s.env}`" not in page]
+    assert not missing, f"docs/settings.md lacks {missing}"
 
 
 def test_urls_lose_their_credentials_when_shown():
@@ -94,3 +94,24 @@ def test_urls_lose_their_credentials_when_shown():
     settings = Settings.from_env({"LLMCF_OPENAI_BASE_URL": "https://key:s3cret@api.example/v1",
                                   "QDRANT_URL": "http://admin:s3cret@qdrant:6333"})
     assert "s3cret" not in repr(settings.describe())
+
+
+def test_field_defaults_are_what_an_empty_environment_gives(tmp_path):
+    """Code that builds `Settings` directly gets the catalogue's defaults (a field once said 64 where the catalogue said 8)."""
+    import dataclasses
+
+    read = Settings.from_env({"LLMCF_HOME": str(tmp_path)})
+    for field in dataclasses.fields(Settings):
+        if field.default is not dataclasses.MISSING:
+            assert getattr(read, field.name) == field.default, field.name
+
+
+def test_docs_state_the_catalogue_defaults():
+    import re
+
+    page = (Path(__file__).parents[2] / "docs" / "settings.md").read_text()
+    documented = dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)` \|", page, flags=re.M))
+    drifted = {s.env: (s.default, documented[s.env]) for s in SETTINGS
+               if s.default is not None and s.env in documented and documented[s.env] != s.default}
+    assert not drifted, f"docs/settings.md default differs from the catalogue (catalogue, docs): {drifted}"
+    assert len(documented) >= 20, "the settings table's format changed: this test no longer reads it"

@@ -10,8 +10,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
 import migrations
+from storage.engine import make_engine
 from storage.models import Base
-from storage.repository import make_engine
 
 EXPECTED_TABLES = {"items", "users", "interactions", "cot_samples", "model_versions", "item_embeddings"}
 HEAD = "0003"

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from llmcf.cli import main
-from ranker.evaluation import DAY_MS, EvaluationOptions, RunResult, ict_gains, on_new_items, summarise
+from ranker.evaluation_options import DAY_MS, EvaluationOptions, on_new_items
+from ranker.evaluation_report import RunResult, ict_gains, summarise
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +134,8 @@ def test_a_row_is_on_a_new_item_within_the_window_after_the_items_first_interact
 def test_flags_left_out_keep_the_options_defaults_and_quick_values_and_given_flags_override_them() -> None:
     import re
 
-    from llmcf.cli import _evaluation_options, build_parser
+    from llmcf.cli import build_parser
+    from llmcf.commands.training import _evaluation_options
 
     parser = build_parser()
     assert _evaluation_options(parser.parse_args(["evaluate", "--threads", "1"])) == EvaluationOptions()
@@ -145,7 +147,7 @@ def test_flags_left_out_keep_the_options_defaults_and_quick_values_and_given_fla
     # every "(default N)" the help states is the options class's default
     evaluate = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("evaluate"))
     defaults = EvaluationOptions()
-    from llmcf.cli import _EVALUATION_FLAGS
+    from llmcf.commands.training import _EVALUATION_FLAGS
 
     stated = 0
     for action in evaluate._actions:

@@ -254,19 +254,3 @@ def test_the_real_dimension_and_float_vectors_agree_with_float64_brute_force(dim
                                          np.array([q.ts for q in queries]), np.array([q.seq for q in queries]))
     for q, got in zip(queries, rows, strict=True):
         assert keys_of(pool, got) == reference(samples, q)
-
-
-def test_a_cached_order_extended_with_new_items_is_the_order_a_full_sort_gives() -> None:
-    rng = np.random.default_rng(17)
-    grid = (rng.integers(-1, 2, (60, DIM)) / 4).astype(np.float32)  # few distinct similarities: ties between items
-    samples = [PoolSample(f"s{n}", "u", f"i{n}", n % 2, n, n, grid[n], grid[n]) for n in range(60)]
-    pool = build(samples[:20])
-    retriever = ExactRetriever(pool)
-    target = grid[5]
-    retriever._neighbours_of(pool.view, "i5", target)
-    for end in (35, 60):
-        pool.add(samples[20:end])
-        extended = retriever._neighbours_of(pool.view, "i5", target)
-        fresh = ExactRetriever(pool)._neighbours_of(pool.view, "i5", target)
-        np.testing.assert_array_equal(extended.order, fresh.order)
-        np.testing.assert_array_equal(extended.sims, fresh.sims)

@@ -1,5 +1,5 @@
 """Property-based fuzzing of a running `llmcf worker`: valid and mutated records on `items` and `interactions`
-(tests/reliability/fuzz_support.py draws them), on the real broker and PostgreSQL.
+(testkit/fuzz.py draws them), on the real broker and PostgreSQL.
 
 The properties, per drawn example: the worker stays up; every bad record has exactly one dead letter naming its
 topic, partition and offset, with the expected reason and its bytes; every good record is stored exactly once, field for
@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from llmcf.settings import Settings
 from storage.repository import Repository
-from tests.fixtures.processes import ProcessStarter, wait_while_running
-from tests.reliability.fuzz_support import (
+from testkit.fuzz import (
     Spec,
     base_item_ids,
     check,
@@ -28,6 +27,7 @@ from tests.reliability.fuzz_support import (
     specs,
     wait_until_committed,
 )
+from testkit.processes import ProcessStarter, wait_while_running
 
 BASE_ITEMS = 8
 EXAMPLES = 3

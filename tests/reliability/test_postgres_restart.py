@@ -17,8 +17,8 @@ from llmcf.infra.postgres import TemporaryPostgres
 from llmcf.replay import ReplayOptions, replay
 from llmcf.settings import Settings
 from storage.repository import Repository
-from tests.fixtures.processes import ProcessStarter, wait_while_running
-from tests.fixtures.windows import expected_window
+from testkit.processes import ProcessStarter, wait_while_running
+from testkit.windows import expected_window
 from tests.streams.test_worker_process import (
     CAUGHT_UP_TIMEOUT_S,
     LIMIT,

@@ -29,8 +29,8 @@ from llmcf.infra.postgres import TemporaryPostgres
 from llmcf.replay import ReplayOptions, replay
 from llmcf.settings import Settings
 from storage.repository import Repository
-from tests.fixtures.processes import ProcessStarter, child_environment, wait_while_running
-from tests.fixtures.windows import expected_window
+from testkit.processes import ProcessStarter, child_environment, wait_while_running
+from testkit.windows import expected_window
 from tests.generators import NOW
 from tests.generators.pool_support import ChatCompletionsServer, publish_requests, read_results
 from tests.streams.test_worker_process import publish_malformed

@@ -12,14 +12,10 @@ import pytest
 
 import migrations
 from llmcf.events import CotRequest, CotResult, HistoryEntry, InteractionEvent, ItemEvent, ItemSnapshot, epoch_ms
-from storage.repository import (
-    InteractionRow,
-    ModelVersionConflict,
-    ModelVersionRecord,
-    PendingSampleRow,
-    Repository,
-    normalize_database_url,
-)
+from storage.engine import normalize_database_url
+from storage.registry import ModelVersionConflict, ModelVersionRecord
+from storage.repository import Repository
+from storage.rows import InteractionRow, PendingSampleRow
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 

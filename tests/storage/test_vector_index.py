@@ -15,6 +15,7 @@ from qdrant_client import QdrantClient
 
 from llmcf.settings import Settings
 from storage.vectors import (
+    KEY_FIELD,
     Filter,
     Match,
     Point,
@@ -23,6 +24,7 @@ from storage.vectors import (
     VectorIndexClosed,
     VectorIndexInUse,
     all_of,
+    hit_from_stored,
     open_vector_index,
 )
 from storage.vectors.edge import EdgeIndex
@@ -385,3 +387,11 @@ def test_payload_fields_limit_search_payloads_and_get_payloads_reads_by_key(inde
     assert payloads == {"a": {"big": [0.5] * 4}, "b": {"big": [1.0]}}
     assert index.get_payloads(["a"]) == {"a": {"label": 1, "big": [0.5] * 4}}
     assert index.get_payloads([]) == {}
+
+
+def test_a_hit_takes_the_key_from_the_payload_and_only_a_dense_vector() -> None:
+    hit = hit_from_stored(0.5, {KEY_FIELD: "k", "label": 1}, [1.0, 0.0])
+    assert (hit.key, hit.score, hit.payload, hit.vector.dtype, hit.vector.tolist()) == ("k", 0.5, {"label": 1}, np.float32, [1.0, 0.0])
+    assert hit_from_stored(0.5, {KEY_FIELD: "k"}).vector is None
+    with pytest.raises(TypeError, match="one dense vector"):
+        hit_from_stored(0.5, {KEY_FIELD: "k"}, {"named": [1.0, 0.0]})

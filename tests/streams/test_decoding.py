@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from llmcf.dead_letters import SourceRecord
 from llmcf.events import EventError, InteractionEvent, decode
-from storage.repository import InteractionRow
+from storage.rows import InteractionRow
 from streams.decoding import decode_interactions, fast_row
 
 GOOD = {"user_id": "196", "item_id": "242", "kind": "rating", "label": 1, "value": 3.0, "ts": "1997-12-04T15:55:49Z"}
@@ -64,7 +64,8 @@ def test_a_well_formed_record_is_decoded_by_the_fast_path_into_the_validators_ro
 @pytest.mark.parametrize("record", [
     raw(label=True), raw(label=1.0), raw(schema_version=1.0), raw(schema_version=True), raw(value=True),
     raw(value="3"), raw(label="1"), raw(label=2), raw(user_id=""), raw(user_id="u" * 129), raw(item_id=7),
-    raw(kind="purchase"), raw(ts="2024-05-01T12:00:00"), raw(ts="yesterday"), raw(ts=1714564800), raw(event_id=""),
+    raw(kind="purchase"), raw(kind=["rating"]), raw(kind={"rating": 1}), raw(ts="2024-05-01T12:00:00"),
+    raw(ts="yesterday"), raw(ts=1714564800), raw(event_id=""),
     raw(event_id=None), raw(value=None), raw(schema_version=2), raw(schema_version=None), raw(user_id=...),
     raw(ts=...), b'{"label": 0, "label": 1, "user_id": "u", "item_id": "i", "kind": "view", "ts": "2024-05-01T12:00:00Z"}',
     b'{"user_id": "u\\ud800", "item_id": "i", "kind": "view", "label": 1, "ts": "2024-05-01T12:00:00Z"}',
@@ -90,7 +91,7 @@ FIELD_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=3), st.sampled_from(["rating", "view", "x" * 128, "x" * 129, "2024-05-01T12:00:00Z",
                                           "2024-05-01T12:00:00+05:30", "2024-05-01T12:00:00", "2024-13-01T00:00:00Z"]),
-    st.just(...),
+    st.just(["rating"]), st.just({"rating": 1}), st.just(...),
 )
 
 

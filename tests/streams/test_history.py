@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.history import HistoryItem, MemoryHistories, before, from_stored, latest, merge, to_stored
+from streams.history import HistoryItem, before, from_stored, latest, merge, to_stored
 
 
 def item(ts: int, n: int) -> HistoryItem:
@@ -35,6 +35,3 @@ def test_stored_form_round_trips_through_json_values() -> None:
     history = [item(1, 1), item(2, 2)]
     assert from_stored(to_stored(history)) == history
     assert from_stored(None) == []
-    store = MemoryHistories()
-    store.put("u", history, partition=0)
-    assert store.get("u") == history

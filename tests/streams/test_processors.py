@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import migrations
+from llmcf.cot_policy import CotPolicy, cot_request_id
 from llmcf.dead_letters import DeadLetterPolicy, KafkaDeadLetterSink, SourceRecord
 from llmcf.embeddings import TextEmbedder
 from llmcf.events import CotRequest, CotResult, DeadLetter, InteractionEvent, ItemEvent, decode
@@ -25,12 +26,11 @@ from storage.vectors import Filter, Match
 from storage.vectors.edge import EdgeIndex
 from streams.batch import Writer
 from streams.catalogue import Catalogue
-from streams.decisions import CotPolicy, cot_request_id
-from streams.history import MemoryHistories
 from streams.interactions import InteractionBatchProcessor
 from streams.items import ItemBatchProcessor
 from streams.publisher import RequestPublisher
 from streams.results import ResultBatchProcessor
+from tests.streams.histories import MemoryHistories
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -53,8 +53,9 @@ class Parts:
             self.topics.items, self.repository, self.catalogue, TextEmbedder.load("cpu", threads=1), self.writer
         )
         self.interactions = InteractionBatchProcessor(
-            self.topics.interactions, self.repository, self.index, self.catalogue, self.publisher, self.writer,
-            self.index_writer, CotPolicy(rate=0.0, cold_start_window_s=86_400), history_length=20, item_wait_s=1.0,
+            self.topics.interactions, self.repository, self.index, self.catalogue, self.histories, self.publisher,
+            self.writer, self.index_writer, CotPolicy(rate=0.0, cold_start_window_s=86_400), history_length=20,
+            item_wait_s=1.0,
         )
         self.results = ResultBatchProcessor(self.topics.cot_results, self.repository, self.index, self.writer)
 
@@ -109,8 +110,8 @@ def test_sampled_interaction_is_stored_indexed_and_requested_with_its_earlier_hi
     events = [interaction("a", T0 + timedelta(minutes=1)), interaction("b", T0 + timedelta(minutes=2), label=0),
               interaction("new", T0 + timedelta(minutes=3))]
     batch = records(parts.topics.interactions, [e.to_bytes() for e in events] + [b'{"user_id": 7}'])
-    asyncio.run(parts.interactions.process(batch, parts.histories))
-    asyncio.run(parts.interactions.process(batch, parts.histories))  # re-delivered: same rows, same point
+    asyncio.run(parts.interactions.process(batch))
+    asyncio.run(parts.interactions.process(batch))  # re-delivered: same rows, same point
 
     request_id = cot_request_id(events[2].interaction_id)
     counts = parts.repository.counts()
@@ -147,7 +148,7 @@ def test_sampled_interaction_is_stored_indexed_and_requested_with_its_earlier_hi
 
 def test_an_interaction_on_an_unknown_item_is_stored_and_its_sample_dead_lettered(parts: Parts) -> None:
     event = interaction("never-published", T0)
-    asyncio.run(parts.interactions.process(records(parts.topics.interactions, [event.to_bytes()]), parts.histories))
+    asyncio.run(parts.interactions.process(records(parts.topics.interactions, [event.to_bytes()])))
     assert parts.repository.counts()["interactions"] == 1
     [letter] = [decode(DeadLetter, value) for _, value in parts.read(parts.topics.dead_letters)]
     assert letter.reason == "processing_failed" and "never-published" in letter.error
@@ -162,7 +163,7 @@ def test_a_sample_whose_interaction_postgresql_refuses_is_neither_requested_nor_
         good = interaction("new", T0 + timedelta(minutes=1))
         refused = InteractionEvent(user_id="u\x00", item_id="new", kind="rating", label=1, ts=T0)  # no NUL in PostgreSQL
         batch = records(parts.topics.interactions, [good.to_bytes(), refused.to_bytes()])
-        asyncio.run(parts.interactions.process(batch, parts.histories))
+        asyncio.run(parts.interactions.process(batch))
 
         assert parts.repository.counts()["interactions"] == 1
         assert set(parts.repository.get_cot_samples([cot_request_id(good.interaction_id),

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 import migrations
+from llmcf.cot_policy import cot_request_id
 from llmcf.dead_letters import SourceRecord
 from llmcf.events import CotRequest, HistoryEntry, ItemSnapshot, decode, epoch_ms
 from llmcf.samples import decode_history, sample_vector
-from storage.repository import InteractionRow, PendingSampleRow, Repository
+from storage.repository import Repository
+from storage.rows import InteractionRow, PendingSampleRow
 from streams.catalogue import Catalogue, CatalogueItem
-from streams.decisions import cot_request_id
 from streams.history import HistoryItem
 from streams.requests import Decided, build_samples, sample_vectors
 

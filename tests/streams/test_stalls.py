@@ -1,4 +1,4 @@
-"""`StallGuard`: which partitions the worker consumes again, and when."""
+"""`StallGuard`: which partitions the worker repairs, and when."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def process(guard: StallGuard, batch: list[SourceRecord], now: float) -> None:
     guard.processed(batch[0].topic, batch, now)
 
 
-def test_a_commit_stuck_behind_processed_records_is_rewound_once_patience_runs_out() -> None:
+def test_a_commit_stuck_behind_processed_records_is_repaired_once_patience_runs_out() -> None:
     guard = StallGuard(patience_s=30)
     process(guard, records("interactions", 0, range(150, 1034)), now=0)
     ends = {P0: 1034}
@@ -31,7 +31,7 @@ def test_a_commit_stuck_behind_processed_records_is_rewound_once_patience_runs_o
     assert guard.stalled({P0: 100}, ends, now=65) == {P0: 100}
 
 
-def test_the_last_records_of_a_partition_dropped_are_rewound_once_its_agent_stays_idle() -> None:
+def test_the_last_records_of_a_partition_dropped_are_repaired_once_its_agent_stays_idle() -> None:
     guard = StallGuard(patience_s=30)
     process(guard, records("interactions", 1, range(0, 500)), now=0)
     ends = {P0: 750, P1: 500}
@@ -54,7 +54,7 @@ def test_records_waiting_while_the_agent_has_a_batch_in_hand_are_not_a_stall() -
     assert guard.stalled({P0: 200, P1: 0}, ends, now=150) == {P1: 0}
 
 
-def test_a_moving_commit_or_a_caught_up_partition_is_never_rewound() -> None:
+def test_a_moving_commit_or_a_caught_up_partition_is_never_repaired() -> None:
     guard = StallGuard(patience_s=30)
     process(guard, records("interactions", 0, range(100)), now=0)
     for now in range(0, 300, 5):
@@ -74,7 +74,7 @@ def test_the_clock_restarts_when_the_commit_moves() -> None:
     assert guard.stalled({key: 200}, {key: 501}, now=55) == {key: 200}
 
 
-def test_a_partition_never_committed_is_rewound_to_the_start_and_unassigned_ones_are_ignored() -> None:
+def test_a_partition_never_committed_is_repaired_from_the_start_and_unassigned_ones_are_ignored() -> None:
     guard = StallGuard(patience_s=30)
     process(guard, records("interactions", 0, [40]) + records("interactions", 1, [40]), now=0)
     assert guard.stalled({}, {P0: None}, now=0) == {}

@@ -22,9 +22,9 @@ from storage.vectors import Filter, Match
 from storage.vectors.edge import EdgeIndex
 from streams.app import app_id
 from streams.stalls import STALL_PATIENCE_S
-from tests.fixtures.kafka import commits_and_ends, partitions_behind
-from tests.fixtures.processes import LlmcfProcess, ProcessStarter, wait_while_running
-from tests.fixtures.windows import Expected, expected_window
+from testkit.kafka import commits_and_ends, partitions_behind
+from testkit.processes import LlmcfProcess, ProcessStarter, wait_while_running
+from testkit.windows import Expected, expected_window
 
 LIMIT = 3000
 CAUGHT_UP_TIMEOUT_S = 300.0  # generous: a loaded 2-core machine has been seen to need more than 150 s

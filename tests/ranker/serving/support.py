@@ -20,6 +20,7 @@ import numpy as np
 import uvicorn
 
 from llmcf import movielens
+from llmcf.cot_policy import cot_request_id
 from llmcf.embeddings import MODEL_NAME
 from llmcf.events import CotRequest, CotResult, HistoryEntry, InteractionEvent, ItemSnapshot, from_epoch_ms
 from llmcf.infra import free_port
@@ -29,7 +30,6 @@ from ranker.registry import TrainResult
 from ranker.serving.app import RankerService, create_app
 from ranker.train import TrainOptions, train
 from storage.repository import Repository
-from streams.decisions import cot_request_id
 
 DATASET = "ml-100k"
 STORED_INTERACTIONS = 80_000  # the first 80% of ml-100k: the training split, so the trained users have histories

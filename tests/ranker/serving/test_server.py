@@ -9,7 +9,7 @@ import pytest
 from llmcf.infra import free_port
 from llmcf.settings import Settings
 from ranker.registry import TrainResult
-from tests.fixtures.processes import ProcessStarter, wait_while_running
+from testkit.processes import ProcessStarter, wait_while_running
 from tests.ranker.serving.support import Populated
 
 pytestmark = pytest.mark.slow

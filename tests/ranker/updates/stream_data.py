@@ -9,10 +9,10 @@ from datetime import datetime, timezone
 import numpy as np
 
 from llmcf import movielens
+from llmcf.cot_policy import CotPolicy, cot_request_id
 from llmcf.embeddings import TextEmbedder
 from llmcf.events import CotRequest, CotResult, InteractionEvent, ItemEvent, ItemSnapshot
 from storage.repository import Repository
-from streams.decisions import CotPolicy, cot_request_id
 
 POLICY = CotPolicy(rate=0.1, cold_start_window_s=86_400)
 _embedder: TextEmbedder | None = None

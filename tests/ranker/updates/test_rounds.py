@@ -15,7 +15,8 @@ from llmcf.settings import Settings
 from ranker.export import sha256_file
 from ranker.features import FEATURES_JSON
 from ranker.updates.rounds import RoundReport, UpdateOptions, run_round, window_splits
-from storage.repository import ModelVersionRecord, Repository
+from storage.registry import ModelVersionRecord
+from storage.repository import Repository
 from tests.ranker.updates.stream_data import replay_into
 
 pytestmark = pytest.mark.slow

@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from llmcf.cot_policy import CotPolicy, cot_request_id
 from llmcf.events import DeadLetter, decode, deterministic_id, epoch_ms
 from llmcf.kafka import producer_config, read_to_end
 from llmcf.settings import Settings
@@ -31,9 +32,8 @@ from llmcf.topics import Topics
 from storage.models import CotSample, Interaction, Item
 from storage.repository import Repository
 from streams.app import app_id
-from streams.decisions import CotPolicy, cot_request_id
-from tests.fixtures.kafka import partitions_behind
-from tests.fixtures.processes import LlmcfProcess, wait_while_running
+from testkit.kafka import partitions_behind
+from testkit.processes import LlmcfProcess, wait_while_running
 
 STORED = "stored"
 STORED_AND_DEAD_LETTERED = "stored, decision dead-lettered"  # an interaction whose item never arrives

@@ -7,7 +7,8 @@ from confluent_kafka import Producer
 from llmcf.kafka import producer_config
 from llmcf.settings import Settings
 from llmcf.topics import Topics
-from streams.app import OffsetProbe, app_id
+from streams.app import app_id
+from streams.probe import OffsetProbe
 
 
 def test_the_probe_reads_an_offset_range_skipping_offsets_without_records(kafka_settings: Settings) -> None:

@@ -1,4 +1,6 @@
-"""Which labelled samples get a chain of thought: a pure function of the interaction and its item, nothing else.
+"""Which labelled samples get a chain of thought, and under which request id: a pure function of the interaction and
+its item, nothing else. Shared by the stream worker (which asks for the CoTs) and the streaming evaluation (which
+replays the worker's choice), so both choose the same samples.
 
 Deterministic on purpose: a re-delivered interaction gets the same decision and the same request id in every process,
 and a test can compute, from a replayed window alone, exactly which request ids the worker must produce.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from llmcf.cot_policy import CotPolicy, cot_request_id, sample_fraction
 from llmcf.events import deterministic_id
-from streams.decisions import CotPolicy, cot_request_id, sample_fraction
 
 DAY_MS = 86_400_000
 
