@@ -60,7 +60,7 @@ class TrainOptions:
     pool_rate: float = 0.1
     cot_backend: str = "template"
     seed: int = FitOptions.seed
-    threads: int = 2
+    threads: int = 1  # one thread per process: two fighting other work ran 10-18x slower
     register: bool = True
 
     def __post_init__(self) -> None:

@@ -65,7 +65,7 @@ class UpdateOptions:
     learning_rate: float = 5e-4
     reconstruction_weight: float = FitOptions.reconstruction_weight
     seed: int = FitOptions.seed
-    threads: int = 2
+    threads: int = 1  # one thread per process: two fighting other work ran 10-18x slower
 
     def __post_init__(self) -> None:
         try:

@@ -30,7 +30,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 @pytest.fixture(scope="module")
 def trained(settings: Settings) -> Iterator[TrainResult]:
     options = TrainOptions(dataset="ml-100k", backbone="deepfm", ict=True, max_train_samples=4000, max_eval_samples=800,
-                           max_epochs=4, batch_size=256, seed=0, threads=2)
+                           max_epochs=4, batch_size=256, seed=0)
     lines: list[str] = []
     result = train(options, settings, log=lines.append)
     assert any("epoch  1" in line for line in lines)

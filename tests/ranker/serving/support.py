@@ -50,7 +50,7 @@ def train_version(settings: Settings, ict: bool = True, epochs: int = 3, learnin
     """A small real model on ml-100k (the fast configuration of tests/ranker/test_train.py), registered as 'candidate'.
     The seed is fixed so every version shares one CoT pool and its cached embeddings and retrievals."""
     options = TrainOptions(dataset=DATASET, backbone="deepfm", ict=ict, max_train_samples=4000, max_eval_samples=800,
-                           max_epochs=epochs, batch_size=256, learning_rate=learning_rate, seed=0, threads=2)
+                           max_epochs=epochs, batch_size=256, learning_rate=learning_rate, seed=0)
     return train(options, settings, log=lambda _line: None)
 
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 KIND = "deepfm+ict"
 OPTIONS = UpdateOptions(kind=KIND, window_s=120 * 86400, max_epochs=2, scratch_max_epochs=2, batch_size=256,
-                        learning_rate=1e-3, threads=2)
+                        learning_rate=1e-3)
 
 
 @pytest.fixture(scope="module")
