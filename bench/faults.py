@@ -43,17 +43,7 @@ from storage.models import CotSample, Interaction
 from storage.repository import Repository
 from storage.vectors import Filter, Match
 from storage.vectors.edge import EdgeIndex
-from testkit.fuzz import (
-    Case,
-    Spec,
-    base_item_ids,
-    check,
-    materialize,
-    publish,
-    publish_base_catalogue,
-    specs,
-    wait_until_committed,
-)
+from testkit import fuzz
 from testkit.processes import LlmcfProcess, wait_while_running
 from testkit.windows import expected_window
 
@@ -84,14 +74,14 @@ def scratch_database(server: TemporaryPostgres, name: str) -> str:
     return url
 
 
-def drawn_examples(count: int) -> list[list[Spec]]:
+def drawn_examples(count: int) -> list[list[fuzz.Spec]]:
     """`count` lists of record specs, drawn by hypothesis exactly as tests/reliability/test_event_fuzz.py draws them."""
-    drawn: list[list[Spec]] = []
+    drawn: list[list[fuzz.Spec]] = []
 
     @settings(max_examples=count, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
-    @given(specs(base_item_ids(BASE_ITEMS), *RECORDS_PER_EXAMPLE))
-    def collect(example: list[Spec]) -> None:
+    @given(fuzz.specs(fuzz.base_item_ids(BASE_ITEMS), *RECORDS_PER_EXAMPLE))
+    def collect(example: list[fuzz.Spec]) -> None:
         drawn.append(example)
 
     collect()
@@ -101,21 +91,21 @@ def drawn_examples(count: int) -> list[list[Spec]]:
 def bad_inputs_phase(args: argparse.Namespace, bootstrap: str, server: TemporaryPostgres, home: Path) -> dict:
     settings = scratch_settings(bootstrap, home / "bad-inputs")
     database_url = scratch_database(server, "faults_bad_inputs")
-    publish_base_catalogue(settings, BASE_ITEMS)
+    fuzz.publish_base_catalogue(settings, BASE_ITEMS)
     worker = LlmcfProcess("worker", settings, home / "bad-inputs-worker.log", "--item-wait", "1", database_url=database_url)
     try:
         with Repository.from_url(database_url) as repository:
             wait_while_running(lambda: repository.counts()["item_embeddings"] == BASE_ITEMS, [worker], WAIT_S,
                                "the worker to load the base catalogue")
-            examples: list[tuple[str, list[Case]]] = []
+            examples: list[tuple[str, list[fuzz.Case]]] = []
             for n, drawn in enumerate(drawn_examples(args.examples)):
                 namespace = f"fz{n}:"
-                examples.append((namespace, materialize(drawn, namespace)))
-            publish(settings, [case for _, cases in examples for case in cases])
-            wait_until_committed(settings, worker, WAIT_S)
+                examples.append((namespace, fuzz.materialize(drawn, namespace)))
+            fuzz.publish(settings, [case for _, cases in examples for case in cases])
+            fuzz.wait_until_committed(settings, worker, WAIT_S)
             reasons: Counter[str] = Counter()
             for namespace, cases in examples:
-                reasons.update(check(settings, repository, cases, namespace))
+                reasons.update(fuzz.check(settings, repository, cases, namespace))
             worker.assert_running()
         assert worker.stop() == 0, worker.log_tail()
     finally:

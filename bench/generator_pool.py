@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -37,6 +36,7 @@ from llmcf.infra.broker import bootstrap_servers
 from llmcf.kafka import ensure_topics, producer_config
 from llmcf.settings import Settings
 from llmcf.topics import Topics
+from testkit.threads import running
 
 
 def fresh_settings(bootstrap: str, home: Path) -> Settings:
@@ -58,30 +58,19 @@ def run_through_pool(bootstrap: str, home: Path, backend: CotBackend, embedder: 
         raise SystemExit("could not publish the benchmark's requests")
 
     pool = GeneratorPool(settings, bootstrap, backend, embedder, PoolConfig(max_batch=batch, max_wait_ms=200))
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            pool.run()
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    if not pool.assigned.wait(60):
-        raise SystemExit("the pool got no partition within 60 s")
-    started = time.perf_counter()
-    next_progress = started + 10
-    while pool.stats.published + pool.stats.dead_lettered < count:
-        if failure:
-            raise SystemExit(f"the pool failed: {failure[0]}")
-        time.sleep(0.05)
-        if time.perf_counter() >= next_progress:
-            print(f"  {pool.stats.published}/{count} CoTs, {time.perf_counter() - started:.0f} s", flush=True)
-            next_progress += 10
-    seconds = time.perf_counter() - started
-    pool.stop()
-    thread.join(60)
+    with running(pool) as failure:
+        if not pool.assigned.wait(60):
+            raise SystemExit("the pool got no partition within 60 s")
+        started = time.perf_counter()
+        next_progress = started + 10
+        while pool.stats.published + pool.stats.dead_lettered < count:
+            if failure:
+                raise SystemExit(f"the pool failed: {failure[0]}")
+            time.sleep(0.05)
+            if time.perf_counter() >= next_progress:
+                print(f"  {pool.stats.published}/{count} CoTs, {time.perf_counter() - started:.0f} s", flush=True)
+                next_progress += 10
+        seconds = time.perf_counter() - started
     stats = pool.stats
     return {"backend": backend.name, "batch": batch, "cots": stats.published, "dead_lettered": stats.dead_lettered,
             "seconds": seconds, "cots_per_s": stats.published / seconds,

@@ -33,7 +33,7 @@ import httpx
 from bench.serving import Workload, prepare
 from llmcf.infra import free_port
 from llmcf.settings import Settings
-from testkit.processes import LlmcfProcess, wait_while_running
+from testkit.processes import LlmcfProcess, wait_until_ready
 
 
 @dataclass
@@ -137,13 +137,7 @@ def main() -> None:
     process = LlmcfProcess("serve", settings, args.home / "serve-overload.log", "--kind", args.kind, "--port", str(port))
     base = f"http://127.0.0.1:{port}"
     try:
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_while_running(ready, [process], timeout_s=300, what=f"llmcf serve --kind {args.kind}")
+        wait_until_ready(base, process, timeout_s=300)
         url = f"{base}/v1/rank"
         asyncio.run(closed_loop(url, bodies, settings.ranker_max_inflight, 1.0))  # warm-up, not counted
         capacity_seconds = asyncio.run(closed_loop(url, bodies, settings.ranker_max_inflight, args.capacity_s))

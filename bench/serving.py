@@ -38,7 +38,7 @@ import migrations
 from llmcf.infra import free_port
 from llmcf.settings import Settings
 from storage.repository import Repository
-from testkit.processes import LlmcfProcess, wait_while_running
+from testkit.processes import LlmcfProcess, wait_until_ready
 
 KINDS = ("deepfm+ict", "deepfm")
 _TIMING = re.compile(r"(\w+);dur=([0-9.]+)")
@@ -109,7 +109,8 @@ def prepare(settings: Settings, workload: Workload) -> None:
     from llmcf import movielens
     from llmcf.embeddings import MODEL_NAME
     from ranker.data import EmbeddingCache, embedding_cache_path
-    from ranker.train import TrainOptions, train
+    from ranker.options import FitOptions, TrainOptions
+    from ranker.train import train
 
     migrations.upgrade(settings.database_url)
     with Repository.from_settings(settings) as repository:
@@ -118,7 +119,7 @@ def prepare(settings: Settings, workload: Workload) -> None:
                 continue
             started = time.perf_counter()
             result = train(TrainOptions(dataset="ml-1m", ict=kind.endswith("+ict"), max_train_samples=4_000,
-                                        max_eval_samples=800, max_epochs=2, batch_size=256, threads=1),
+                                        max_eval_samples=800, fit=FitOptions(max_epochs=2, batch_size=256), threads=1),
                            settings, log=lambda _line: None)
             print(f"trained {result.version_id} in {time.perf_counter() - started:.0f} s", flush=True)
         if repository.counts()["cot_samples"] >= len(workload.pool_rows):
@@ -195,13 +196,7 @@ def serve_and_drive(settings: Settings, kind: str, bodies: list[dict[str, object
     url = f"http://127.0.0.1:{port}"
     run = Run(kind)
     try:
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_while_running(ready, [process], timeout_s=600, what=f"llmcf serve --kind {kind}")
+        wait_until_ready(url, process, timeout_s=600)
         stop = threading.Event()
         writer = None
         if kind.endswith("+ict") and args.arrivals > 0:

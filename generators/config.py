@@ -17,7 +17,7 @@ def group_id(settings: Settings) -> str:
 class PoolConfig:
     """How the pool batches, retries and stops. The defaults are the CLI's."""
 
-    max_batch: int = 16
+    max_batch: int = 16  # requests per batch, but for the transformers backend, which sizes its own batches
     max_wait_ms: int = 200
     max_attempts: int = 3
     max_queued_batches: int = 1  # batches formed ahead of the generation thread: a later one reflects newer priorities

@@ -14,19 +14,18 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from generators.config import PoolConfig
 from llmcf.errors import UserFacingError
+from llmcf.ports import GENERATOR_METRICS_PORT
 from llmcf.settings import Settings, without_credentials
 
 if TYPE_CHECKING:
     from generators.backends.base import CotBackend
-    from generators.config import PoolConfig
     from generators.pool import GeneratorPool
     from llmcf.embeddings import TextEmbedder
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS_PORT = 9102
-DEFAULT_MAX_BATCH = 16  # requests per batch, but for the transformers backend, which sizes its own batches
 
 
 @dataclass(frozen=True)
@@ -38,8 +37,8 @@ class GenerateOptions:
     device: str
     openai_base_url: str | None
     max_batch: int | None = None  # None: the transformers backend's own (48 on a CPU, 64 on a GPU), else 16
-    max_wait_ms: int = 200
-    max_attempts: int = 3
+    max_wait_ms: int = PoolConfig.max_wait_ms
+    max_attempts: int = PoolConfig.max_attempts
     max_new_tokens: int | None = None
     temperature: float | None = None
     draft_tokens: int = 0
@@ -63,7 +62,6 @@ def run_generator(settings: Settings, options: GenerateOptions) -> int:
     """Run the pool until a signal stops it; 0 after a clean stop. Raises `UserFacingError` for operator mistakes and
     when the pool fails (nothing unfinished is committed then)."""
     from generators.backends import create_backend
-    from generators.config import PoolConfig
     from generators.pool import GeneratorPool
     from llmcf.embeddings import TextEmbedder
     from llmcf.kafka import ensure_topics, resolve_bootstrap
@@ -77,13 +75,13 @@ def run_generator(settings: Settings, options: GenerateOptions) -> int:
              f" on {device}" if options.backend == "transformers" else "")
     backend = create_backend(options.backend, **backend_options)
     try:
-        max_batch = options.max_batch or (backend.max_batch if backend.name == "transformers" else DEFAULT_MAX_BATCH)
+        max_batch = options.max_batch or (backend.max_batch if backend.name == "transformers" else PoolConfig.max_batch)
         config = PoolConfig(max_batch=max_batch, max_wait_ms=options.max_wait_ms, max_attempts=options.max_attempts,
                             ttl_s=settings.cot_ttl_s, max_backlog=settings.cot_max_backlog)
         embedder = TextEmbedder.load(device)
         _log_startup(settings, options, backend, embedder, config, device)
         pool = GeneratorPool(settings, bootstrap, backend, embedder, config)
-        _serve_metrics(DEFAULT_METRICS_PORT if options.metrics_port is None else options.metrics_port)
+        _serve_metrics(GENERATOR_METRICS_PORT if options.metrics_port is None else options.metrics_port)
         _run_until_signalled(pool)
     finally:
         backend.close()
@@ -103,7 +101,7 @@ def _backend_options(options: GenerateOptions, device: str) -> dict[str, object]
         if not options.model:
             raise UserFacingError("the openai backend needs the served model name: set LLMCF_GENERATOR_MODEL or --model")
         backend_options |= {"base_url": options.openai_base_url, "model": options.model,
-                            "concurrency": options.max_batch or DEFAULT_MAX_BATCH}
+                            "concurrency": options.max_batch or PoolConfig.max_batch}
     elif options.backend == "transformers":
         backend_options |= {"model": options.model, "device": device, "max_batch": options.max_batch,
                             "dtype": options.dtype}

@@ -35,6 +35,7 @@ from typing import Any
 from llmcf.errors import UserFacingError
 from llmcf.files import write_atomically
 from llmcf.infra.processes import pid_alive
+from llmcf.ports import WORKER_METRICS_PORT
 from llmcf.scraping import (
     FRESHNESS_STAGES,
     FreshnessSeries,
@@ -62,8 +63,8 @@ class DemoOptions:
     limit: int = 20_000
     rate: float = 200.0
     backend: str = "transformers"
-    port: int = 8000
-    metrics_port_base: int = 9101
+    port: int = Settings.ranker_port
+    metrics_port_base: int = WORKER_METRICS_PORT
     """worker /metrics on this port, generator on the next, updater on the one after (the commands' defaults)."""
     update_interval_s: float = 60.0
     min_cots: int = 3

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from llmcf.backend_names import BACKEND_NAMES
 from llmcf.model_kinds import MODEL_KINDS
+from llmcf.ports import GENERATOR_METRICS_PORT, UPDATER_METRICS_PORT, WORKER_METRICS_PORT
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LLMCF_QDRANT_COLLECTION", "cot_examples", "Collection (server) or shard directory (embedded) of in-context examples."),
     Setting("LLMCF_LOG_LEVEL", "INFO", "Log level of every process (DEBUG, INFO, WARNING, ERROR)."),
     Setting("LLMCF_METRICS_PORT", None, "Port of the process's Prometheus `/metrics` endpoint; unset = the command's own "
-            "default (worker 9101, generator 9102, updater 9103; the ranker serves `/metrics` on its API port); 0 = none."),
+            f"default (worker {WORKER_METRICS_PORT}, generator {GENERATOR_METRICS_PORT}, updater {UPDATER_METRICS_PORT}; the ranker "
+            "serves `/metrics` on its API port); 0 = none."),
     Setting("LLMCF_COT_SAMPLE_RATE", "0.1", "Share of labelled interactions that get a chain of thought (the paper: 1/10)."),
     Setting("LLMCF_COLD_START_WINDOW_S", "86400", "Interactions on items younger than this (event time, seconds) always "
             "get a chain of thought: priority for new items."),

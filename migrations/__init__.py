@@ -17,6 +17,8 @@ database at head:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -39,29 +41,28 @@ def alembic_config(connection: Connection) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Apply revisions up to `revision` (creating the SQLite file and its directory if missing)."""
-    engine = make_engine(url)
-    try:
-        with engine.begin() as connection:
-            command.upgrade(alembic_config(connection), revision)
-    finally:
-        engine.dispose()
+    with _transaction(url) as connection:
+        command.upgrade(alembic_config(connection), revision)
 
 
 def downgrade(url: str, revision: str) -> None:
     """Revert revisions down to `revision` ("-1" = one step, "base" = drop everything)."""
-    engine = make_engine(url)
-    try:
-        with engine.begin() as connection:
-            command.downgrade(alembic_config(connection), revision)
-    finally:
-        engine.dispose()
+    with _transaction(url) as connection:
+        command.downgrade(alembic_config(connection), revision)
 
 
 def current(url: str) -> str | None:
     """The database's revision, or None when no migration has been applied."""
+    with _transaction(url) as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+@contextmanager
+def _transaction(url: str) -> Iterator[Connection]:
+    """One transaction on a fresh engine for `url`, disposed of afterwards."""
     engine = make_engine(url)
     try:
-        with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+        with engine.begin() as connection:
+            yield connection
     finally:
         engine.dispose()

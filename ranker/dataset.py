@@ -20,8 +20,6 @@ from ranker.data import Corpus, EmbeddingCache, database_corpus, embedding_cache
 from ranker.features import HISTORY_LENGTH, MAX_TAGS, FeatureSpace, history_label_codes
 
 SPLIT = (0.8, 0.1, 0.1)
-DEFAULT_MAX_TRAIN_SAMPLES = 100_000
-DEFAULT_MAX_EVAL_SAMPLES = 20_000
 
 
 @dataclass

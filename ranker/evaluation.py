@@ -127,7 +127,7 @@ def evaluate_offline(samples: Samples, options: EvaluationOptions, settings: Set
                 model = RankerModel(ModelConfig(ModelKind.parse(variant).backbone, ict, space.n_users, space.n_items, space.n_tags,
                                                 n_user_tags=space.n_user_tags if options.user_tags else 0,
                                                 history_labels=options.history_labels, field_dim=options.field_dim))
-                fit_options = dataclasses.replace(options.fit_options(), seed=seed)
+                fit_options = dataclasses.replace(options.fit, seed=seed)
                 history = fit(model, batches, train_split, valid_split, fit_options, quiet)
                 scores = predict(model, batches, test_split)
                 sliced = {name: auc_or_none(labels[mask], scores[mask]) for name, mask in in_slice.items()}
@@ -184,7 +184,7 @@ def _setup_fingerprint(options: EvaluationOptions, splits: Sequence[Split], pool
     options that change a run, the split (and slices) and, for +ICT runs (the third part), the pool's rows and CoTs."""
     settings = fingerprint(training_code_fingerprint(), options.dataset, options.new_item_window_days, options.field_dim, options.user_tags,
                            options.history_labels,
-                           *(repr(value) for value in asdict(options.fit_options()).values()))
+                           *(repr(value) for value in asdict(options.fit).values()))
     data = fingerprint(*(s.rows for s in splits))
     if pool is None:
         return settings, data

@@ -13,7 +13,7 @@ from llmcf.errors import UserFacingError
 from llmcf.model_kinds import MODEL_KINDS
 from ranker.cot_pool import LLM_FILE_COTS
 from ranker.data import Corpus
-from ranker.fitting import FitOptions
+from ranker.options import FitOptions
 
 VARIANTS = MODEL_KINDS  # every model kind is an evaluation variant
 COT_POOLS = {
@@ -47,15 +47,10 @@ class EvaluationOptions:
     variants: tuple[str, ...] = VARIANTS
     max_train_samples: int | None = None
     max_eval_samples: int | None = 20_000
-    max_epochs: int = 10
-    patience: int = FitOptions.patience
-    batch_size: int = FitOptions.batch_size
-    learning_rate: float = FitOptions.learning_rate
-    weight_decay: float = FitOptions.weight_decay
+    fit: FitOptions = FitOptions(max_epochs=10)  # every run's and the replay's frozen model's; a run sets its seed
     field_dim: int = 16
     user_tags: bool = True  # the demographics field, where the dataset ships demographics
     history_labels: bool = True  # the liked-history field
-    reconstruction_weight: float = FitOptions.reconstruction_weight
     pool_rate: float = 0.1
     cot_backend: str = "template"
     cot_pools: tuple[str, ...] = ("uniform",)
@@ -93,14 +88,8 @@ class EvaluationOptions:
     def quick(cls) -> EvaluationOptions:
         """`--quick`: ml-100k, the latest 1,500 training rows, 300 validation and test rows, one epoch, 2 seeds, a
         2-day replay: every code path of the full table in about a minute, for the test suite and a first try."""
-        return cls(dataset="ml-100k", seeds=2, max_train_samples=1_500, max_eval_samples=300, max_epochs=1, days=2,
+        return cls(dataset="ml-100k", seeds=2, max_train_samples=1_500, max_eval_samples=300, fit=FitOptions(max_epochs=1), days=2,
                    update_max_samples=800, max_day_rows=300)
-
-    def fit_options(self) -> FitOptions:
-        """How every run (and the frozen model of the replay) is fitted; seed 0, which a run replaces by its own."""
-        return FitOptions(max_epochs=self.max_epochs, patience=self.patience, batch_size=self.batch_size,
-                          learning_rate=self.learning_rate, reconstruction_weight=self.reconstruction_weight,
-                          weight_decay=self.weight_decay)
 
     def llm_cot_file(self) -> Path:
         from ranker.llm_cots import default_path
@@ -122,9 +111,10 @@ class EvaluationOptions:
         def cap(value: int | None) -> str:
             return "all" if value is None else f"{value:,}"
 
-        return (f"train rows: latest {cap(self.max_train_samples)}; validation and test rows: {cap(self.max_eval_samples)} "
-                f"each; at most {self.max_epochs} epochs (early stopping, patience {self.patience}); batch "
-                f"{self.batch_size}; Adam lr {self.learning_rate:g}, weight decay {self.weight_decay:g}; field dim "
+        train = "all" if self.max_train_samples is None else f"latest {self.max_train_samples:,}"
+        return (f"train rows: {train}; validation and test rows: {cap(self.max_eval_samples)} "
+                f"each; at most {self.fit.max_epochs} epochs (early stopping, patience {self.fit.patience}); batch "
+                f"{self.fit.batch_size}; Adam lr {self.fit.learning_rate:g}, weight decay {self.fit.weight_decay:g}; field dim "
                 f"{self.field_dim}; demographics {'on' if self.user_tags else 'off'}; liked history "
                 f"{'on' if self.history_labels else 'off'}; CoT pool" + (
                     f": {self.pool_label(self.cot_pools[0])}" if len(self.cot_pools) == 1 else

@@ -20,9 +20,10 @@ from ranker.evaluation_options import DAY_MS, EvaluationOptions, first_seen_ms, 
 from ranker.evaluation_report import StreamRow, fmt, utc_date
 from ranker.examples import pool_samples, retrieve_examples, retrieve_rows, sample_pool
 from ranker.features import FeatureSpace
-from ranker.fitting import Batches, FitOptions, fit, predict
+from ranker.fitting import Batches, fit, predict
 from ranker.metrics import auc_or_none
 from ranker.model import ModelConfig, RankerModel
+from ranker.options import FitOptions
 from ranker.progress import Stepper
 from ranker.retrieval import ExactRetriever
 from ranker.sample_pool import ExampleRecord, SamplePool
@@ -46,11 +47,11 @@ def evaluate_streaming(samples: Samples, options: EvaluationOptions, settings: S
     frozen = RankerModel(ModelConfig(ModelKind.parse(options.stream_kind).backbone, ict, space.n_users, space.n_items, space.n_tags,
                                      n_user_tags=space.n_user_tags if options.user_tags else 0,
                                      history_labels=options.history_labels, field_dim=options.field_dim))
-    fit(frozen, Batches(samples, space, records, ict), train_split, valid_split, options.fit_options(), step)
+    fit(frozen, Batches(samples, space, records, ict), train_split, valid_split, options.fit, step)
 
     first_seen = first_seen_ms(corpus)
     policy = CotPolicy(rate=options.pool_rate, cold_start_window_s=settings.cold_start_window_s)
-    update_fit = dataclasses.replace(options.fit_options(), max_epochs=options.update_epochs, patience=1,
+    update_fit = dataclasses.replace(options.fit, max_epochs=options.update_epochs, patience=1,
                                      learning_rate=options.update_learning_rate)
     rows_out: list[StreamRow] = []
     updated, updated_space = frozen, space

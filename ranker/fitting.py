@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,24 +16,10 @@ from ranker.dataset import Catalogue, Samples, Split, sample_arrays
 from ranker.features import ExamplePool, FeatureSpace, gather_examples
 from ranker.metrics import auc, logloss
 from ranker.model import RankerModel
+from ranker.options import FitOptions
 from ranker.sample_pool import ExampleRecord
 
 EVAL_BATCH = 4_096
-
-
-@dataclass(frozen=True)
-class FitOptions:
-    """What `fit` needs: the optimiser, the epochs and early stopping, and the seed of the shuffling. The options of
-    `llmcf train`, `evaluate` and `update` take their fitting defaults from these (or state their own) and build one
-    with their `fit_options()`."""
-
-    max_epochs: int = 20
-    patience: int = 2
-    batch_size: int = 512
-    learning_rate: float = 1e-3
-    reconstruction_weight: float = 1.0
-    seed: int = 0
-    weight_decay: float = 0.0
 
 
 class Batches:

@@ -21,6 +21,7 @@ it exports to ONNX (opset 17) as one static graph.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -385,39 +386,44 @@ class RankerModel(nn.Module):
         return bce + reconstruction_weight * reconstruction, bce, reconstruction
 
 
-class ScoringGraph(nn.Module):
+class _PositionalGraph(nn.Module):
+    """A module for `torch.onnx.export`, which hands the inputs over by position: `names` are theirs, in order."""
+
+    def __init__(self, model: RankerModel, names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def named(self, tensors: Sequence[Tensor], strict: bool = True) -> dict[str, Tensor]:
+        return dict(zip(self.names, tensors, strict=strict))
+
+
+class ScoringGraph(_PositionalGraph):
     """What is exported: positional inputs in `config.input_names` order -> `score` (B,), the click probability."""
 
     def __init__(self, model: RankerModel) -> None:
-        super().__init__()
-        self.model = model
-        self.names = model.config.input_names
+        super().__init__(model, model.config.input_names)
 
     def forward(self, *tensors: Tensor) -> Tensor:
-        return torch.sigmoid(self.model(dict(zip(self.names, tensors, strict=False))).logit)
+        return torch.sigmoid(self.model(self.named(tensors, strict=False)).logit)
 
 
-class ExampleEncoderGraph(nn.Module):
+class ExampleEncoderGraph(_PositionalGraph):
     """The served example encoder: one pool sample's `ex_*` inputs (P rows, no K axis) -> `tokens` (P, 3, d)."""
 
     def __init__(self, model: RankerModel) -> None:
-        super().__init__()
-        self.model = model
-        self.names = model.config.example_row_input_names
+        super().__init__(model, model.config.example_row_input_names)
 
     def forward(self, *tensors: Tensor) -> Tensor:
-        return self.model.example_tokens(dict(zip(self.names, tensors, strict=True)))
+        return self.model.example_tokens(self.named(tensors))
 
 
-class QueryScorerGraph(nn.Module):
+class QueryScorerGraph(_PositionalGraph):
     """The served query scorer: the sample inputs, `ex_tokens` (B, K, 3, d) and `ex_present` -> `score` (B,)."""
 
     def __init__(self, model: RankerModel) -> None:
-        super().__init__()
-        self.model = model
-        self.names = model.config.sample_input_names
+        super().__init__(model, model.config.sample_input_names)
 
     def forward(self, *tensors: Tensor) -> Tensor:
         *sample, tokens, present = tensors
-        inputs = dict(zip(self.names, sample, strict=True))
-        return torch.sigmoid(self.model.score_with_tokens(inputs, tokens, present))
+        return torch.sigmoid(self.model.score_with_tokens(self.named(sample), tokens, present))

@@ -28,8 +28,9 @@ from ranker.data import fingerprint, movielens_corpus
 from ranker.dataset import Samples, build_feature_space, time_split
 from ranker.evaluation import training_code_fingerprint
 from ranker.evaluation_options import EvaluationOptions
-from ranker.fitting import Batches, FitOptions, fit
+from ranker.fitting import Batches, fit
 from ranker.model import ModelConfig, RankerModel
+from ranker.options import FitOptions
 from ranker.progress import Stepper
 
 GridValue = int | float | bool
@@ -83,7 +84,7 @@ def search(options: EvaluationOptions, backbones: Sequence[str], grid: Mapping[s
     combinations = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
     step(f"search: {len(backbones)} backbone(s) x {len(combinations)} combination(s), train {len(train_split.rows):,} "
          f"rows, validation {len(valid_split.rows):,} rows (the test split is not read)")
-    base = options.fit_options()
+    base = options.fit
     setup = fingerprint(Path(__file__).read_text(), training_code_fingerprint(), options.dataset, train_split.rows,
                         valid_split.rows, repr(asdict(base)), options.field_dim, options.user_tags, options.history_labels)
     trials = []

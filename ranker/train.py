@@ -23,56 +23,24 @@ fits (`llmcf evaluate`'s variants and seeds, `llmcf update`'s daily fine-tuning)
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
 import torch
 
-from llmcf.errors import UserFacingError
 from llmcf.settings import Settings
 from ranker.cot_pool import CotPool, build_cot_pool
 from ranker.data import Corpus
-from ranker.dataset import DEFAULT_MAX_EVAL_SAMPLES, DEFAULT_MAX_TRAIN_SAMPLES, SPLIT, Samples, build_feature_space, load_corpus, time_split
+from ranker.dataset import SPLIT, Samples, build_feature_space, load_corpus, time_split
 from ranker.examples import retrieve_examples
-from ranker.fitting import Batches, FitOptions, evaluate, fit
+from ranker.fitting import Batches, evaluate, fit
 from ranker.metrics import logloss
-from ranker.model import Backbone, ModelConfig, RankerModel
+from ranker.model import ModelConfig, RankerModel
+from ranker.options import TrainOptions
 from ranker.progress import Stepper
 from ranker.registry import PARITY_ROWS, TrainResult, export_artifact, register_version
 from ranker.sample_pool import ExampleRecord
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """One training run. `dataset` None = read the database (`DATABASE_URL`)."""
-
-    dataset: str | None = "ml-1m"
-    backbone: Backbone = "deepfm"
-    ict: bool = True
-    max_train_samples: int | None = DEFAULT_MAX_TRAIN_SAMPLES
-    max_eval_samples: int | None = DEFAULT_MAX_EVAL_SAMPLES
-    max_epochs: int = FitOptions.max_epochs
-    patience: int = FitOptions.patience
-    batch_size: int = FitOptions.batch_size
-    learning_rate: float = FitOptions.learning_rate
-    reconstruction_weight: float = FitOptions.reconstruction_weight
-    pool_rate: float = 0.1
-    cot_backend: str = "template"
-    seed: int = FitOptions.seed
-    threads: int = 1  # one thread per process: two fighting other work ran 10-18x slower
-    register: bool = True
-
-    def __post_init__(self) -> None:
-        if not 128 <= self.batch_size <= 4096:
-            raise UserFacingError(f"batch size {self.batch_size} is outside 128..4096")
-        if not 0 < self.pool_rate <= 1:
-            raise UserFacingError(f"pool rate {self.pool_rate} must be in (0, 1]")
-
-    def fit_options(self) -> FitOptions:
-        """How the model is fitted (no weight decay: `llmcf train` has none)."""
-        return FitOptions(max_epochs=self.max_epochs, patience=self.patience, batch_size=self.batch_size,
-                          learning_rate=self.learning_rate, reconstruction_weight=self.reconstruction_weight, seed=self.seed)
 
 
 def train(options: TrainOptions, settings: Settings, log: Callable[[str], None] = print,
@@ -86,7 +54,7 @@ def train(options: TrainOptions, settings: Settings, log: Callable[[str], None] 
 
     corpus = corpus if corpus is not None else load_corpus(options.dataset, settings)
     train_split, valid_split, test_split = time_split(corpus, options.max_train_samples, options.max_eval_samples,
-                                                      options.seed)
+                                                      options.fit.seed)
     step(f"samples from {corpus.source}: {len(corpus):,} interactions; train {len(train_split.rows):,}, "
          f"valid {len(valid_split.rows):,}, test {len(test_split.rows):,} (time-ordered split "
          f"{'/'.join(str(int(s * 100)) for s in SPLIT)})")
@@ -95,18 +63,18 @@ def train(options: TrainOptions, settings: Settings, log: Callable[[str], None] 
     pool = CotPool.empty()
     records: list[ExampleRecord] = []
     if options.ict:  # the backbone alone needs no CoT pool and no examples
-        pool = build_cot_pool(samples, train_split.rows, options.pool_rate, options.cot_backend, options.seed,
+        pool = build_cot_pool(samples, train_split.rows, options.pool_rate, options.cot_backend, options.fit.seed,
                               cache_dir, step)
         records = retrieve_examples(samples, pool, [train_split, valid_split, test_split], cache_dir, step)
 
     space = build_feature_space(samples, train_split.rows)
     step(f"features: {space.n_users - 1:,} users, {space.n_items - 1:,} items, {space.n_tags - 1} tags in the vocabulary")
 
-    torch.manual_seed(options.seed)
+    torch.manual_seed(options.fit.seed)
     model = RankerModel(ModelConfig(options.backbone, options.ict, space.n_users, space.n_items, space.n_tags,
                                     n_user_tags=space.n_user_tags, history_labels=True))
     batches = Batches(samples, space, records, with_examples=options.ict)
-    history = fit(model, batches, train_split, valid_split, options.fit_options(), step)
+    history = fit(model, batches, train_split, valid_split, options.fit, step)
 
     test_metrics = evaluate(model, batches, test_split)
     valid_metrics = evaluate(model, batches, valid_split)

@@ -81,7 +81,7 @@ def copy_interactions(conn: Connection, rows: Sequence[InteractionRow], stored_a
     """Upsert `rows` and merge their users, in one transaction of `conn` (which must have none open)."""
     _ensure_staging(conn)
     with conn.begin():
-        _copy_rows(conn, _INTERACTIONS_IN, rows)
+        _copy_rows(conn, _INTERACTIONS_IN, (row[:-1] for row in rows))  # all but stored_at, which the upsert sets
         _pipeline(conn, [(_UPSERT_INTERACTIONS, {"stored_at": stored_at}), (_MERGE_USERS, None), (_RECOUNT_USERS, None)])
 
 

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Callable, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Protocol, TypeVar
 
 import numpy as np
-from sqlalchemy import Engine, Table, and_, case, func, or_, select
+from sqlalchemy import Connection, Engine, Table, and_, case, func, or_, select
 from sqlalchemy.engine import URL
 
 from llmcf.events import CotRequest, CotResult, InteractionEvent, ItemEvent
@@ -45,7 +45,6 @@ from storage.rows import (
     InteractionRow,
     PendingSampleRow,
     StoredCotSample,
-    StoredInteraction,
     StoredItem,
     StoredUser,
     vector_from_bytes,
@@ -58,7 +57,7 @@ if TYPE_CHECKING:
 
 
 class _Timed(Protocol):
-    """A row read back in time order (`StoredInteraction`, `StoredCotSample`)."""
+    """A row read back in time order (`InteractionRow`, `StoredCotSample`)."""
 
     @property
     def ts(self) -> datetime: ...
@@ -66,13 +65,14 @@ class _Timed(Protocol):
 
 R = TypeVar("R")
 Timed = TypeVar("Timed", bound=_Timed)
+Row = TypeVar("Row", InteractionRow, PendingSampleRow)
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _require_aware(rows: Sequence[InteractionRow] | Sequence[PendingSampleRow]) -> None:
+def _require_aware(rows: Sequence[_Timed]) -> None:
     """The `UTCDateTime` rule, checked before anything is written (the COPY road bypasses column types)."""
     for row in rows:
         if row.ts.tzinfo is None or row.ts.utcoffset() is None:
@@ -145,19 +145,12 @@ class Repository:
 
     def upsert_interaction_rows(self, interactions: Sequence[InteractionRow]) -> int:
         """`upsert_interactions` for rows decoded without the event model (the stream worker's hot path)."""
-        if not interactions:
-            return 0
-        _require_aware(interactions)
-        stored_at = _now()
-        if self._copy_road:
-            with self.engine.connect() as conn:
-                bulk.copy_interactions(conn, interactions, stored_at)
-            return len({row.interaction_id for row in interactions})
-        rows = latest_per_key(({**row._asdict(), "stored_at": stored_at} for row in interactions), key="interaction_id")
-        with self.engine.begin() as conn:
+
+        def write(conn: Connection, rows: list[dict[str, Any]]) -> None:
             upsert_newer(conn, self._insert, Interaction.__table__, "interaction_id", rows)
             merge_users(conn, self._insert, users_of(rows))
-        return len(rows)
+
+        return self._upsert_batch(interactions, "interaction_id", bulk.copy_interactions, InteractionRow._asdict, write)
 
     def upsert_cot_samples(self, requests: Sequence[CotRequest]) -> int:
         """Store CoT requests as samples (status 'pending' when new). Returns distinct samples.
@@ -170,30 +163,40 @@ class Repository:
 
     def upsert_pending_samples(self, samples: Sequence[PendingSampleRow]) -> int:
         """`upsert_cot_samples` for rows built without the `CotRequest` model (the stream worker's hot path)."""
-        if not samples:
+
+        def write(conn: Connection, rows: list[dict[str, Any]]) -> None:
+            table = CotSample.__table__
+            stmt = self._insert(table)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["sample_id"],
+                set_={name: stmt.excluded[name] for name in REQUEST_FIELDS},
+                where=table.c.version < stmt.excluded.version,
+            )
+            conn.execute(stmt, rows)
+
+        def as_dict(row: PendingSampleRow) -> dict[str, Any]:
+            return {**row._asdict(), "history": row.history_json(), "status": "pending"}
+
+        return self._upsert_batch(samples, "sample_id", bulk.copy_pending_samples, as_dict, write)
+
+    def _upsert_batch(
+        self, batch: Sequence[Row], key: str, copy: Callable[[Connection, Sequence[Row], datetime], None],
+        as_dict: Callable[[Row], dict[str, Any]], write: Callable[[Connection, list[dict[str, Any]]], None],
+    ) -> int:
+        """The worker's two roads for a batch, both stamping one `stored_at`: binary COPY through staging tables on
+        PostgreSQL with psycopg (`copy`), else the latest row per `key` in one upsert statement (`write`). Returns the
+        distinct keys."""
+        if not batch:
             return 0
-        _require_aware(samples)
+        _require_aware(batch)
         stored_at = _now()
         if self._copy_road:
             with self.engine.connect() as conn:
-                bulk.copy_pending_samples(conn, samples, stored_at)
-            return len({row.sample_id for row in samples})
-        rows = latest_per_key(
-            (
-                {**row._asdict(), "history": row.history_json(), "status": "pending", "stored_at": stored_at}
-                for row in samples
-            ),
-            key="sample_id",
-        )
-        table = CotSample.__table__
-        stmt = self._insert(table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["sample_id"],
-            set_={name: stmt.excluded[name] for name in REQUEST_FIELDS},
-            where=table.c.version < stmt.excluded.version,
-        )
+                copy(conn, batch, stored_at)
+            return len({getattr(row, key) for row in batch})
+        rows = latest_per_key(({**as_dict(row), "stored_at": stored_at} for row in batch), key=key)
         with self.engine.begin() as conn:
-            conn.execute(stmt, rows)
+            write(conn, rows)
         return len(rows)
 
     def complete_cot_samples(self, results: Sequence[CotResult]) -> int:
@@ -346,7 +349,7 @@ class Repository:
 
     def user_history(
         self, user_id: str, limit: int = 20, before: datetime | None = None
-    ) -> list[StoredInteraction]:
+    ) -> list[InteractionRow]:
         """The user's `limit` latest interactions strictly before `before` (all, when None), oldest first."""
         table = Interaction.__table__
         query = select(table).where(table.c.user_id == user_id)
@@ -354,17 +357,17 @@ class Repository:
             query = query.where(table.c.ts < before)
         query = query.order_by(table.c.ts.desc(), table.c.interaction_id.desc()).limit(limit)
         with self.engine.connect() as conn:
-            rows = [StoredInteraction(**row) for row in conn.execute(query).mappings()]
+            rows = [InteractionRow(**row) for row in conn.execute(query).mappings()]
         rows.reverse()
         return rows
 
     def iter_interactions(
         self, start: datetime | None = None, end: datetime | None = None, batch_size: int = 5_000
-    ) -> Iterator[StoredInteraction]:
+    ) -> Iterator[InteractionRow]:
         """Every interaction with start <= ts < end, ordered by (ts, interaction_id), read `batch_size` rows per
         query (keyset pagination: no transaction or cursor stays open between batches, so a long training read
         never holds back writers). Rows written behind the read position during iteration are not seen."""
-        return self._iter_by_time(Interaction.__table__, "interaction_id", StoredInteraction, start, end, batch_size)
+        return self._iter_by_time(Interaction.__table__, "interaction_id", InteractionRow, start, end, batch_size)
 
     def _iter_by_time(
         self, table: Table, id_column: str, row_type: type[Timed], start: datetime | None, end: datetime | None,

@@ -1,6 +1,6 @@
-"""Row shapes: what the repository returns (the `Stored*` classes, mirroring their tables column for column), what
-the stream worker hands it without the event models (`InteractionRow`, `PendingSampleRow`), and the byte form of an
-embedding."""
+"""Row shapes: what the repository returns (`InteractionRow` and the `Stored*` classes, mirroring their tables column
+for column), what the stream worker hands it without the event models (`InteractionRow`, `PendingSampleRow`), and the
+byte form of an embedding."""
 
 from __future__ import annotations
 
@@ -51,19 +51,6 @@ class StoredUser:
 
 
 @dataclass(frozen=True)
-class StoredInteraction:
-    interaction_id: str
-    user_id: str
-    item_id: str
-    kind: str
-    label: int
-    value: float | None
-    ts: datetime
-    version: int
-    stored_at: datetime
-
-
-@dataclass(frozen=True)
 class StoredCotSample:
     sample_id: str
     user_id: str
@@ -88,8 +75,9 @@ class StoredCotSample:
 
 
 class InteractionRow(NamedTuple):
-    """An interaction as stored, without the event model: what the stream worker decodes into, with the id and the
-    version (event time in ms) computed once."""
+    """A row of `interactions`, without the event model: what the stream worker decodes into (the id and the version,
+    event time in ms, computed once; `stored_at` None until the repository stores it) and what the repository reads
+    back. A plain tuple: the worker's hot path builds one per record."""
 
     interaction_id: str
     user_id: str
@@ -99,6 +87,7 @@ class InteractionRow(NamedTuple):
     value: float | None
     ts: datetime
     version: int
+    stored_at: datetime | None = None
 
     @classmethod
     def from_event(cls, event: InteractionEvent) -> "InteractionRow":

@@ -41,6 +41,7 @@ from streams.history import HistoryItem, HistoryStore, from_stored, to_stored
 from streams.interactions import InteractionBatchProcessor
 from streams.items import ItemBatchProcessor
 from streams.lag import LAG_INTERVAL_S, LagReporter
+from streams.options import WorkerOptions
 from streams.probe import OffsetProbe
 from streams.processor import BatchProcessor
 from streams.publisher import RequestPublisher
@@ -52,16 +53,6 @@ log = logging.getLogger(__name__)
 
 MAX_POLL_RECORDS = 2000
 HISTORY_TABLE = "history"
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """How one worker consumes: batch size and wait, Faust's web port (None = no web server), item wait."""
-
-    batch_size: int = 2000
-    batch_within_s: float = 0.2
-    web_port: int | None = None
-    item_wait_s: float = 60.0
 
 
 def app_id(settings: Settings) -> str:

@@ -26,6 +26,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from llmcf.dead_letters import DeadLetterPolicy, SourceRecord, decode_batch
 from llmcf.events import Event
+from llmcf.metrics import EVENTS
 from llmcf.retries import backoff_s
 from streams.metrics import WRITE_FAILURES
 
@@ -124,3 +125,20 @@ class Writer:
     async def flush_dead_letters(self) -> None:
         """Make this batch's dead letters durable before its offsets can be committed."""
         await self.call("dead-letters", self.policy.flush)
+
+
+async def store_latest(writer: Writer, topic: str, model: type[E], records: Sequence[SourceRecord], step: str,
+                       key: Callable[[E], str], version: Callable[[E], Any], store: Callable[[list[E]], object]
+                       ) -> tuple[list[Consumed[E]], list[Consumed[E]]]:
+    """The items' and the results' first step: decode `records` as `model` (bad ones dead-lettered and counted on
+    `topic`), then `store` the newest version per `key`, good records one by one if the data is refused. Returns the
+    decoded entries and the stored ones."""
+    consumed = decode_records(model, records, writer.policy)
+    count_dead_lettered(topic, records, consumed)
+    stored = await writer.each_good(step, latest_per_key(consumed, key, version),
+                                    lambda batch: store([c.event for c in batch]), lambda c: c.record)
+    return consumed, stored
+
+
+def count_dead_lettered(topic: str, records: Sequence[SourceRecord], decoded: Sequence[object]) -> None:
+    EVENTS.labels(topic=topic, outcome="dead_lettered").inc(len(records) - len(decoded))

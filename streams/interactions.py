@@ -36,6 +36,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 
@@ -46,7 +47,7 @@ from llmcf.dead_letters import SourceRecord
 from llmcf.metrics import EVENTS
 from storage.repository import Repository
 from storage.vectors import VectorIndex
-from streams.batch import Writer
+from streams.batch import Writer, count_dead_lettered
 from streams.catalogue import Catalogue, CatalogueItem
 from streams.decoding import Received, decode_interactions
 from streams.history import HistoryItem, HistoryStore, before, latest, merge
@@ -64,38 +65,25 @@ def event_times_ms(rows: Iterable[Received | Sample]) -> np.ndarray:
     return np.fromiter((r.row.version for r in rows), dtype=np.int64)
 
 
+@dataclass(eq=False)
 class InteractionBatchProcessor(BatchProcessor):
     """Processes one consumed batch of `interactions` records; see the module docstring for the lifecycle."""
 
-    def __init__(
-        self,
-        topic: str,
-        repository: Repository,
-        index: VectorIndex,
-        catalogue: Catalogue,
-        histories: HistoryStore,
-        publisher: RequestPublisher,
-        writer: Writer,
-        index_writer: Writer,
-        cot_policy: CotPolicy,
-        history_length: int,
-        item_wait_s: float = 60.0,
-    ):
-        self.topic = topic
-        self.repository = repository
-        self.index = index
-        self.catalogue = catalogue
-        self.histories = histories
-        self.publisher = publisher
-        self.writer = writer
-        self.index_writer = index_writer
-        self.cot_policy = cot_policy
-        self.history_length = history_length
-        self.item_wait_s = item_wait_s
+    topic: str
+    repository: Repository
+    index: VectorIndex
+    catalogue: Catalogue
+    histories: HistoryStore
+    publisher: RequestPublisher
+    writer: Writer
+    index_writer: Writer
+    cot_policy: CotPolicy
+    history_length: int
+    item_wait_s: float
 
     async def process(self, records: Sequence[SourceRecord]) -> None:
         received = decode_interactions(records, self.writer.policy)
-        EVENTS.labels(topic=self.topic, outcome="dead_lettered").inc(len(records) - len(received))
+        count_dead_lettered(self.topic, records, received)
         observe_freshness_ms("ingested", event_times_ms(received))
         # The interactions need nothing else: store them while the samples are decided, built and indexed.
         storing = asyncio.ensure_future(self.writer.each_good(

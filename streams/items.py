@@ -13,6 +13,7 @@ consumed again, which is harmless: every write is an idempotent upsert and an it
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -22,7 +23,7 @@ from llmcf.embeddings import TextEmbedder
 from llmcf.events import ItemEvent, ItemSnapshot, epoch_ms
 from llmcf.metrics import EVENTS
 from storage.repository import Repository
-from streams.batch import Writer, decode_records, latest_per_key
+from streams.batch import Writer, store_latest
 from streams.catalogue import Catalogue, CatalogueItem
 from streams.processor import BatchProcessor
 
@@ -43,27 +44,20 @@ def catalogue_item(item: ItemEvent, vector: np.ndarray) -> CatalogueItem:
     )
 
 
+@dataclass(eq=False)
 class ItemBatchProcessor(BatchProcessor):
     """Processes one consumed batch of `items` records; see the module docstring for the lifecycle."""
 
-    def __init__(
-        self, topic: str, repository: Repository, catalogue: Catalogue, embedder: TextEmbedder, writer: Writer
-    ):
-        self.topic = topic
-        self.repository = repository
-        self.catalogue = catalogue
-        self.embedder = embedder
-        self.writer = writer
+    topic: str
+    repository: Repository
+    catalogue: Catalogue
+    embedder: TextEmbedder
+    writer: Writer
 
     async def process(self, records: Sequence[SourceRecord]) -> None:
-        consumed = decode_records(ItemEvent, records, self.writer.policy)
-        EVENTS.labels(topic=self.topic, outcome="dead_lettered").inc(len(records) - len(consumed))
-        stored = await self.writer.each_good(
-            "store items",
-            latest_per_key(consumed, lambda item: item.item_id, lambda item: item.version),
-            lambda batch: self.repository.upsert_items([c.event for c in batch]),
-            lambda c: c.record,
-        )
+        consumed, stored = await store_latest(self.writer, self.topic, ItemEvent, records, "store items",
+                                              lambda item: item.item_id, lambda item: item.version,
+                                              self.repository.upsert_items)
         await self._make_known([c.event for c in stored])
         EVENTS.labels(topic=self.topic, outcome="ok").inc(len(consumed))
         await self.writer.flush_dead_letters()

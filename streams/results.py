@@ -13,34 +13,30 @@ a later `generated_at`), so a crash anywhere before the commit is harmless.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from llmcf.dead_letters import SourceRecord
 from llmcf.events import CotResult
 from llmcf.metrics import EVENTS, observe_freshness
 from storage.repository import Repository
 from storage.vectors import VectorIndex
-from streams.batch import Writer, decode_records, latest_per_key
+from streams.batch import Writer, store_latest
 from streams.processor import BatchProcessor
 
 
+@dataclass(eq=False)
 class ResultBatchProcessor(BatchProcessor):
     """Processes one consumed batch of `cot-results` records; see the module docstring for the lifecycle."""
 
-    def __init__(self, topic: str, repository: Repository, index: VectorIndex, writer: Writer):
-        self.topic = topic
-        self.repository = repository
-        self.index = index
-        self.writer = writer
+    topic: str
+    repository: Repository
+    index: VectorIndex
+    writer: Writer
 
     async def process(self, records: Sequence[SourceRecord]) -> None:
-        consumed = decode_records(CotResult, records, self.writer.policy)
-        EVENTS.labels(topic=self.topic, outcome="dead_lettered").inc(len(records) - len(consumed))
-        stored = await self.writer.each_good(
-            "store cot results",
-            latest_per_key(consumed, lambda result: result.request_id, lambda result: result.generated_at),
-            lambda batch: self.repository.complete_cot_samples([c.event for c in batch]),
-            lambda c: c.record,
-        )
+        consumed, stored = await store_latest(self.writer, self.topic, CotResult, records, "store cot results",
+                                              lambda result: result.request_id, lambda result: result.generated_at,
+                                              self.repository.complete_cot_samples)
         updates = {
             c.event.request_id: {"status": "generated", "cot_embedding": list(c.event.cot_embedding)} for c in stored
         }

@@ -100,6 +100,12 @@ _WRONG_LABELS = st.sampled_from(["1", "0", 2, -1, None, [1], {"v": 1}, True, Fal
 _WRONG_KINDS = st.sampled_from(["purchase", "", "CLICK", 1, None, ["click"]])
 _WRONG_VALUE_FIELD = st.sampled_from(["4.5", "", [], {"v": 1}, "NaN", math.nan, math.inf, -math.inf])
 _NON_OBJECTS = st.sampled_from([b"[]", b"[1, 2]", b"42", b'"a string"', b"null", b"true", b"1e999"])
+_BYTE_LEVEL_ARGUMENTS = {"not_json": st.binary(max_size=64), "truncated": st.floats(0.0, 0.99), "non_object": _NON_OBJECTS}
+# Mutations that set one field to the drawn argument: mutation -> field.
+_FIELD_SET_TO_ARGUMENT = {
+    "wrong_label": "label", "wrong_kind": "kind", "wrong_value": "value", "bad_ts": "ts", "schema_version": "schema_version",
+    "bad_created_at": "created_at", "bad_updated_at": "updated_at", "item_id_not_string": "item_id",
+}
 _id_text = st.text(_text_chars, min_size=1, max_size=40)
 _tags = st.lists(st.text(_text_chars, min_size=1, max_size=64), max_size=64)
 
@@ -134,7 +140,7 @@ def interaction_specs(draw: st.DrawFn, base_items: list[str]) -> Spec:
         "wrong_kind", "wrong_value", "bad_ts", "empty_id", "long_id", "schema_version", "nul_user", "unknown_item",
         "not_json", "non_utf8", "lone_surrogate", "truncated", "empty_value", "tombstone", "non_object",
     ]))
-    argument = {
+    arguments = {
         "missing": st.sampled_from(required),
         "wrong_type": st.tuples(st.sampled_from(["user_id", "item_id", "event_id"]), _WRONG_VALUES),
         "wrong_label": _WRONG_LABELS,
@@ -145,15 +151,8 @@ def interaction_specs(draw: st.DrawFn, base_items: list[str]) -> Spec:
         "long_id": st.tuples(st.sampled_from(["user_id", "item_id", "event_id"]), st.integers(129, 200_000)),
         "huge_unknown_field": st.integers(10_000, 200_000),
         "schema_version": st.sampled_from([2, 0, "1", None]),
-        "not_json": st.binary(max_size=64),
-        "truncated": st.floats(0.0, 0.99),
-        "non_object": _NON_OBJECTS,
-    }.get(mutation)
-    return Spec(
-        "interactions", fields, mutation, draw(argument) if argument is not None else None,
-        key_mode=draw(st.sampled_from(["id", "id", "none", "binary", "empty"])), ascii_json=draw(st.booleans()),
-        unknown_fields=draw(_unknown_fields()),
-    )
+    }
+    return _spec(draw, "interactions", fields, mutation, arguments, ["id", "id", "none", "binary", "empty"])
 
 
 @st.composite
@@ -175,20 +174,24 @@ def item_specs(draw: st.DrawFn) -> Spec:
         "item_id_not_string", "nul_title", "not_json", "non_utf8", "truncated", "empty_value", "tombstone",
         "non_object",
     ]))
-    argument = {
+    arguments = {
         "missing": st.sampled_from(["item_id", "title", "created_at"]),
         "long_title": st.integers(513, 100_000),
         "bad_created_at": _BAD_TIMESTAMPS,
         "bad_updated_at": _BAD_TIMESTAMPS.filter(lambda v: v is not None),  # null is a valid "no update"
         "item_id_not_string": _WRONG_VALUES,
-        "not_json": st.binary(max_size=64),
-        "truncated": st.floats(0.0, 0.99),
-        "non_object": _NON_OBJECTS,
-    }.get(mutation)
+    }
+    return _spec(draw, "items", fields, mutation, arguments, ["id", "none", "binary"])
+
+
+def _spec(draw: st.DrawFn, topic: str, fields: dict[str, Any], mutation: str,
+          arguments: dict[str, st.SearchStrategy[Any]], key_modes: list[str]) -> Spec:
+    """The record spec, with the mutation's argument (the topic's `arguments` or the byte-level ones every topic has),
+    how the record is keyed, whether its JSON is ASCII-escaped, and unknown fields."""
+    argument = {**arguments, **_BYTE_LEVEL_ARGUMENTS}.get(mutation)
     return Spec(
-        "items", fields, mutation, draw(argument) if argument is not None else None,
-        key_mode=draw(st.sampled_from(["id", "none", "binary"])), ascii_json=draw(st.booleans()),
-        unknown_fields=draw(_unknown_fields()),
+        topic, fields, mutation, draw(argument) if argument is not None else None,
+        key_mode=draw(st.sampled_from(key_modes)), ascii_json=draw(st.booleans()), unknown_fields=draw(_unknown_fields()),
     )
 
 
@@ -298,28 +301,20 @@ def _cases_of(spec: Spec, fields: dict[str, Any], natural: str, index: int, name
         first.event = updated  # the row must end up as the newer version, whatever order the two are consumed in
         return [first, Case(spec.topic, key, _json({**record, **updated}, spec.ascii_json), STORED, mutation, event=updated)]
     bad = dict(record)
-    if mutation == "missing":
+    if mutation in _FIELD_SET_TO_ARGUMENT:
+        bad[_FIELD_SET_TO_ARGUMENT[mutation]] = argument
+    elif mutation == "missing":
         del bad[argument]
     elif mutation == "wrong_type":
         name, wrong = argument
         bad[name] = wrong
         if name == "event_id" and wrong is None:  # null is a valid "no event id"
             bad[name] = ["not", "an", "id"]
-    elif mutation == "wrong_label":
-        bad["label"] = argument
-    elif mutation == "wrong_kind":
-        bad["kind"] = argument
-    elif mutation == "wrong_value":
-        bad["value"] = argument
-    elif mutation == "bad_ts":
-        bad["ts"] = argument
     elif mutation == "empty_id":
         bad[argument] = ""
     elif mutation == "long_id":
         name, length = argument
         bad[name] = "L" * length
-    elif mutation == "schema_version":
-        bad["schema_version"] = argument
     elif mutation == "empty_title":
         bad["title"] = ""
     elif mutation == "long_title":
@@ -335,12 +330,6 @@ def _cases_of(spec: Spec, fields: dict[str, Any], natural: str, index: int, name
         bad["tags"] = [f"t{i}" for i in range(65)]
     elif mutation == "long_tag":
         bad["tags"] = ["g" * 65]
-    elif mutation == "bad_created_at":
-        bad["created_at"] = argument
-    elif mutation == "bad_updated_at":
-        bad["updated_at"] = argument
-    elif mutation == "item_id_not_string":
-        bad["item_id"] = argument
     else:
         raise AssertionError(f"unknown mutation {mutation!r}")
     return [Case(spec.topic, key, _json(bad, spec.ascii_json), "invalid", mutation)]

@@ -118,6 +118,19 @@ def wait_while_running(
         time.sleep(interval_s)
 
 
+def wait_until_ready(url: str, process: LlmcfProcess, timeout_s: float, interval_s: float = 0.5) -> None:
+    """Wait for `llmcf serve` at `url` to answer /readyz with 200 (the model loaded), failing as `wait_while_running`."""
+    import httpx  # the worker tests do not need it
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_while_running(ready, [process], timeout_s, f"llmcf serve at {url} to become ready", interval_s)
+
+
 class ProcessStarter:
     """`start(...)` = `LlmcfProcess(...)`, remembered so that the fixture's teardown can kill it if still running."""
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 from llmcf.backend_names import BACKEND_NAMES
 from llmcf.commands.arguments import non_negative_int, positive_float, positive_int
 from llmcf.commands.interface import Subcommands
+from llmcf.demo import DemoOptions
 from llmcf.model_kinds import MODEL_KINDS
 from llmcf.settings import Settings
-
-if TYPE_CHECKING:
-    from llmcf.demo import DemoOptions
 
 
 def add_serve(sub: Subcommands) -> None:
@@ -51,22 +48,23 @@ def add_demo(sub: Subcommands) -> None:
         "freshness plot and the URLs to try. Ctrl-C stops everything; running it again resumes where it stopped. "
         "The processes keep running after the summary (`llmcf demo --stop`).",
     )
-    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-100k")
-    p.add_argument("--limit", type=positive_int, default=20_000, help="interactions to replay (default 20000)")
-    p.add_argument("--rate", type=positive_float, default=200.0, help="events published per second (default 200)")
-    p.add_argument("--backend", choices=BACKEND_NAMES, default="transformers",
-                   help="CoT backend of the generator (default transformers: SmolLM2 on the CPU, or the first GPU; "
+    demo = DemoOptions()
+    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default=demo.dataset, help="default %(default)s")
+    p.add_argument("--limit", type=positive_int, default=demo.limit, help="interactions to replay (default %(default)s)")
+    p.add_argument("--rate", type=positive_float, default=demo.rate, help="events published per second (default %(default)s)")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default=demo.backend,
+                   help="CoT backend of the generator (default %(default)s: SmolLM2 on the CPU, or the first GPU; "
                    "template is a deterministic rationale, NOT an LLM)")
-    p.add_argument("--port", type=positive_int, default=8000, help="port of the ranker (default 8000)")
-    p.add_argument("--metrics-port-base", type=positive_int, default=9101,
+    p.add_argument("--port", type=positive_int, default=demo.port, help="port of the ranker (default %(default)s)")
+    p.add_argument("--metrics-port-base", type=positive_int, default=demo.metrics_port_base,
                    help="/metrics of the worker on this port, the generator on the next, the updater on the one after "
-                   "(default 9101)")
-    p.add_argument("--update-interval", type=positive_float, default=60.0,
-                   help="seconds between the updater's rounds (default 60)")
-    p.add_argument("--min-cots", type=non_negative_int, default=3,
-                   help="chains of thought to wait for before the summary (default 3)")
-    p.add_argument("--timeout", type=positive_float, default=1_800.0,
-                   help="seconds after which the summary is printed anyway (default 1800)")
+                   "(default %(default)s)")
+    p.add_argument("--update-interval", type=positive_float, default=demo.update_interval_s,
+                   help="seconds between the updater's rounds (default %(default)s)")
+    p.add_argument("--min-cots", type=non_negative_int, default=demo.min_cots,
+                   help="chains of thought to wait for before the summary (default %(default)s)")
+    p.add_argument("--timeout", type=positive_float, default=demo.timeout_s,
+                   help="seconds after which the summary is printed anyway (default %(default)s)")
     p.add_argument("--fresh", action="store_true", help="replay the window from its start, not from the last position")
     p.add_argument("--stop-at-end", action="store_true", help="stop the processes after the summary")
     p.add_argument("--stop", action="store_true", help="stop the processes a previous demo left running, and exit")
@@ -82,8 +80,6 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo_options(args: argparse.Namespace) -> DemoOptions:
-    from llmcf.demo import DemoOptions
-
     return DemoOptions(
         dataset=args.dataset, limit=args.limit, rate=args.rate, backend=args.backend, port=args.port,
         metrics_port_base=args.metrics_port_base, update_interval_s=args.update_interval, min_cots=args.min_cots,

@@ -7,9 +7,10 @@ import sys
 
 from llmcf.commands.arguments import TOPIC_CHOICES, date, metrics_port, positive_float, positive_int, topic_attribute
 from llmcf.commands.interface import Subcommands
+from llmcf.ports import WORKER_METRICS_PORT
+from llmcf.replay import ReplayOptions
 from llmcf.settings import Settings
-
-WORKER_METRICS_PORT = 9101
+from streams.options import WorkerOptions
 
 
 def add_replay(sub: Subcommands) -> None:
@@ -19,7 +20,7 @@ def add_replay(sub: Subcommands) -> None:
         description="Plays the platforms' part: each movie becomes an `items` event at its first rating, each rating an "
         "`interactions` event (rating >= 4 = positive), published in event-time order by an idempotent producer.",
     )
-    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default="ml-100k")
+    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default=ReplayOptions.dataset, help="default %(default)s")
     p.add_argument("--limit", type=positive_int, help="publish at most N interactions (plus their items)")
     p.add_argument("--rate", type=positive_float, help="events per second (default: as fast as the broker takes them)")
     p.add_argument("--start", type=date, help="first event time to include (YYYY-MM-DD)")
@@ -27,15 +28,15 @@ def add_replay(sub: Subcommands) -> None:
     p.add_argument(
         "--timestamps",
         choices=["original", "now"],
-        default="original",
-        help="original: MovieLens times; now: stamp each event with its publish time, so freshness reads as live",
+        default=ReplayOptions.timestamps,
+        help="original: MovieLens times (the default); now: stamp each event with its publish time, so freshness reads as live",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_replay)
 
 
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from llmcf.replay import ReplayOptions, replay
+    from llmcf.replay import replay
 
     summary = replay(
         settings,
@@ -92,18 +93,19 @@ def add_worker(sub: Subcommands) -> None:
     )
     p.add_argument("--metrics-port", type=int,
                    help=f"port of /metrics (default: LLMCF_METRICS_PORT, else {WORKER_METRICS_PORT}; 0 = none)")
-    p.add_argument("--batch-size", type=positive_int, default=2000, help="records per batch at most (default 2000)")
-    p.add_argument("--batch-within", type=positive_float, default=0.2,
-                   help="seconds to wait for a batch to fill (default 0.2)")
+    p.add_argument("--batch-size", type=positive_int, default=WorkerOptions.batch_size,
+                   help="records per batch at most (default %(default)s)")
+    p.add_argument("--batch-within", type=positive_float, default=WorkerOptions.batch_within_s,
+                   help="seconds to wait for a batch to fill (default %(default)s)")
     p.add_argument("--web-port", type=positive_int, help="port of Faust's web server (default: no web server)")
-    p.add_argument("--item-wait", type=positive_float, default=60.0,
+    p.add_argument("--item-wait", type=positive_float, default=WorkerOptions.item_wait_s,
                    help="seconds an interaction waits for its item to reach the catalogue before its sample is "
-                   "dead-lettered (default 60)")
+                   "dead-lettered (default %(default)s)")
     p.set_defaults(func=_cmd_worker)
 
 
 def _cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.app import WorkerOptions, run_worker
+    from streams.app import run_worker
 
     options = WorkerOptions(
         batch_size=args.batch_size,

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from llmcf.errors import UserFacingError
 from llmcf.infra import free_port
@@ -42,6 +43,16 @@ _FAST_THROWAWAY_CONFIG = {
     "max_connections": "100",
     "log_min_messages": "warning",
 }
+
+
+T = TypeVar("T")
+
+
+def _started(value: T | None) -> T:
+    """What `start()` set, or a clear error when it has not run."""
+    if value is None:
+        raise RuntimeError("TemporaryPostgres has not been started")
+    return value
 
 
 def find_server_binaries() -> Path:
@@ -80,9 +91,7 @@ class TemporaryPostgres:
 
     @property
     def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("TemporaryPostgres has not been started")
-        return self._port
+        return _started(self._port)
 
     @property
     def url(self) -> str:
@@ -91,16 +100,12 @@ class TemporaryPostgres:
 
     @property
     def data_dir(self) -> Path:
-        if self._root is None:
-            raise RuntimeError("TemporaryPostgres has not been started")
-        return self._root / "data"
+        return _started(self._root) / "data"
 
     @property
     def server_binaries(self) -> Path:
         """The directory of initdb and pg_ctl that `start()` chose."""
-        if self._bin_dir is None:
-            raise RuntimeError("TemporaryPostgres has not been started")
-        return self._bin_dir
+        return _started(self._bin_dir)
 
     @property
     def log_file(self) -> Path:

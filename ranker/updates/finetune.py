@@ -19,8 +19,9 @@ import torch
 
 from ranker.dataset import Samples, Split
 from ranker.features import MAX_TAGS, FeatureSpace
-from ranker.fitting import Batches, FitOptions, fit
+from ranker.fitting import Batches, fit
 from ranker.model import RankerModel
+from ranker.options import FitOptions
 from ranker.sample_pool import ExampleRecord
 
 

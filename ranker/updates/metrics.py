@@ -1,4 +1,4 @@
-"""The updater's Prometheus metrics (`llmcf update`, /metrics on LLMCF_METRICS_PORT, default 9103). Names are a
+"""The updater's Prometheus metrics (`llmcf update`, /metrics on LLMCF_METRICS_PORT, default `llmcf.ports`). Names are a
 contract with the Grafana dashboard: change them only together."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-UPDATER_METRICS_PORT = 9103
 OUTCOMES = ("promoted", "rejected", "skipped", "failed")
 
 RUNS = Counter("llmcf_updater_runs_total", "Update rounds, by outcome (promoted, rejected, skipped, failed).", ["outcome"])

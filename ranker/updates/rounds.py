@@ -31,64 +31,21 @@ from typing import Any, Callable, Literal
 import numpy as np
 
 from llmcf.errors import UserFacingError
-from llmcf.model_kinds import Backbone, ModelKind
 from llmcf.settings import Settings
 from ranker.cot_pool import CotPool, stored_cot_rows
 from ranker.data import Corpus, database_corpus
 from ranker.dataset import NotEnoughData, Samples, Split, require_both_labels
 from ranker.examples import retrieve_examples
 from ranker.export import load_model
-from ranker.fitting import Batches, FitOptions, evaluate
+from ranker.fitting import Batches, evaluate
+from ranker.options import FitOptions, TrainOptions, UpdateOptions
 from ranker.progress import Stepper
 from ranker.registry import PARITY_ROWS, TrainResult, export_artifact, register_version
-from ranker.train import TrainOptions, train
+from ranker.train import train
 from ranker.updates.finetune import fine_tune
 from ranker.updates.metrics import HOLDOUT_AUC
 
 Outcome = Literal["promoted", "rejected", "skipped"]
-
-
-@dataclass(frozen=True)
-class UpdateOptions:
-    """One updater's configuration (settings `LLMCF_UPDATE_*`, flags override them)."""
-
-    kind: str = "deepfm+ict"
-    window_s: float = 7 * 86400
-    max_samples: int = 100_000
-    holdout_fraction: float = 0.1
-    max_auc_drop: float = 0.0
-    max_pool_samples: int = 100_000
-    max_epochs: int = 3
-    scratch_max_epochs: int = TrainOptions.max_epochs
-    patience: int = 1
-    batch_size: int = FitOptions.batch_size
-    learning_rate: float = 5e-4
-    reconstruction_weight: float = FitOptions.reconstruction_weight
-    seed: int = FitOptions.seed
-    threads: int = 1  # one thread per process: two fighting other work ran 10-18x slower
-
-    def __post_init__(self) -> None:
-        try:
-            ModelKind.parse(self.kind)
-        except ValueError as exc:
-            raise UserFacingError(str(exc)) from None
-        if not 0 < self.holdout_fraction < 0.5:
-            raise UserFacingError(f"holdout fraction {self.holdout_fraction} must be in (0, 0.5)")
-        if self.max_auc_drop < 0:
-            raise UserFacingError(f"max AUC drop {self.max_auc_drop} must not be negative")
-
-    @property
-    def backbone(self) -> Backbone:
-        return ModelKind.parse(self.kind).backbone
-
-    @property
-    def ict(self) -> bool:
-        return ModelKind.parse(self.kind).ict
-
-    def fit_options(self) -> FitOptions:
-        """How a round fine-tunes the serving model (no weight decay: `llmcf update` has none)."""
-        return FitOptions(max_epochs=self.max_epochs, patience=self.patience, batch_size=self.batch_size,
-                          learning_rate=self.learning_rate, reconstruction_weight=self.reconstruction_weight, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -136,7 +93,8 @@ def _from_scratch(corpus: Corpus, settings: Settings, options: UpdateOptions, ma
                   log: Callable[[str], None], step: Stepper) -> RoundReport:
     step("no serving version: training from scratch on the database")
     result = train(TrainOptions(dataset=None, backbone=options.backbone, ict=options.ict, max_train_samples=options.max_samples,
-                                max_epochs=options.scratch_max_epochs, batch_size=options.batch_size, seed=options.seed,
+                                fit=FitOptions(max_epochs=options.scratch_max_epochs, batch_size=options.fit.batch_size,
+                                               seed=options.fit.seed),
                                 threads=options.threads, register=False),
                    settings, log, corpus=corpus)
     result.metrics["data_marker"] = marker
@@ -178,7 +136,7 @@ def _fine_tune_round(corpus: Corpus, settings: Settings, options: UpdateOptions,
     parent, parent_space, _ = load_model(Path(serving.artifact_path).parent)
     if parent.config.kind != options.kind:
         raise UserFacingError(f"serving version {serving.version_id} is a {parent.config.kind} model, not {options.kind}")
-    tuned = fine_tune(parent, parent_space, samples, records, train_split, valid_split, options.fit_options(), step)
+    tuned = fine_tune(parent, parent_space, samples, records, train_split, valid_split, options.fit, step)
 
     candidate = evaluate(tuned.model, tuned.batches, holdout)
     current = evaluate(parent, Batches(samples, parent_space, records, with_examples=options.ict), holdout)

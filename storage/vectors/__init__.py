@@ -158,6 +158,12 @@ class VectorIndexInUse(VectorIndexError):
 
 
 FilterArg = Union[Filter, Sequence[Union[Filter, None]], None]
+# Which payload the backends return, in Qdrant's form: True = all of it, else these fields (always with `key`).
+WithPayload = Union[bool, list[str]]
+
+
+def _with_payload(payload_fields: Sequence[str] | None) -> WithPayload:
+    return True if payload_fields is None else [*payload_fields, KEY_FIELD]
 
 
 class VectorIndex(ABC):
@@ -217,8 +223,7 @@ class VectorIndex(ABC):
                 raise ValueError(f"got {len(filters)} filters for {len(queries)} query vectors")
         if len(queries) == 0:
             return []
-        fields = None if payload_fields is None else [*payload_fields, KEY_FIELD]
-        return self._search(queries, k, filters, with_vectors, fields)
+        return self._search(queries, k, filters, _with_payload(payload_fields), with_vectors)
 
     def get_payloads(self, keys: Sequence[str], payload_fields: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """The payloads (without `key`) of the points with these keys, by key; unknown keys are absent.
@@ -226,9 +231,8 @@ class VectorIndex(ABC):
         self._check_open()
         if not keys:
             return {}
-        fields = None if payload_fields is None else [*payload_fields, KEY_FIELD]
         found = {}
-        for payload in self._get_payloads([point_id(key) for key in keys], fields):
+        for payload in self._get_payloads([point_id(key) for key in keys], _with_payload(payload_fields)):
             hit = hit_from_stored(0.0, payload)
             found[hit.key] = hit.payload
         return found
@@ -283,16 +287,12 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def _search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        filters: list[Filter | None],
-        with_vectors: bool = False,
-        payload_fields: list[str] | None = None,
-    ) -> list[list[Hit]]: ...
+        self, queries: np.ndarray, k: int, filters: list[Filter | None], with_payload: WithPayload, with_vectors: bool
+    ) -> list[list[Hit]]:
+        """B lists of at most k hits for the (B, dim) float32 `queries`, each query filtered by its own filter."""
 
     @abstractmethod
-    def _get_payloads(self, ids: list[str], payload_fields: list[str] | None) -> list[dict[str, Any]]:
+    def _get_payloads(self, ids: list[str], with_payload: WithPayload) -> list[dict[str, Any]]:
         """The stored payloads (with `key`) of the points among `ids` that exist, in any order."""
 
     @abstractmethod

@@ -48,21 +48,9 @@ from qdrant_edge import (
 from qdrant_edge import Filter as EdgeFilter
 from qdrant_edge import Point as EdgePoint
 
-from storage.vectors import (
-    COT_EXAMPLE_FIELDS,
-    AllOf,
-    Condition,
-    Filter,
-    Hit,
-    Match,
-    PayloadField,
-    PayloadKind,
-    VectorIndex,
-    VectorIndexInUse,
-    hit_from_stored,
-)
+from storage import vectors
 
-_SCHEMA: dict[PayloadKind, PayloadSchemaType] = {
+_SCHEMA: dict[vectors.PayloadKind, PayloadSchemaType] = {
     "keyword": PayloadSchemaType.Keyword,
     "integer": PayloadSchemaType.Integer,
     "float": PayloadSchemaType.Float,
@@ -70,14 +58,14 @@ _SCHEMA: dict[PayloadKind, PayloadSchemaType] = {
 }
 
 
-class EdgeIndex(VectorIndex):
+class EdgeIndex(vectors.VectorIndex):
     """A Qdrant Edge shard in `path`, created on first open with cosine distance and the declared payload indexes.
 
     Opening an existing shard checks that its vectors have `dim` components (ValueError otherwise) and adds any
     payload index not yet there. The object owns the shard until `close()`.
     """
 
-    def __init__(self, path: Path, dim: int, indexed_fields: Sequence[PayloadField] = COT_EXAMPLE_FIELDS) -> None:
+    def __init__(self, path: Path, dim: int, indexed_fields: Sequence[vectors.PayloadField] = vectors.COT_EXAMPLE_FIELDS) -> None:
         super().__init__(dim)
         self.path = Path(path)
         self._lock_fd = _acquire_lock(self.path)
@@ -98,14 +86,8 @@ class EdgeIndex(VectorIndex):
         self._shard.update(UpdateOperation.upsert_points(points))
 
     def _search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        filters: list[Filter | None],
-        with_vectors: bool = False,
-        payload_fields: list[str] | None = None,
-    ) -> list[list[Hit]]:
-        with_payload: bool | list[str] = True if payload_fields is None else payload_fields
+        self, queries: np.ndarray, k: int, filters: list[vectors.Filter | None], with_payload: vectors.WithPayload, with_vectors: bool
+    ) -> list[list[vectors.Hit]]:
         requests = [
             QueryRequest(
                 limit=k, query=Query.Nearest(q), filter=_edge_filter(f), with_payload=with_payload,
@@ -115,11 +97,10 @@ class EdgeIndex(VectorIndex):
         ]
         results = self._shard.query_batch(QueryBatchRequest(requests))
         return [
-            [hit_from_stored(p.score, p.payload, p.vector if with_vectors else None) for p in points] for points in results
+            [vectors.hit_from_stored(p.score, p.payload, p.vector if with_vectors else None) for p in points] for points in results
         ]
 
-    def _get_payloads(self, ids: list[str], payload_fields: list[str] | None) -> list[dict[str, Any]]:
-        with_payload: bool | list[str] = True if payload_fields is None else payload_fields
+    def _get_payloads(self, ids: list[str], with_payload: vectors.WithPayload) -> list[dict[str, Any]]:
         point_ids: list[int | UUID | str] = list(ids)
         return [dict(record.payload or {}) for record in self._shard.retrieve(point_ids, with_payload, False)]
 
@@ -135,7 +116,7 @@ class EdgeIndex(VectorIndex):
         point_ids: list[int | UUID | str] = list(ids)
         self._shard.update(UpdateOperation.delete_points(point_ids))
 
-    def _count(self, filter: Filter | None) -> int:
+    def _count(self, filter: vectors.Filter | None) -> int:
         return self._shard.count(CountRequest(exact=True, filter=_edge_filter(filter)))
 
     def flush(self) -> None:
@@ -169,7 +150,7 @@ def _acquire_lock(path: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise VectorIndexInUse(
+        raise vectors.VectorIndexInUse(
             f"Qdrant Edge shard {path} is already open (lock {lock_path} held by pid {holder}). One process may own "
             f"a shard at a time, and only one index object in it: share that object, or set QDRANT_URL to use a server."
         ) from None
@@ -190,7 +171,7 @@ def _open_shard(path: Path, dim: int) -> EdgeShard:
         raise
 
 
-def _edge_filter(filter: Filter | None) -> EdgeFilter | None:
+def _edge_filter(filter: vectors.Filter | None) -> EdgeFilter | None:
     if filter is None:
         return None
     return EdgeFilter(
@@ -199,10 +180,10 @@ def _edge_filter(filter: Filter | None) -> EdgeFilter | None:
     )
 
 
-def _edge_condition(condition: Condition) -> FieldCondition | EdgeFilter:
-    if isinstance(condition, Match):
+def _edge_condition(condition: vectors.Condition) -> FieldCondition | EdgeFilter:
+    if isinstance(condition, vectors.Match):
         return FieldCondition(key=condition.key, match=MatchValue(condition.value))
-    if isinstance(condition, AllOf):
+    if isinstance(condition, vectors.AllOf):
         return EdgeFilter(must=[_edge_condition(c) for c in condition.conditions])
     return FieldCondition(
         key=condition.key,

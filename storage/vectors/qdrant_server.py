@@ -18,21 +18,9 @@ from typing import Any
 import numpy as np
 from qdrant_client import QdrantClient, models
 
-from storage.vectors import (
-    COT_EXAMPLE_FIELDS,
-    AllOf,
-    Condition,
-    Filter,
-    Hit,
-    Match,
-    PayloadField,
-    PayloadKind,
-    VectorIndex,
-    VectorIndexError,
-    hit_from_stored,
-)
+from storage import vectors
 
-_SCHEMA: dict[PayloadKind, models.PayloadSchemaType] = {
+_SCHEMA: dict[vectors.PayloadKind, models.PayloadSchemaType] = {
     "keyword": models.PayloadSchemaType.KEYWORD,
     "integer": models.PayloadSchemaType.INTEGER,
     "float": models.PayloadSchemaType.FLOAT,
@@ -40,7 +28,7 @@ _SCHEMA: dict[PayloadKind, models.PayloadSchemaType] = {
 }
 
 
-class QdrantServerIndex(VectorIndex):
+class QdrantServerIndex(vectors.VectorIndex):
     """A Qdrant collection of `dim`-d cosine vectors, created on first use with the declared payload indexes.
 
     An existing collection must have a single unnamed cosine vector of `dim` components, else ValueError. The index
@@ -52,7 +40,7 @@ class QdrantServerIndex(VectorIndex):
         client: QdrantClient,
         collection: str,
         dim: int,
-        indexed_fields: Sequence[PayloadField] = COT_EXAMPLE_FIELDS,
+        indexed_fields: Sequence[vectors.PayloadField] = vectors.COT_EXAMPLE_FIELDS,
     ) -> None:
         super().__init__(dim)
         self.client = client
@@ -66,11 +54,11 @@ class QdrantServerIndex(VectorIndex):
         api_key: str | None,
         collection: str,
         dim: int,
-        indexed_fields: Sequence[PayloadField] = COT_EXAMPLE_FIELDS,
+        indexed_fields: Sequence[vectors.PayloadField] = vectors.COT_EXAMPLE_FIELDS,
     ) -> QdrantServerIndex:
         return cls(QdrantClient(url=url, api_key=api_key), collection, dim, indexed_fields)
 
-    def _ensure_collection(self, indexed_fields: Sequence[PayloadField]) -> None:
+    def _ensure_collection(self, indexed_fields: Sequence[vectors.PayloadField]) -> None:
         if not self.client.collection_exists(self.collection):
             self.client.create_collection(
                 self.collection,
@@ -79,7 +67,7 @@ class QdrantServerIndex(VectorIndex):
         else:
             params = self.client.get_collection(self.collection).config.params.vectors
             if not isinstance(params, models.VectorParams):
-                raise VectorIndexError(f"collection {self.collection!r} uses named vectors; expected one unnamed vector")
+                raise vectors.VectorIndexError(f"collection {self.collection!r} uses named vectors; expected one unnamed vector")
             if params.size != self.dim or params.distance != models.Distance.COSINE:
                 raise ValueError(
                     f"collection {self.collection!r} holds {params.size}-d {params.distance.value} vectors; "
@@ -101,14 +89,8 @@ class QdrantServerIndex(VectorIndex):
         )
 
     def _search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        filters: list[Filter | None],
-        with_vectors: bool = False,
-        payload_fields: list[str] | None = None,
-    ) -> list[list[Hit]]:
-        with_payload: bool | list[str] = True if payload_fields is None else payload_fields
+        self, queries: np.ndarray, k: int, filters: list[vectors.Filter | None], with_payload: vectors.WithPayload, with_vectors: bool
+    ) -> list[list[vectors.Hit]]:
         requests = [
             models.QueryRequest(
                 query=q, limit=k, filter=_qdrant_filter(f), with_payload=with_payload, with_vector=with_vectors
@@ -117,7 +99,7 @@ class QdrantServerIndex(VectorIndex):
         ]
         responses = self.client.query_batch_points(self.collection, requests=requests)
         return [
-            [hit_from_stored(p.score, p.payload, p.vector if with_vectors else None) for p in response.points]
+            [vectors.hit_from_stored(p.score, p.payload, p.vector if with_vectors else None) for p in response.points]
             for response in responses
         ]
 
@@ -132,22 +114,21 @@ class QdrantServerIndex(VectorIndex):
         if operations:
             self.client.batch_update_points(self.collection, operations, wait=True)
 
-    def _get_payloads(self, ids: list[str], payload_fields: list[str] | None) -> list[dict[str, Any]]:
-        with_payload: bool | list[str] = True if payload_fields is None else payload_fields
+    def _get_payloads(self, ids: list[str], with_payload: vectors.WithPayload) -> list[dict[str, Any]]:
         records = self.client.retrieve(self.collection, ids=ids, with_payload=with_payload, with_vectors=False)
         return [dict(record.payload or {}) for record in records]
 
     def _delete(self, ids: list[str]) -> None:
         self.client.delete(self.collection, points_selector=models.PointIdsList(points=list(ids)), wait=True)
 
-    def _count(self, filter: Filter | None) -> int:
+    def _count(self, filter: vectors.Filter | None) -> int:
         return self.client.count(self.collection, count_filter=_qdrant_filter(filter), exact=True).count
 
     def _close(self) -> None:
         self.client.close()
 
 
-def _qdrant_filter(filter: Filter | None) -> models.Filter | None:
+def _qdrant_filter(filter: vectors.Filter | None) -> models.Filter | None:
     if filter is None:
         return None
     return models.Filter(
@@ -156,10 +137,10 @@ def _qdrant_filter(filter: Filter | None) -> models.Filter | None:
     )
 
 
-def _qdrant_condition(condition: Condition) -> models.FieldCondition | models.Filter:
-    if isinstance(condition, Match):
+def _qdrant_condition(condition: vectors.Condition) -> models.FieldCondition | models.Filter:
+    if isinstance(condition, vectors.Match):
         return models.FieldCondition(key=condition.key, match=models.MatchValue(value=condition.value))
-    if isinstance(condition, AllOf):
+    if isinstance(condition, vectors.AllOf):
         return models.Filter(must=[_qdrant_condition(c) for c in condition.conditions])
     return models.FieldCondition(
         key=condition.key,

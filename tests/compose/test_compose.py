@@ -320,15 +320,13 @@ def test_the_alerts_cover_the_failure_modes():
 _CODE_SCRIPT = """
 import json
 import generators.metrics, llmcf.metrics, ranker.serving.metrics, ranker.updates.metrics, streams.metrics
-from generators.service import DEFAULT_METRICS_PORT
-from llmcf.commands.stream import WORKER_METRICS_PORT
 from prometheus_client import REGISTRY
-from ranker.updates.metrics import UPDATER_METRICS_PORT
+from llmcf.ports import GENERATOR_METRICS_PORT, UPDATER_METRICS_PORT, WORKER_METRICS_PORT
 # prometheus_client has no public way to list a metric's type and label names: they live on the metric object.
 metrics = {m for m in REGISTRY._names_to_collectors.values() if getattr(m, "_name", "").startswith("llmcf_")}
 print(json.dumps({
     "metrics": {m._name: [m._type, list(m._labelnames)] for m in metrics},
-    "metrics_ports": {"worker": WORKER_METRICS_PORT, "generate": DEFAULT_METRICS_PORT, "update": UPDATER_METRICS_PORT},
+    "metrics_ports": {"worker": WORKER_METRICS_PORT, "generate": GENERATOR_METRICS_PORT, "update": UPDATER_METRICS_PORT},
 }))
 """
 _SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"), "info": ("_info",)}

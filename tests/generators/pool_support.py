@@ -1,5 +1,5 @@
-"""What the generator-pool tests share: publishing requests, reading results back, running a pool in a thread, and a
-real OpenAI-compatible HTTP server on 127.0.0.1 whose failures are scripted per prompt."""
+"""What the generator-pool tests share: publishing requests, reading results back, and a real OpenAI-compatible HTTP
+server on 127.0.0.1 whose failures are scripted per prompt."""
 
 from __future__ import annotations
 
@@ -7,19 +7,18 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from confluent_kafka import Producer
 
 from generators.config import group_id
-from generators.pool import GeneratorPool
 from llmcf.events import CotResult, DeadLetter, decode
 from llmcf.kafka import producer_config, read_to_end
 from llmcf.settings import Settings
 from llmcf.topics import Topics
+from testkit.http import LocalHTTPServer
 from testkit.kafka import partitions_behind
 from tests.generators import make_request
 
@@ -70,30 +69,7 @@ def uncommitted(settings: Settings) -> dict[int, tuple[int | None, int]]:
     return partitions_behind(settings, group_id(settings), Topics.from_settings(settings).cot_requests)
 
 
-@contextmanager
-def running(pool: GeneratorPool) -> Iterator[GeneratorPool]:
-    """Run `pool` in a thread; on exit stop it, wait for it and re-raise what it raised."""
-    failures: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            pool.run()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            failures.append(exc)
-
-    thread = threading.Thread(target=target, name="pool-under-test", daemon=True)
-    thread.start()
-    try:
-        yield pool
-    finally:
-        pool.stop()
-        thread.join(timeout=60)
-        assert not thread.is_alive(), "the pool did not stop within 60 s"
-    if failures:
-        raise failures[0]
-
-
-class ChatCompletionsServer:
+class ChatCompletionsServer(LocalHTTPServer):
     """A real OpenAI-compatible `/v1/chat/completions` server on 127.0.0.1.
 
     Prompts whose target title contains `fail_marker` always get HTTP 500. For the first `busy_for_s` seconds after the
@@ -110,21 +86,11 @@ class ChatCompletionsServer:
         self.busy_answers = 0
         self._first_request_at: float | None = None
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(self._handler())
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self) -> ChatCompletionsServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        return f"{self.origin}/v1"
 
     def _answer(self, body: dict) -> tuple[int, dict[str, str], dict]:
         prompt = body["messages"][-1]["content"]

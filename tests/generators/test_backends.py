@@ -5,7 +5,7 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -16,6 +16,7 @@ from generators.backends.openai_backend import OpenAIBackend
 from generators.backends.template_backend import TEMPLATE_MARKER, TemplateBackend
 from generators.prompt import build_prompt
 from llmcf.errors import UserFacingError
+from testkit.http import LocalHTTPServer
 from tests.generators import make_request
 
 # ---- template backend ------------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def test_factory_folds_flat_generation_options_and_rejects_unknown_names():
 # ---- OpenAI-compatible backend against a real local HTTP server --------------------------------------------------------
 
 
-class FakeOpenAIServer:
+class FakeOpenAIServer(LocalHTTPServer):
     """A real HTTP server on 127.0.0.1 speaking the OpenAI completions API. `script` is a list of actions consumed one
     per request ("ok", "hang", or an HTTP status such as 503, optionally as (status, retry_after)); when it runs out,
     every request gets "ok". It records every request and the highest number of requests in flight at once."""
@@ -89,21 +90,11 @@ class FakeOpenAIServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(self._handler())
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> FakeOpenAIServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return self.origin
 
     def _next_action(self):
         with self.lock:
@@ -357,19 +348,11 @@ def test_transformers_generates_with_the_real_smollm2():
 def test_grouped_query_sdpa_matches_stock_sdpa_on_a_padded_batch():
     """The CPU attention keeps K/V heads shared instead of copying them; it must not change a single output."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from generators.backends.transformers_backend import _cpu_attention
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(eos_token_id=-1)  # no row stops early: every step's logits are compared
     torch.manual_seed(0)
     # Each model gets its own config: `_from_config` writes the attention implementation into the one it is given.
     stock = LlamaForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
@@ -398,23 +381,20 @@ def test_grouped_query_sdpa_matches_stock_sdpa_on_a_padded_batch():
         torch.testing.assert_close(stock_logits, grouped_logits, rtol=1e-5, atol=1e-5)
 
 
+def tiny_llama_config(eos_token_id: int = 0):
+    """A randomly initialised 2-layer Llama with grouped-query attention (6 query heads over 2 key/value heads)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                       num_key_value_heads=2, max_position_embeddings=128, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+
+
 def tiny_llama(eos_token_id: int = 0):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=96,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    return LlamaForCausalLM._from_config(tiny_llama_config(eos_token_id), attn_implementation="sdpa").eval()
 
 
 def until_eos(tokens: list[int], eos: int) -> list[int]:

@@ -24,13 +24,13 @@ from generators.prompt import Prompt
 from llmcf.embeddings import EMBEDDING_DIMENSION, TextEmbedder
 from llmcf.kafka import producer_config
 from llmcf.topics import Topics
+from testkit.threads import running
 from tests.generators import make_request
 from tests.generators.pool_support import (
     ChatCompletionsServer,
     publish_requests,
     read_dead_letters,
     read_results,
-    running,
     uncommitted,
     wait_until,
 )

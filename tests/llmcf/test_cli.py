@@ -82,13 +82,12 @@ def test_flag_defaults_are_the_options_defaults():
     from llmcf.replay import ReplayOptions
     from ranker.evaluation_options import EvaluationOptions
     from ranker.llm_cots import WriteOptions
+    from ranker.options import FitOptions, TrainOptions, UpdateOptions
     from ranker.serving.server import ServeOptions
-    from ranker.train import TrainOptions
-    from ranker.updates.rounds import UpdateOptions
-    from streams.app import WorkerOptions
+    from streams.options import WorkerOptions
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    options = {"train": [TrainOptions], "update": [UpdateOptions], "cots": [WriteOptions], "serve": [ServeOptions],
+    options = {"train": [TrainOptions, FitOptions], "update": [UpdateOptions], "cots": [WriteOptions], "serve": [ServeOptions],
                "generate": [GenerateOptions, PoolConfig], "replay": [ReplayOptions], "worker": [WorkerOptions],
                "demo": [DemoOptions], "evaluate": [EvaluationOptions]}
     compared, drifted = 0, []

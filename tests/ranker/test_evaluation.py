@@ -142,19 +142,20 @@ def test_flags_left_out_keep_the_options_defaults_and_quick_values_and_given_fla
     assert _evaluation_options(parser.parse_args(["evaluate", "--quick", "--threads", "1"])) == EvaluationOptions.quick()
     given = _evaluation_options(parser.parse_args(["evaluate", "--quick", "--threads", "1", "--max-train-samples", "0",
                                                    "--epochs", "3", "--variants", "din", "din", "--weight-decay", "1e-4"]))
-    assert (given.dataset, given.max_train_samples, given.max_epochs, given.variants, given.weight_decay) == \
+    assert (given.dataset, given.max_train_samples, given.fit.max_epochs, given.variants, given.fit.weight_decay) == \
         ("ml-100k", None, 3, ("din",), 1e-4)
     # every "(default N)" the help states is the options class's default
     evaluate = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("evaluate"))
     defaults = EvaluationOptions()
-    from llmcf.commands.training import _EVALUATION_FLAGS
+    from llmcf.commands.training import _EVALUATION_FLAGS, _FIT_FLAGS
 
     stated = 0
     for action in evaluate._actions:
         match = re.search(r"default (\d[\d.e-]*)", action.help or "")
         flag = action.dest
-        if match and flag in _EVALUATION_FLAGS:
-            value = getattr(defaults, _EVALUATION_FLAGS[flag])
+        if match and (flag in _EVALUATION_FLAGS or flag in _FIT_FLAGS):
+            value = getattr(defaults, _EVALUATION_FLAGS[flag]) if flag in _EVALUATION_FLAGS else \
+                getattr(defaults.fit, _FIT_FLAGS[flag])
             assert float(match.group(1)) == float(value or 0), flag
             stated += 1
     assert stated >= 10

@@ -14,8 +14,9 @@ from llmcf.settings import Settings
 from ranker.export import MANIFEST, load_model, onnx_session, sha256_file
 from ranker.features import FeatureSpace
 from ranker.metrics import auc
+from ranker.options import FitOptions, TrainOptions
 from ranker.registry import TrainResult
-from ranker.train import TrainOptions, train
+from ranker.train import train
 from storage.repository import Repository
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 @pytest.fixture(scope="module")
 def trained(settings: Settings) -> Iterator[TrainResult]:
     options = TrainOptions(dataset="ml-100k", backbone="deepfm", ict=True, max_train_samples=4000, max_eval_samples=800,
-                           max_epochs=4, batch_size=256, seed=0)
+                           fit=FitOptions(max_epochs=4, batch_size=256, seed=0))
     lines: list[str] = []
     result = train(options, settings, log=lines.append)
     assert any("epoch  1" in line for line in lines)

@@ -24,7 +24,7 @@ import migrations
 from llmcf.infra import free_port
 from llmcf.settings import Settings
 from storage.repository import Repository
-from testkit.processes import LlmcfProcess, ProcessStarter, wait_while_running
+from testkit.processes import LlmcfProcess, ProcessStarter, wait_until_ready, wait_while_running
 from tests.ranker.serving.support import Populated, populate_storage, train_version
 
 pytestmark = pytest.mark.slow
@@ -54,15 +54,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
 def start_ranker(starter: ProcessStarter, deployment: Deployment, log: Path, port: int) -> LlmcfProcess:
     process = starter.start("serve", deployment.settings, log, "--kind", "deepfm", "--port", str(port),
                             extra_env={"LLMCF_RANKER_MAX_INFLIGHT": str(MAX_INFLIGHT)})
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_while_running(ready, [process], timeout_s=120, what="llmcf serve to become ready", interval_s=0.1)
+    wait_until_ready(f"http://127.0.0.1:{port}", process, timeout_s=120, interval_s=0.1)
     return process
 
 

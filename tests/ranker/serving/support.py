@@ -26,9 +26,10 @@ from llmcf.events import CotRequest, CotResult, HistoryEntry, InteractionEvent, 
 from llmcf.infra import free_port
 from llmcf.settings import Settings
 from ranker.data import EmbeddingCache, embedding_cache_path, movielens_corpus, user_histories
+from ranker.options import FitOptions, TrainOptions
 from ranker.registry import TrainResult
 from ranker.serving.app import RankerService, create_app
-from ranker.train import TrainOptions, train
+from ranker.train import train
 from storage.repository import Repository
 
 DATASET = "ml-100k"
@@ -50,7 +51,7 @@ def train_version(settings: Settings, ict: bool = True, epochs: int = 3, learnin
     """A small real model on ml-100k (the fast configuration of tests/ranker/test_train.py), registered as 'candidate'.
     The seed is fixed so every version shares one CoT pool and its cached embeddings and retrievals."""
     options = TrainOptions(dataset=DATASET, backbone="deepfm", ict=ict, max_train_samples=4000, max_eval_samples=800,
-                           max_epochs=epochs, batch_size=256, learning_rate=learning_rate, seed=0)
+                           fit=FitOptions(max_epochs=epochs, batch_size=256, learning_rate=learning_rate, seed=0))
     return train(options, settings, log=lambda _line: None)
 
 

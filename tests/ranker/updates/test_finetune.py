@@ -13,8 +13,9 @@ from ranker.data import Corpus, user_histories
 from ranker.dataset import Samples, Split, build_feature_space
 from ranker.export import torch_scores
 from ranker.features import gather_examples
-from ranker.fitting import Batches, FitOptions
+from ranker.fitting import Batches
 from ranker.model import ModelConfig, RankerModel
+from ranker.options import FitOptions
 from ranker.updates.finetune import extend_model, extend_space, fine_tune
 
 OLD_ROWS = 600

@@ -14,7 +14,8 @@ from prometheus_client import REGISTRY
 from llmcf.settings import Settings
 from ranker.export import sha256_file
 from ranker.features import FEATURES_JSON
-from ranker.updates.rounds import RoundReport, UpdateOptions, run_round, window_splits
+from ranker.options import FitOptions, UpdateOptions
+from ranker.updates.rounds import RoundReport, run_round, window_splits
 from storage.registry import ModelVersionRecord
 from storage.repository import Repository
 from tests.ranker.updates.stream_data import replay_into
@@ -22,8 +23,8 @@ from tests.ranker.updates.stream_data import replay_into
 pytestmark = pytest.mark.slow
 
 KIND = "deepfm+ict"
-OPTIONS = UpdateOptions(kind=KIND, window_s=120 * 86400, max_epochs=2, scratch_max_epochs=2, batch_size=256,
-                        learning_rate=1e-3)
+OPTIONS = UpdateOptions(kind=KIND, window_s=120 * 86400, scratch_max_epochs=2,
+                        fit=FitOptions(max_epochs=2, patience=1, batch_size=256, learning_rate=1e-3))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def rounds(settings: Settings) -> dict[str, tuple[RoundReport, ModelVersionRecor
     replay_into(settings.database_url, 3_000, 12_000)
     run("better", OPTIONS)
     replay_into(settings.database_url, 12_000, 14_000)
-    run("destructive", replace(OPTIONS, learning_rate=5.0, max_epochs=1))
+    run("destructive", replace(OPTIONS, fit=replace(OPTIONS.fit, learning_rate=5.0, max_epochs=1)))
     return done
 
 

@@ -18,8 +18,8 @@ from prometheus_client import REGISTRY
 from llmcf.infra import free_port
 from llmcf.settings import Settings
 from ranker.export import sha256_file
+from ranker.options import UpdateOptions
 from ranker.updates.metrics import record_promotion
-from ranker.updates.rounds import UpdateOptions
 from ranker.updates.service import run_once, run_updater
 from storage.registry import ModelVersionRecord
 from storage.repository import Repository
