@@ -92,8 +92,8 @@ def add_cots(sub: Subcommands) -> None:
         "cots",
         help="write the evaluation's LLM CoT file: CoTs for a fixed, seeded sample of MovieLens training rows",
         description="Writes, with the generator pool's backend and the stream's prompt, the chains of thought of a "
-        "uniform --fraction (default 1%) of the training rows of the time split that `llmcf evaluate` uses (seed "
-        "--seed) into a gzip JSON-lines file (default data/cots/<dataset>-llm-cots.jsonl.gz, versioned in the "
+        f"uniform --fraction (default {WriteOptions.fraction:.0%}) of the training rows of the time split that `llmcf "
+        "evaluate` uses (seed --seed) into a gzip JSON-lines file (default data/cots/<dataset>-llm-cots.jsonl.gz, versioned in the "
         "repository) and its manifest (<name>.json: sample, model, decoding, command, time). Resumable: rows already "
         "in the file are skipped, so stop it any time (Ctrl-C) and run the same command again. SmolLM2-135M on 2 CPU "
         "cores writes about 2 CoTs/s (about 70 minutes for ml-1m's 8,002 rows); on a GPU (--device cuda:0) or a "

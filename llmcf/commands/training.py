@@ -28,17 +28,18 @@ DEFAULT = "default %(default)s"
 
 
 def add_train(sub: Subcommands) -> None:
+    train = TrainOptions()
+    fit = train.fit
     p = sub.add_parser(
         "train",
         help="train a ranker (DeepFM/DIN, +ICT by default), export it to ONNX and register it in model_versions",
-        description="Time-ordered split (80/10/10), a CoT pool (offline: a uniform 1/10 of the training rows with "
+        description=f"Time-ordered split (80/10/10), a CoT pool (offline: a uniform {train.pool_rate:g} of the training rows with "
         "CoTs from --cot-backend, `template` by default, which is NOT an LLM), in-context examples retrieved through "
         "the serving retriever, early stopping on validation AUC, ONNX export with a parity check (<= 1e-5), and a "
         "model_versions row. Artifacts go to $LLMCF_HOME/models/<version_id>/. Defaults keep ml-1m to minutes on 2 "
-        "cores: the latest 100,000 training rows and at most 20,000 validation and test rows (0 = no cap).",
+        f"cores: the latest {train.max_train_samples:,} training rows and at most {train.max_eval_samples:,} "
+        "validation and test rows (0 = no cap).",
     )
-    train = TrainOptions()
-    fit = train.fit
     p.add_argument("--source", choices=["dataset", "database"], default="dataset",
                    help="dataset: MovieLens straight from its package; database: interactions and CoT samples in DATABASE_URL")
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], default=train.dataset, help=DEFAULT)
